@@ -1,0 +1,311 @@
+"""The fleet spec: one pydantic model with defaults, bounds and a description on every field.
+
+It is the single source of truth for `sensorfleet run`, `sensorfleet validate`, the simulators and
+collectors, the forecasting job and the CRD's OpenAPI schema (see `sensorfleet.operator.crd`).
+Field names are camelCase on the wire (YAML / Kubernetes) and snake_case in Python.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AliasGenerator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "sensorfleet.io"
+API_VERSION = "v1alpha1"
+KIND = "SensorFleet"
+PROTOCOLS: tuple[str, ...] = ("mqtt", "coap", "opcua")
+
+# DNS-1123 label: Kubernetes object names built from these must stay valid.
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_SENSOR_NAME = r"^[a-z][a-z0-9_]{0,30}$"
+_CRON_FIELD = r"^(\*|\*/\d+|\d+(-\d+)?(/\d+)?)(,(\*|\*/\d+|\d+(-\d+)?(/\d+)?))*$"
+
+
+class SpecModel(BaseModel):
+    """Base for every spec section: camelCase aliases, unknown fields refused."""
+
+    model_config = ConfigDict(
+        alias_generator=AliasGenerator(alias=to_camel),
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+
+class SensorSpec(SpecModel):
+    name: Annotated[str, Field(pattern=_SENSOR_NAME, description="Sensor name, e.g. `temperature`; part of MQTT topics and OPC UA browse names.")]
+    unit: Annotated[str, Field(min_length=1, max_length=16, description="Engineering unit, e.g. `degC`, `%RH`, `hPa`.")]
+    baseline: Annotated[float, Field(description="Mean value around which the signal moves, in `unit`.")]
+    daily_amplitude: Annotated[float, Field(default=0.0, ge=0, description="Half the peak-to-trough swing of the daily cycle, in `unit`.")]
+    peak_hour: Annotated[float, Field(default=15.0, ge=0, lt=24, description="UTC hour of day at which the daily cycle peaks. Opposite peak hours give anti-correlated sensors.")]
+    noise: Annotated[float, Field(default=0.0, ge=0, description="Standard deviation of the Gaussian noise added to every reading, in `unit`.")]
+    drift_per_day: Annotated[float, Field(default=0.0, description="Slow linear drift in `unit` per day since `spec.epoch`, scaled per device between 0.5x and 1.5x.")]
+    device_spread: Annotated[float, Field(default=0.0, ge=0, description="Standard deviation of a fixed per-device offset of the baseline, in `unit`.")]
+    noise_coupling: Annotated[float, Field(default=0.0, ge=-1, le=1, description="Correlation of this sensor's noise with the first sensor's noise (e.g. -0.7 for relative humidity against temperature).")]
+    min: Annotated[float, Field(description="Physical lower bound; readings are clamped to it.")]
+    max: Annotated[float, Field(description="Physical upper bound; readings are clamped to it.")]
+
+    @model_validator(mode="after")
+    def _bounds_hold_baseline(self) -> SensorSpec:
+        if self.min >= self.max:
+            raise ValueError(f"min ({self.min}) must be below max ({self.max})")
+        if not self.min <= self.baseline <= self.max:
+            raise ValueError(f"baseline ({self.baseline}) must lie within [min, max] = [{self.min}, {self.max}]")
+        return self
+
+
+class AnomalySpec(SpecModel):
+    spike_probability: Annotated[float, Field(default=0.001, ge=0, le=0.2, description="Fraction of readings replaced by a spike.")]
+    spike_magnitude: Annotated[float, Field(default=8.0, gt=0, le=100, description="Spike height in multiples of the sensor's noise (or of 1% of its range when noise is 0).")]
+    stuck_probability: Annotated[float, Field(default=0.002, ge=0, le=0.5, description="Fraction of readings inside a stuck-at run (the value freezes, quality `uncertain`).")]
+    stuck_duration: Annotated[int, Field(default=30, ge=2, le=100000, description="Length of a stuck-at run, in readings.")]
+    dropout_probability: Annotated[float, Field(default=0.001, ge=0, le=0.5, description="Fraction of readings inside a dropout (no value, quality `bad`).")]
+    dropout_duration: Annotated[int, Field(default=10, ge=1, le=100000, description="Length of a dropout, in readings.")]
+
+
+class ProtocolSpec(SpecModel):
+    enabled: Annotated[bool, Field(default=False, description="Simulate and collect this protocol.")]
+    devices: Annotated[int, Field(default=10, ge=1, le=1_000_000, description="Number of simulated devices speaking this protocol.")]
+    interval: Annotated[float, Field(default=1.0, ge=0.001, le=86400, description="Seconds between two readings of one device (publish / update interval).")]
+    replicas: Annotated[int, Field(default=1, ge=1, le=64, description="Simulator processes (pods); devices are split evenly between them.")]
+    collector_replicas: Annotated[int, Field(default=1, ge=1, le=64, description="Collector processes (pods).")]
+
+
+class MqttSpec(ProtocolSpec):
+    enabled: Annotated[bool, Field(default=True, description="Simulate and collect this protocol.")]
+    qos: Annotated[Literal[0, 1], Field(default=1, description="MQTT QoS of published readings: 0 (at most once) or 1 (at least once).")]
+    message_mode: Annotated[
+        Literal["perDevice", "perReading"],
+        Field(default="perDevice", description="`perDevice`: one message per device and tick on `<prefix>/<fleet>/<device>` holding a JSON array of its readings; `perReading`: one message per reading on `<prefix>/<fleet>/<device>/<sensor>`."),
+    ]
+    topic_prefix: Annotated[str, Field(default="sensorfleet", pattern=r"^[A-Za-z0-9_\-/]+$", description="First topic level(s); no wildcards.")]
+    max_inflight: Annotated[int, Field(default=1000, ge=1, le=65535, description="Unacknowledged QoS 1 messages a simulator keeps in flight.")]
+    max_queued: Annotated[int, Field(default=200_000, ge=100, le=10_000_000, description="Messages a simulator buffers while the broker is slow or away; beyond that readings are dropped and counted.")]
+
+
+class CoapSpec(ProtocolSpec):
+    port: Annotated[int, Field(default=5683, ge=1, le=65535, description="UDP port of the CoAP simulator.")]
+    confirmable: Annotated[bool, Field(default=False, description="Send observe notifications as confirmable messages (slower; non-confirmable is the default for telemetry).")]
+
+
+class OpcuaSpec(ProtocolSpec):
+    port: Annotated[int, Field(default=4840, ge=1, le=65535, description="TCP port of the OPC UA simulator.")]
+    security: Annotated[
+        Literal["None", "Basic256Sha256"],
+        Field(default="None", description="Security policy; `Basic256Sha256` signs and encrypts with a self-signed certificate generated on first start."),
+    ]
+    authentication: Annotated[
+        Literal["anonymous", "username"],
+        Field(default="anonymous", description="`anonymous`, or `username` with the credentials from the environment (SENSORFLEET_OPCUA_USERNAME / _PASSWORD)."),
+    ]
+    publishing_interval: Annotated[float, Field(default=0.5, ge=0.05, le=60, description="OPC UA subscription publishing interval of the collector, in seconds.")]
+
+
+class ProtocolsSpec(SpecModel):
+    mqtt: Annotated[MqttSpec, Field(default_factory=MqttSpec, description="MQTT devices publishing through the broker.")]
+    coap: Annotated[CoapSpec, Field(default_factory=CoapSpec, description="CoAP devices served by one CoAP server per replica, observed by the collector.")]
+    opcua: Annotated[OpcuaSpec, Field(default_factory=OpcuaSpec, description="OPC UA devices: one server per replica, one object per device, one variable per sensor.")]
+
+    @model_validator(mode="after")
+    def _one_protocol_enabled(self) -> ProtocolsSpec:
+        if not (self.mqtt.enabled or self.coap.enabled or self.opcua.enabled):
+            raise ValueError("at least one of mqtt, coap, opcua must be enabled")
+        return self
+
+
+class BrokerSpec(SpecModel):
+    mode: Annotated[
+        Literal["auto", "embedded", "mosquitto", "external"],
+        Field(default="auto", description="Local mode: `auto` uses `mosquitto` from PATH when present, else the embedded amqtt broker; `external` uses `url`. In Kubernetes the operator always runs Mosquitto."),
+    ]
+    url: Annotated[str | None, Field(default=None, pattern=r"^mqtts?://[^\s]+$", description="Broker URL for `external` mode, e.g. `mqtt://broker.example:1883`.")]
+    port: Annotated[int, Field(default=1883, ge=0, le=65535, description="Port of the broker started locally or in the cluster; 0 picks a free port locally.")]
+    authentication: Annotated[bool, Field(default=True, description="Require username and password (generated per fleet in Kubernetes; local embedded mode runs anonymously).")]
+    image: Annotated[str, Field(default="eclipse-mosquitto:2.0.20", description="Broker container image used by the operator.")]
+
+    @model_validator(mode="after")
+    def _external_needs_url(self) -> BrokerSpec:
+        if self.mode == "external" and not self.url:
+            raise ValueError("mode 'external' needs url (e.g. mqtt://host:1883)")
+        return self
+
+
+class CollectorSpec(SpecModel):
+    batch_size: Annotated[int, Field(default=5000, ge=1, le=1_000_000, description="Readings written per Parquet file at most.")]
+    flush_interval: Annotated[float, Field(default=2.0, ge=0.05, le=3600, description="Seconds after which a partial batch is written anyway.")]
+
+
+class StorageSpec(SpecModel):
+    url: Annotated[str | None, Field(default=None, description="fsspec URL of the dataset (e.g. `s3://bucket/fleet`); when unset, a local directory (or a PersistentVolumeClaim in Kubernetes).")]
+    size: Annotated[str | None, Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$", description="Size of the PersistentVolumeClaim in Kubernetes, e.g. `5Gi`; exclusive with `url`. Defaults to 5Gi when neither is set.")]
+    storage_class_name: Annotated[str | None, Field(default=None, description="StorageClass of the PersistentVolumeClaim; the cluster default when unset.")]
+
+    @model_validator(mode="after")
+    def _url_xor_size(self) -> StorageSpec:
+        if self.url and self.size:
+            raise ValueError("set either url or size, not both")
+        return self
+
+
+class ForecastingSpec(SpecModel):
+    enabled: Annotated[bool, Field(default=True, description="Run the forecasting and visualization job on the collected data.")]
+    schedule: Annotated[str, Field(default="0 * * * *", description="Cron schedule of the forecasting CronJob (five fields).")]
+    horizon: Annotated[int, Field(default=60, ge=1, le=10080, description="Forecast horizon in steps of `frequency`.")]
+    frequency: Annotated[str, Field(default="1min", pattern=r"^[0-9]*(s|min|h|D)$", description="Resampling frequency of the series (pandas offset alias: `s`, `min`, `h`, `D`, with an optional multiple).")]
+    model: Annotated[
+        Literal["auto", "harmonic", "mstl", "autoets", "seasonalnaive", "timegpt"],
+        Field(default="auto", description="Forecasting model; `auto` is the fast harmonic regression, `timegpt` needs NIXTLA_API_KEY."),
+    ]
+    level: Annotated[int, Field(default=95, ge=50, le=99, description="Prediction-interval level in percent; readings outside it are flagged as anomalies.")]
+    window_days: Annotated[float, Field(default=7.0, gt=0, le=365, description="Days of history read for training.")]
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule_parses(cls, value: str) -> str:
+        fields = value.split()
+        if len(fields) != 5 or not all(re.match(_CRON_FIELD, f) for f in fields):
+            raise ValueError(f"schedule {value!r} is not a five-field cron expression like '0 * * * *'")
+        return value
+
+
+class MonitoringSpec(SpecModel):
+    enabled: Annotated[bool, Field(default=True, description="Serve Prometheus metrics from every component.")]
+    port: Annotated[int, Field(default=9100, ge=1024, le=65535, description="Metrics port inside pods; local runs pick free ports from here up.")]
+    pod_monitor: Annotated[bool, Field(default=False, description="Create a PodMonitor (Prometheus Operator) for the fleet's pods.")]
+
+
+class ReplaySpec(SpecModel):
+    csv: Annotated[str, Field(min_length=1, description="Path or fsspec URL of a CSV with columns `timestamp, device, sensor, value`.")]
+    speed: Annotated[float, Field(default=1.0, gt=0, le=100000, description="Playback speed: 2 plays twice as fast as recorded, 0.5 half as fast.")]
+    loop: Annotated[bool, Field(default=True, description="Start again from the beginning at the end of the file.")]
+
+
+class FleetSpec(SpecModel):
+    seed: Annotated[int, Field(default=42, ge=0, le=2**31 - 1, description="Seed of the signal model: the same seed and time give the same reading.")]
+    epoch: Annotated[datetime, Field(default=datetime(2026, 1, 1, tzinfo=timezone.utc), description="Origin of drift and of sequence numbers (UTC).")]
+    sensors: Annotated[
+        list[SensorSpec],
+        Field(default_factory=lambda: [SensorSpec(**s) for s in DEFAULT_SENSORS], min_length=1, max_length=32, description="Sensors every device carries."),
+    ]
+    anomalies: Annotated[AnomalySpec, Field(default_factory=AnomalySpec, description="Injected anomalies; their ground truth is stored with each reading.")]
+    replay: Annotated[ReplaySpec | None, Field(default=None, description="Play back recorded data instead of the signal model.")]
+    protocols: Annotated[ProtocolsSpec, Field(default_factory=ProtocolsSpec, description="Per-protocol device counts, intervals and replicas.")]
+    broker: Annotated[BrokerSpec, Field(default_factory=BrokerSpec, description="The MQTT broker.")]
+    collector: Annotated[CollectorSpec, Field(default_factory=CollectorSpec, description="Batching of collected readings into the dataset.")]
+    storage: Annotated[StorageSpec, Field(default_factory=StorageSpec, description="Where the Parquet dataset lives.")]
+    forecasting: Annotated[ForecastingSpec, Field(default_factory=ForecastingSpec, description="The forecasting and visualization job.")]
+    monitoring: Annotated[MonitoringSpec, Field(default_factory=MonitoringSpec, description="Prometheus metrics.")]
+
+    @field_validator("epoch")
+    @classmethod
+    def _epoch_is_utc(cls, value: datetime) -> datetime:
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+    @model_validator(mode="after")
+    def _sensor_names_unique(self) -> FleetSpec:
+        names = [s.name for s in self.sensors]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"sensor names must be unique; repeated: {', '.join(duplicated)}")
+        return self
+
+    def protocol(self, name: str) -> ProtocolSpec:
+        return getattr(self.protocols, name)
+
+    def enabled_protocols(self) -> list[str]:
+        return [p for p in PROTOCOLS if self.protocol(p).enabled]
+
+
+DEFAULT_SENSORS: list[dict[str, Any]] = [
+    {"name": "temperature", "unit": "degC", "baseline": 21.0, "daily_amplitude": 4.0, "peak_hour": 15, "noise": 0.3, "drift_per_day": 0.01, "device_spread": 1.5, "min": -40, "max": 125},
+    {"name": "humidity", "unit": "%RH", "baseline": 45.0, "daily_amplitude": 8.0, "peak_hour": 3, "noise": 1.0, "noise_coupling": -0.7, "device_spread": 4.0, "min": 0, "max": 100},
+    {"name": "pressure", "unit": "hPa", "baseline": 1013.0, "daily_amplitude": 1.0, "peak_hour": 10, "noise": 0.2, "drift_per_day": -0.05, "device_spread": 2.0, "min": 870, "max": 1085},
+]
+
+
+class Metadata(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: Annotated[str, Field(pattern=_DNS_LABEL, max_length=40, description="Fleet name (DNS label, at most 40 characters so child names stay valid).")]
+    namespace: str | None = None
+
+
+class SensorFleet(BaseModel):
+    """A `SensorFleet` manifest: the same document works with `kubectl apply -f` and `sensorfleet run`."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+    api_version: Annotated[Literal["sensorfleet.io/v1alpha1"], Field(alias="apiVersion")] = "sensorfleet.io/v1alpha1"
+    kind: Literal["SensorFleet"] = "SensorFleet"
+    metadata: Metadata
+    spec: FleetSpec = Field(default_factory=FleetSpec)
+    status: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+class FleetSpecError(ValueError):
+    """An invalid fleet: `errors` holds one line per problem, naming the field path."""
+
+    def __init__(self, source: str, errors: list[str]):
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: invalid SensorFleet\n" + "\n".join(f"  {e}" for e in errors))
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    path = ".".join(str(p) for p in err["loc"]) or "(document)"
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{path}: unknown field (check the spelling; fields are camelCase)"
+    if err["type"] == "missing":
+        return f"{path}: required field is missing"
+    value = err.get("input")
+    shown = repr(value) if not isinstance(value, dict | list) else type(value).__name__
+    return f"{path}: {message}, got {shown}"
+
+
+def parse_fleet(document: Any, source: str = "<fleet>") -> SensorFleet:
+    """Validate a decoded YAML/JSON document into a SensorFleet, raising FleetSpecError."""
+    if not isinstance(document, dict):
+        raise FleetSpecError(source, [f"(document): expected a SensorFleet mapping, got {type(document).__name__}"])
+    try:
+        return SensorFleet.model_validate(document)
+    except ValidationError as exc:
+        raise FleetSpecError(source, [_format_error(e) for e in exc.errors()]) from None
+
+
+def load_fleet(path: str | Path) -> SensorFleet:
+    """Read a fleet manifest from a YAML file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise FleetSpecError(str(path), [f"(file): cannot read: {exc.strerror}"]) from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise FleetSpecError(str(path), [f"(yaml): {where}: {getattr(exc, 'problem', exc)}"]) from None
+    return parse_fleet(document, str(path))
+
+
+def dump_fleet(fleet: SensorFleet) -> str:
+    """Serialise a fleet back to a manifest (camelCase, defaults filled in)."""
+    data = fleet.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return yaml.safe_dump(data, sort_keys=False)
