@@ -1,0 +1,207 @@
+"""What every collector does once a payload has arrived, whatever the protocol:
+validate -> de-duplicate -> account for gaps -> batch -> write to the dataset -> metrics.
+
+Protocol adapters (mqtt.py, coap.py, opcua.py) only receive payloads and call `CollectorSink`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from sensorfleet.dataset import DatasetWriter, ReadingBatch, read_dataset
+from sensorfleet.metrics import FleetMetrics
+from sensorfleet.reading import MalformedReading, Reading, reading_from_wire
+
+log = logging.getLogger(__name__)
+
+# Seqs remembered per series as "counted lost, may still arrive"; beyond this a gap is final.
+MAX_PENDING_GAP = 4096
+
+
+@dataclass
+class _SeriesState:
+    last: int
+    pending: set[int] = field(default_factory=set)
+
+
+@dataclass
+class SeqVerdict:
+    new: bool
+    lost: int = 0  # newly counted lost (gap)
+    late: int = 0  # previously counted lost, now arrived
+
+
+class SequenceTracker:
+    """Per (device, sensor) sequence accounting: duplicates, gaps (lost) and late arrivals.
+
+    The first seq seen for a series is its baseline; any later jump counts the skipped seqs as
+    lost. A skipped seq that shows up afterwards is stored and un-counts its loss (`late`).
+    """
+
+    def __init__(self) -> None:
+        self._series: dict[tuple[str, str], _SeriesState] = {}
+
+    def __len__(self) -> int:
+        return len(self._series)
+
+    def seed(self, device: str, sensor: str, last_seq: int) -> None:
+        """Start from what the dataset already holds (a restarted collector)."""
+        state = self._series.get((device, sensor))
+        if state is None or state.last < last_seq:
+            self._series[(device, sensor)] = _SeriesState(last_seq)
+
+    def observe(self, device: str, sensor: str, seq: int) -> SeqVerdict:
+        key = (device, sensor)
+        state = self._series.get(key)
+        if state is None:
+            self._series[key] = _SeriesState(seq)
+            return SeqVerdict(True)
+        if seq == state.last + 1:
+            state.last = seq
+            return SeqVerdict(True)
+        if seq > state.last:
+            gap = seq - state.last - 1
+            if gap <= MAX_PENDING_GAP:
+                state.pending.update(range(state.last + 1, seq))
+            state.last = seq
+            return SeqVerdict(True, lost=gap)
+        if seq in state.pending:
+            state.pending.discard(seq)
+            return SeqVerdict(True, late=1)
+        return SeqVerdict(False)
+
+
+class CollectorSink:
+    """Thread-safe: adapters may call `accept_*` from a network thread and `flush` from a timer."""
+
+    def __init__(
+        self,
+        fleet: str,
+        protocol: str,
+        data_url: str,
+        metrics: FleetMetrics,
+        batch_size: int = 5000,
+        flush_interval: float = 2.0,
+        writer_id: str | None = None,
+        count_gaps: bool = True,
+    ):
+        self.fleet = fleet
+        self.protocol = protocol
+        self.metrics = metrics
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.count_gaps = count_gaps
+        self.writer = DatasetWriter(data_url, protocol, writer_id)
+        self.tracker = SequenceTracker()
+        self._batch = ReadingBatch(protocol)
+        self._batch_started = time.monotonic()
+        self._lock = threading.RLock()
+        self._after_flush: list[Callable[[], None]] = []
+        self._logged_kinds: set[str] = set()
+        self.totals = {"received": 0, "stored": 0, "lost": 0, "duplicates": 0, "malformed": 0}
+
+    # --- start-up -------------------------------------------------------------------------------
+    def resume_from_dataset(self, days: int = 2) -> int:
+        """Seed the tracker with the last stored seq of each series, so a restarted collector
+        neither stores again what it already wrote nor counts the restart as a gap."""
+        since = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+        since = since.fromtimestamp(since.timestamp() - (days - 1) * 86400, tz=timezone.utc)
+        df = read_dataset(self.writer.url, columns=["fleet", "device", "sensor", "seq"], start=since, protocols=[self.protocol])
+        df = df[df["fleet"] == self.fleet]
+        if df.empty:
+            return 0
+        last = df.groupby(["device", "sensor"], observed=True)["seq"].max()
+        with self._lock:
+            for (device, sensor), seq in last.items():
+                self.tracker.seed(device, sensor, int(seq))
+        return len(last)
+
+    # --- intake ---------------------------------------------------------------------------------
+    def reject(self, kind: str, detail: str) -> None:
+        self.metrics.malformed(kind).inc()
+        self.totals["malformed"] += 1
+        if kind not in self._logged_kinds:  # once per kind: a flood of bad payloads must not flood the log
+            self._logged_kinds.add(kind)
+            log.warning("skipping malformed %s payload (%s): %s; further ones of this kind are only counted", self.protocol, kind, detail)
+
+    def accept_documents(self, documents: Iterable[object], received_at: datetime | None = None) -> int:
+        """Validate decoded wire documents and accept the valid ones; returns how many were new."""
+        received_at = received_at or datetime.now(timezone.utc)
+        new = 0
+        for doc in documents:
+            try:
+                reading = reading_from_wire(doc)
+            except MalformedReading as exc:
+                self.reject(exc.kind, str(exc))
+                continue
+            new += self.accept(reading, received_at)
+        return new
+
+    def accept(self, reading: Reading, received_at: datetime) -> bool:
+        if reading.fleet != self.fleet or reading.protocol != self.protocol:
+            self.reject("foreign_fleet", f"reading of fleet {reading.fleet!r}/{reading.protocol!r} reached the {self.fleet!r}/{self.protocol!r} collector")
+            return False
+        with self._lock:
+            self.metrics.received.inc()
+            self.totals["received"] += 1
+            verdict = self.tracker.observe(reading.device, reading.sensor, reading.seq)
+            if not verdict.new:
+                self.metrics.duplicates.inc()
+                self.totals["duplicates"] += 1
+                return False
+            if self.count_gaps and verdict.lost:
+                self.metrics.lost.inc(verdict.lost)
+                self.totals["lost"] += verdict.lost
+            if self.count_gaps and verdict.late:
+                # Counters never go down: the late counter lets PromQL subtract it (lost - late).
+                self.metrics.late.inc(verdict.late)
+                self.totals["lost"] -= verdict.late
+            if not len(self._batch):
+                self._batch_started = time.monotonic()
+            self._batch.add(reading, received_at)
+            return True
+
+    # --- output ---------------------------------------------------------------------------------
+    def pending(self) -> int:
+        return len(self._batch)
+
+    def due(self) -> bool:
+        n = len(self._batch)
+        return n >= self.batch_size or (n > 0 and time.monotonic() - self._batch_started >= self.flush_interval)
+
+    def update_lag(self) -> None:
+        oldest = self._batch.oldest_ts() if len(self._batch) else None
+        self.metrics.batch_lag.set(max(0.0, time.time() - oldest.timestamp()) if oldest else 0.0)
+
+    def flush(self) -> int:
+        """Write the current batch (if any). Returns rows written. Raises if the write fails,
+        keeping the batch so nothing is lost; the caller retries."""
+        with self._lock:
+            batch = self._batch
+            if not len(batch):
+                return 0
+            started = time.perf_counter()
+            try:
+                self.writer.write(batch)
+            except Exception:
+                self.metrics.error("write_failed").inc()
+                raise
+            self._batch = ReadingBatch(self.protocol)
+            elapsed = time.perf_counter() - started
+            stored_at = time.time()
+            n = len(batch)
+            self.metrics.batch_write_seconds.observe(elapsed)
+            self.metrics.batches.inc()
+            self.metrics.stored.inc(n)
+            self.metrics.last_activity.set(stored_at)
+            self.totals["stored"] += n
+            latency = self.metrics.latency
+            for ts in batch.columns["ts"]:
+                latency.observe(stored_at - ts.timestamp())
+            self.metrics.batch_lag.set(0.0)
+            return n

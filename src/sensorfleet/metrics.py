@@ -1,0 +1,107 @@
+"""Prometheus metrics shared by every SensorFleet process.
+
+The same names and labels for every protocol (the `protocol` label tells them apart), so one
+dashboard panel covers MQTT, CoAP and OPC UA. Labels stay bounded: fleet, protocol and a small
+fixed set of reasons; never a device or sensor label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+WRITE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class FleetMetrics:
+    """All metrics of one process (simulator, collector or broker helper) for one fleet and protocol."""
+
+    fleet: str
+    protocol: str
+    component: str
+    registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=True))
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        labels = ["fleet", "protocol"]
+        values = (self.fleet, self.protocol)
+
+        def counter(name: str, doc: str, extra: list[str] | None = None) -> Counter:
+            return Counter(name, doc, labels + (extra or []), registry=r)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=r)
+
+        self.info = Gauge("sensorfleet_component_info", "Constant 1; labels say which component this process is.", labels + ["component", "version"], registry=r)
+        from sensorfleet import __version__
+
+        self.info.labels(*values, self.component, __version__).set(1)
+        # Simulator side
+        self._published = counter("sensorfleet_readings_published_total", "Readings handed to the protocol (published, served or written).")
+        self._dropped = counter("sensorfleet_readings_dropped_total", "Readings a simulator could not send, by reason.", ["reason"])
+        self._devices = gauge("sensorfleet_simulated_devices", "Devices this simulator simulates.")
+        self._schedule_lag = gauge("sensorfleet_simulator_lag_seconds", "How far the simulator is behind its schedule.")
+        self._queue = gauge("sensorfleet_publish_queue_messages", "Messages waiting to be sent or acknowledged.")
+        # Collector side
+        self._received = counter("sensorfleet_readings_received_total", "Valid readings received by a collector, duplicates included.")
+        self._stored = counter("sensorfleet_readings_stored_total", "Readings written to the dataset.")
+        self._lost = counter("sensorfleet_readings_lost_total", "Readings missing from a device's sequence (gaps in seq).")
+        self._recovered = counter("sensorfleet_readings_late_total", "Readings first counted lost that arrived later (reordered); lost_total was corrected.")
+        self._duplicates = counter("sensorfleet_readings_duplicate_total", "Readings received again (same device, sensor and seq) and not stored twice.")
+        self._malformed = counter("sensorfleet_payloads_malformed_total", "Payloads or readings that failed validation and were skipped, by reason.", ["reason"])
+        self.latency = Histogram("sensorfleet_reading_latency_seconds", "End-to-end latency: source timestamp to stored in the dataset.", labels, buckets=LATENCY_BUCKETS, registry=r).labels(*values)
+        self._batches = counter("sensorfleet_batch_writes_total", "Parquet files written.")
+        self.batch_write_seconds = Histogram("sensorfleet_batch_write_duration_seconds", "Time to write one batch to the dataset.", labels, buckets=WRITE_BUCKETS, registry=r).labels(*values)
+        self._batch_lag = gauge("sensorfleet_collector_batch_lag_seconds", "Age of the oldest reading received but not yet written.")
+        # Both
+        self._errors = counter("sensorfleet_errors_total", "Errors by kind (connection lost, write failed, ...).", ["component", "kind"])
+        self._connected = gauge("sensorfleet_connected", "1 while connected to the broker / server / clients this component needs.")
+        self._last_activity = gauge("sensorfleet_last_activity_timestamp_seconds", "Unix time of the last reading published or stored.")
+
+        # Pre-bind label values so the hot paths do no label lookups.
+        self.published = self._published.labels(*values)
+        self.devices = self._devices.labels(*values)
+        self.schedule_lag = self._schedule_lag.labels(*values)
+        self.queue = self._queue.labels(*values)
+        self.received = self._received.labels(*values)
+        self.stored = self._stored.labels(*values)
+        self.lost = self._lost.labels(*values)
+        self.late = self._recovered.labels(*values)
+        self.duplicates = self._duplicates.labels(*values)
+        self.batches = self._batches.labels(*values)
+        self.batch_lag = self._batch_lag.labels(*values)
+        self.connected = self._connected.labels(*values)
+        self.last_activity = self._last_activity.labels(*values)
+        for reason in ("not_json", "not_utf8", "not_object", "missing_field", "bad_field", "bad_value", "bad_seq", "bad_ts", "foreign_fleet", "bad_content_format"):
+            self._malformed.labels(*values, reason)
+        self._dropped.labels(*values, "queue_full")
+
+    def malformed(self, reason: str) -> Counter:
+        return self._malformed.labels(self.fleet, self.protocol, reason)
+
+    def dropped(self, reason: str) -> Counter:
+        return self._dropped.labels(self.fleet, self.protocol, reason)
+
+    def error(self, kind: str) -> Counter:
+        return self._errors.labels(self.fleet, self.protocol, self.component, kind)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        """Serve /metrics; port 0 means do not serve. A port in use raises OSError naming it."""
+        if port:
+            try:
+                start_http_server(port, addr=host, registry=self.registry)
+            except OSError as exc:
+                raise OSError(exc.errno, f"metrics port {host}:{port} is not available ({exc.strerror})") from None

@@ -1,0 +1,118 @@
+"""Process plumbing shared by every component (simulators, collectors, broker): the options each
+pod's command line maps to, logging, and a stop signal for SIGINT/SIGTERM.
+
+The same entry points run as local processes under `sensorfleet run` and as containers in pods.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+from sensorfleet.spec import SensorFleet
+
+ENV_MQTT_USERNAME = "SENSORFLEET_MQTT_USERNAME"
+ENV_MQTT_PASSWORD = "SENSORFLEET_MQTT_PASSWORD"
+
+
+@dataclass
+class SimulatorOptions:
+    fleet: SensorFleet
+    replica: int = 0  # which shard of the protocol's devices this process simulates
+    broker_url: str | None = None  # MQTT only
+    host: str = "127.0.0.1"  # servers (CoAP, OPC UA) bind here
+    port: int | None = None  # server port; None = the spec's
+    metrics_port: int = 0
+    metrics_host: str = "0.0.0.0"
+    duration: float | None = None  # seconds, then stop (tests and benchmarks)
+
+
+@dataclass
+class CollectorOptions:
+    fleet: SensorFleet
+    data_url: str
+    broker_url: str | None = None  # MQTT only
+    targets: list[str] = field(default_factory=list)  # servers to collect from (CoAP, OPC UA)
+    metrics_port: int = 0
+    metrics_host: str = "0.0.0.0"
+    client_id: str | None = None  # stable id = persistent MQTT session across restarts
+    duration: float | None = None
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """`mqtt://[user:pass@]host[:port]`; credentials may also come from the environment."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts", "tcp"):
+        raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise ValueError(f"broker URL {url!r}: no host")
+    tls = parts.scheme == "mqtts"
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError:
+        raise ValueError(f"broker URL {url!r}: port is not a number between 0 and 65535") from None
+    username = unquote(parts.username) if parts.username else os.environ.get(ENV_MQTT_USERNAME) or None
+    password = unquote(parts.password) if parts.password else os.environ.get(ENV_MQTT_PASSWORD) or None
+    return BrokerAddress(parts.hostname, port, username, password, tls)
+
+
+def setup_logging(level: str | None = None) -> None:
+    logging.basicConfig(
+        level=(level or os.environ.get("SENSORFLEET_LOG_LEVEL", "INFO")).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def stop_event_on_signals() -> threading.Event:
+    """An Event set by SIGINT or SIGTERM, so loops end and data is flushed."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        logging.getLogger("sensorfleet").info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+def port_is_free(port: int, host: str = "127.0.0.1", udp: bool = False) -> bool:
+    kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
+    with socket.socket(socket.AF_INET, kind) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1", start: int | None = None, udp: bool = False) -> int:
+    """A free port: the first free one from `start` up, or one the kernel picks."""
+    if start:
+        for port in range(start, min(start + 500, 65536)):
+            if port_is_free(port, host, udp) and (udp or port_is_free(port, host, udp=True)):
+                return port
+    kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
