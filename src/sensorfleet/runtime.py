@@ -96,9 +96,19 @@ def stop_event_on_signals() -> threading.Event:
     return stop
 
 
+def pause_event_on_sigusr1() -> threading.Event:
+    """An Event set by SIGUSR1: a simulator stops producing but stays up, so the runner can read
+    its final counters from /metrics before stopping it for good."""
+    pause = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda _signum, _frame: pause.set())
+    return pause
+
+
 def port_is_free(port: int, host: str = "127.0.0.1", udp: bool = False) -> bool:
     kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
     with socket.socket(socket.AF_INET, kind) as s:
+        if not udp:  # servers set SO_REUSEADDR too: a socket in TIME_WAIT is not "in use"
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -1,0 +1,186 @@
+"""MQTT simulator: one process publishes the readings of many devices through a broker (paho-mqtt).
+
+Schedule: device d's tick k is due at `epoch + (k + phase_d) * interval` (see signals.py), so the
+fleet's messages are spread evenly over each interval. A simulator that falls behind publishes
+every tick late rather than skipping it (the lag is a metric); a broker that goes away is retried
+with back-off while QoS 1 messages wait in paho's queue, bounded by `maxQueued`; what does not fit
+is dropped and counted, never blocked on.
+
+Topics (`topicPrefix` defaults to `sensorfleet`):
+  perDevice:  <prefix>/<fleet>/<device>            payload: JSON array of the device's readings
+  perReading: <prefix>/<fleet>/<device>/<sensor>   payload: one JSON reading document
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from sensorfleet.metrics import FleetMetrics
+from sensorfleet.runtime import BrokerAddress, SimulatorOptions, parse_broker_url
+from sensorfleet.signals import ANOMALY_NAMES, QUALITY_BAD, QUALITY_NAMES, SignalModel, TickBlock, device_id, shard_devices
+
+log = logging.getLogger(__name__)
+SCHEDULER_PERIOD = 0.02  # seconds between two looks at the schedule
+MAX_TICKS_PER_PASS = 20_000  # bound one pass's work so a far-behind simulator stays responsive
+
+
+def format_ts_fast(t: float) -> str:
+    """`Reading.to_wire`'s timestamp format, without building a datetime (hot path)."""
+    seconds = int(t)
+    micros = int(round((t - seconds) * 1_000_000))
+    if micros == 1_000_000:
+        seconds, micros = seconds + 1, 0
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
+
+
+class PayloadEncoder:
+    """Encodes a TickBlock straight into wire documents. Must produce exactly what
+    `Reading.to_wire()` produces for the same readings (a test holds it to that)."""
+
+    def __init__(self, model: SignalModel, topic_prefix: str, mode: str):
+        self.model = model
+        self.mode = mode
+        self.base = f"{topic_prefix}/{model.fleet}"
+        fleet = json.dumps(model.fleet)
+        self.heads = [f'{{"fleet":{fleet},"protocol":"mqtt","device":"' for _ in model.sensors]
+        self.tails = [(f'","sensor":{json.dumps(s.name)},"unit":{json.dumps(s.unit)},"value":', s.name) for s in model.sensors]
+
+    def messages(self, block: TickBlock) -> list[tuple[str, bytes, int]]:
+        """(topic, payload, readings in it) for every device in the block."""
+        out: list[tuple[str, bytes, int]] = []
+        values = block.values.tolist()
+        quality = block.quality.tolist()
+        anomaly = block.anomaly.tolist()
+        per_device = self.mode == "perDevice"
+        for i, (d, k, t) in enumerate(zip(block.devices.tolist(), block.ticks.tolist(), block.times.tolist())):
+            dev = device_id("mqtt", d)
+            ts = format_ts_fast(t)
+            docs = []
+            for s, (tail, sensor_name) in enumerate(self.tails):
+                q = quality[i][s]
+                value = "null" if q == QUALITY_BAD else repr(values[i][s])
+                a = ANOMALY_NAMES[anomaly[i][s]]
+                doc = f'{self.heads[s]}{dev}{tail}{value},"ts":"{ts}","seq":{k},"quality":"{QUALITY_NAMES[q]}","anomaly":{"null" if a is None else chr(34) + a + chr(34)}}}'
+                if per_device:
+                    docs.append(doc)
+                else:
+                    out.append((f"{self.base}/{dev}/{sensor_name}", doc.encode(), 1))
+            if per_device:
+                out.append((f"{self.base}/{dev}", ("[" + ",".join(docs) + "]").encode(), len(docs)))
+        return out
+
+
+class MqttSimulator:
+    def __init__(self, opts: SimulatorOptions, broker: BrokerAddress, metrics: FleetMetrics):
+        fleet = opts.fleet
+        self.spec = fleet.spec.protocols.mqtt
+        self.model = SignalModel(fleet.spec, fleet.name, "mqtt")
+        self.devices = np.array(shard_devices(self.spec.devices, self.spec.replicas, opts.replica), dtype=np.int64)
+        self.encoder = PayloadEncoder(self.model, self.spec.topic_prefix, self.spec.message_mode)
+        self.metrics = metrics
+        self.broker = broker
+        self.published = 0
+        self.dropped = 0
+        self._connected = threading.Event()
+        client_id = f"{fleet.name}-mqtt-sim-{opts.replica}-{uuid.uuid4().hex[:6]}"
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True)
+        self.client.max_inflight_messages_set(self.spec.max_inflight)
+        self.client.max_queued_messages_set(self.spec.max_queued)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        if broker.username:
+            self.client.username_pw_set(broker.username, broker.password)
+        if broker.tls:
+            self.client.tls_set()
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        metrics.devices.set(len(self.devices))
+
+    def _on_connect(self, _client, _userdata, _flags, reason_code, _props) -> None:
+        if reason_code.is_failure:
+            log.error("broker %s refused the connection: %s", self.broker.url, reason_code)
+            self.metrics.error("connect_refused").inc()
+            return
+        log.info("connected to broker %s", self.broker.url)
+        self._connected.set()
+        self.metrics.connected.set(1)
+
+    def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
+        self._connected.clear()
+        self.metrics.connected.set(0)
+        if reason_code != 0:
+            log.warning("lost the broker %s (%s); reconnecting with back-off", self.broker.url, reason_code)
+            self.metrics.error("connection_lost").inc()
+
+    def publish_due(self, next_tick: np.ndarray, now: float) -> int:
+        """Publish every device whose next tick is due; returns how many readings were handed over."""
+        due_times = self.model.tick_times(self.devices, next_tick)
+        due = np.flatnonzero(due_times <= now)[:MAX_TICKS_PER_PASS]
+        self.metrics.schedule_lag.set(max(0.0, now - float(due_times.min())) if len(due) else 0.0)
+        if not len(due):
+            return 0
+        block = self.model.block(self.devices[due], next_tick[due])
+        qos = self.spec.qos
+        handed = 0
+        for topic, payload, count in self.encoder.messages(block):
+            info = self.client.publish(topic, payload, qos=qos)
+            if info.rc == mqtt.MQTT_ERR_SUCCESS or (qos > 0 and info.rc == mqtt.MQTT_ERR_NO_CONN):
+                handed += count  # QoS 1 while disconnected: queued in paho, resent on reconnect
+            else:
+                reason = "queue_full" if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE else "disconnected"
+                self.metrics.dropped(reason).inc(count)
+                self.dropped += count
+        next_tick[due] += 1
+        self.published += handed
+        self.metrics.published.inc(handed)
+        self.metrics.last_activity.set(now)
+        self.metrics.queue.set(len(self.client._out_messages))  # paho exposes no public getter
+        return handed
+
+    def run(self, stop: threading.Event, duration: float | None, pause: threading.Event | None = None) -> None:
+        self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
+        self.client.loop_start()
+        try:
+            # Start with the tick after now: ticks before the process existed were never "due".
+            next_tick = self.model.current_tick(self.devices, time.time()) + 1
+            deadline = time.monotonic() + duration if duration else None
+            log.info("simulating %d MQTT devices (%s, QoS %d)", len(self.devices), self.spec.message_mode, self.spec.qos)
+            while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                started = time.monotonic()
+                if pause is not None and pause.is_set():
+                    self.metrics.queue.set(len(self.client._out_messages))
+                else:
+                    self.publish_due(next_tick, time.time())
+                stop.wait(max(0.0, SCHEDULER_PERIOD - (time.monotonic() - started)))
+            self._drain(timeout=10.0)
+        finally:
+            self.client.disconnect()
+            self.client.loop_stop()
+            log.info("published %d readings, dropped %d", self.published, self.dropped)
+
+    def _drain(self, timeout: float) -> None:
+        """Give in-flight QoS 1 messages a chance to be acknowledged before disconnecting."""
+        deadline = time.monotonic() + timeout
+        while self.client._out_messages and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = len(self.client._out_messages)
+        if left:
+            log.warning("%d messages still unacknowledged at shutdown", left)
+
+
+def run(opts: SimulatorOptions) -> int:
+    from sensorfleet.runtime import pause_event_on_sigusr1, stop_event_on_signals
+
+    broker = parse_broker_url(opts.broker_url or "mqtt://127.0.0.1:1883")
+    metrics = FleetMetrics(opts.fleet.name, "mqtt", "simulator")
+    metrics.serve(opts.metrics_port, opts.metrics_host)
+    stop = stop_event_on_signals()
+    pause = pause_event_on_sigusr1()
+    MqttSimulator(opts, broker, metrics).run(stop, opts.duration, pause)
+    return 0

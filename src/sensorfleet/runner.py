@@ -1,0 +1,449 @@
+"""`sensorfleet run`: a whole fleet as local processes — broker, collectors, simulators.
+
+Each child runs the same `sensorfleet <subcommand>` a pod runs. The children live in their own
+session, so Ctrl-C reaches only this runner, which then stops them in an order that loses nothing:
+simulators first (they drain their in-flight messages), collectors once they have received what
+was published (they flush on SIGTERM), the broker last. The live table is read from the
+children's own /metrics endpoints — the numbers Prometheus would scrape.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from sensorfleet.broker import find_mosquitto, mosquitto_config
+from sensorfleet.runtime import free_port, parse_broker_url, port_is_free
+from sensorfleet.spec import SensorFleet
+
+STARTUP_TIMEOUT = 30.0
+DRAIN_TIMEOUT = 20.0
+
+
+class FleetRunError(RuntimeError):
+    """A fleet that cannot start (port in use, missing binary, a child that died at start-up)."""
+
+
+@dataclass
+class ChildSpec:
+    name: str  # e.g. "mqtt-collector-0"
+    role: str  # broker | simulator | collector
+    protocol: str | None
+    argv: list[str]
+    metrics_port: int = 0
+    ready_port: int | None = None  # TCP port that accepts connections once the child is up
+
+
+@dataclass
+class Child:
+    spec: ChildSpec
+    process: subprocess.Popen
+    log_path: Path
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class Plan:
+    """Everything a local run will start, decided before anything starts (pure, testable)."""
+
+    broker_url: str
+    children: list[ChildSpec] = field(default_factory=list)
+    mosquitto_conf: str | None = None
+
+
+def _sensorfleet() -> list[str]:
+    return [sys.executable, "-m", "sensorfleet.cli"]
+
+
+def plan_run(fleet: SensorFleet, fleet_path: Path, data_url: str, broker_url: str | None, log_dir: Path, mosquitto: str | None) -> Plan:
+    spec = fleet.spec
+    metrics_ports: list[int] = []
+
+    def metrics_port() -> int:
+        start = max([spec.monitoring.port - 1, *metrics_ports]) + 1
+        port = free_port(start=start)
+        metrics_ports.append(port)
+        return port
+
+    fleet_arg = ["--fleet", str(fleet_path)]
+    children: list[ChildSpec] = []
+    conf = None
+    if "mqtt" in spec.enabled_protocols() and not broker_url:
+        mode = spec.broker.mode
+        if mode == "external":
+            broker_url = spec.broker.url
+        else:
+            port = spec.broker.port or free_port()
+            if not port_is_free(port):
+                raise FleetRunError(f"broker port 127.0.0.1:{port} is already in use (spec.broker.port); stop what uses it, set spec.broker.port to a free port, 0 for any, or pass --broker mqtt://host:port")
+            broker_url = f"mqtt://127.0.0.1:{port}"
+            if mode == "mosquitto" and not mosquitto:
+                raise FleetRunError("spec.broker.mode is 'mosquitto' but no mosquitto binary is on PATH (apt-get install mosquitto), or use mode 'auto'")
+            if mode in ("auto", "mosquitto") and mosquitto:
+                persistence = log_dir / "broker"
+                conf = mosquitto_config(port, "127.0.0.1", str(persistence), None)
+                children.append(ChildSpec("broker", "broker", "mqtt", [mosquitto, "-c", str(log_dir / "mosquitto.conf")], ready_port=port))
+            else:
+                children.append(ChildSpec("broker", "broker", "mqtt", [*_sensorfleet(), "broker", "--port", str(port)], ready_port=port))
+    for protocol in spec.enabled_protocols():
+        p = spec.protocol(protocol)
+        server_urls = []
+        simulators = []
+        for replica in range(p.replicas):
+            argv = [*_sensorfleet(), "simulate", protocol, *fleet_arg, "--replica", str(replica), "--metrics-host", "127.0.0.1"]
+            ready = None
+            if protocol == "mqtt":
+                argv += ["--broker", broker_url]
+            else:
+                port = p.port + replica
+                udp = protocol == "coap"
+                if not port_is_free(port, udp=udp):
+                    raise FleetRunError(f"{protocol} simulator port 127.0.0.1:{port}/{'udp' if udp else 'tcp'} is already in use (spec.protocols.{protocol}.port + replica {replica}); choose another port")
+                argv += ["--host", "127.0.0.1", "--port", str(port)]
+                scheme = "coap" if udp else "opc.tcp"
+                server_urls.append(f"{scheme}://127.0.0.1:{port}")
+                ready = None if udp else port
+            mport = metrics_port()
+            simulators.append(ChildSpec(f"{protocol}-simulator-{replica}", "simulator", protocol, argv + ["--metrics-port", str(mport)], mport, ready))
+        for replica in range(p.collector_replicas):
+            argv = [*_sensorfleet(), "collect", protocol, *fleet_arg, "--data", data_url, "--metrics-host", "127.0.0.1"]
+            if protocol == "mqtt":
+                argv += ["--broker", broker_url, "--client-id", f"{fleet.name}-mqtt-collector-{replica}"]
+            else:
+                # Each collector replica takes its share of the servers.
+                mine = server_urls[replica :: p.collector_replicas]
+                if not mine:
+                    continue
+                for url in mine:
+                    argv += ["--target", url]
+            mport = metrics_port()
+            children.append(ChildSpec(f"{protocol}-collector-{replica}", "collector", protocol, argv + ["--metrics-port", str(mport)], mport))
+        children.extend(simulators)
+    # Collectors before simulators for MQTT (subscriptions must exist before the first publish);
+    # CoAP / OPC UA collectors need their servers up first.
+    order = {"broker": 0, "collector": 1, "simulator": 2}
+    children.sort(key=lambda c: (order[c.role] if c.protocol == "mqtt" or c.role == "broker" else {"simulator": 1, "collector": 2}[c.role]))
+    return Plan(broker_url or "", children, conf)
+
+
+def _set_pdeathsig() -> None:
+    """Children die with the runner even if it is killed without a chance to clean up."""
+    os.setsid()
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def scrape(port: int, timeout: float = 1.0) -> dict[str, float] | None:
+    """Sum every sample by name (and name{le} for histogram buckets) from one /metrics endpoint."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    totals: dict[str, float] = defaultdict(float)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = sample.name + (f"{{le={sample.labels['le']}}}" if "le" in sample.labels else "")
+            totals[key] += sample.value
+    return totals
+
+
+def quantile_from_buckets(samples: dict[str, float], name: str, q: float) -> float | None:
+    buckets = sorted((float(k.split("le=")[1].rstrip("}")), v) for k, v in samples.items() if k.startswith(name + "_bucket{"))
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    target = q * buckets[-1][1]
+    previous_bound, previous_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= target:
+            if bound == float("inf"):
+                return previous_bound
+            fraction = (target - previous_count) / (count - previous_count) if count > previous_count else 1.0
+            return previous_bound + (bound - previous_bound) * fraction
+        previous_bound, previous_count = bound, count
+    return None
+
+
+@dataclass
+class ProtocolRow:
+    devices: float = 0
+    published: float = 0
+    received: float = 0
+    stored: float = 0
+    lost: float = 0
+    duplicates: float = 0
+    malformed: float = 0
+    rate: float = 0.0
+    p50: float | None = None
+    p99: float | None = None
+
+
+class FleetRun:
+    def __init__(self, fleet: SensorFleet, plan: Plan, log_dir: Path, console: Console):
+        self.fleet = fleet
+        self.plan = plan
+        self.log_dir = log_dir
+        self.console = console
+        self.children: list[Child] = []
+        self.rows: dict[str, ProtocolRow] = {p: ProtocolRow() for p in fleet.spec.enabled_protocols()}
+        self._last_stored: dict[str, tuple[float, float]] = {}
+        # Last scrape of every child: a child that has exited still counts in the totals.
+        self._samples: dict[str, dict[str, float]] = {}
+        self.run_log = open(log_dir / "sensorfleet-run.log", "a", buffering=1)
+
+    def log(self, message: str) -> None:
+        self.run_log.write(f"{datetime.now().isoformat(timespec='seconds')} {message}\n")
+
+    # --- start ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.plan.mosquitto_conf:
+            (self.log_dir / "broker").mkdir(exist_ok=True)
+            (self.log_dir / "mosquitto.conf").write_text(self.plan.mosquitto_conf)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        for spec in self.plan.children:
+            log_path = self.log_dir / f"{spec.name}.log"
+            with open(log_path, "ab") as log_file:
+                process = subprocess.Popen(spec.argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=_set_pdeathsig)
+            child = Child(spec, process, log_path)
+            self.children.append(child)
+            self.log(f"started {spec.name} (pid {process.pid}): {' '.join(spec.argv)}")
+            self._wait_ready(child)
+
+    def _wait_ready(self, child: Child) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        import socket
+
+        while time.monotonic() < deadline:
+            if child.process.poll() is not None:
+                raise FleetRunError(f"{child.spec.name} exited with code {child.process.returncode} at start-up; its last log lines ({child.log_path}):\n{child.tail()}")
+            ready = True
+            if child.spec.ready_port:
+                with socket.socket() as s:
+                    s.settimeout(0.5)
+                    ready = s.connect_ex(("127.0.0.1", child.spec.ready_port)) == 0
+            if ready and child.spec.metrics_port:
+                ready = scrape(child.spec.metrics_port) is not None
+            if ready:
+                return
+            time.sleep(0.1)
+        raise FleetRunError(f"{child.spec.name} did not become ready within {STARTUP_TIMEOUT:.0f} s; its last log lines ({child.log_path}):\n{child.tail()}")
+
+    # --- watch ----------------------------------------------------------------------------------
+    def dead_child(self) -> Child | None:
+        return next((c for c in self.children if c.process.poll() is not None), None)
+
+    def refresh(self) -> None:
+        fresh = {p: ProtocolRow() for p in self.rows}
+        latency: dict[str, dict[str, float]] = {p: defaultdict(float) for p in self.rows}
+        now = time.monotonic()
+        for child in self.children:
+            if not child.spec.metrics_port or child.spec.protocol not in fresh:
+                continue
+            samples = scrape(child.spec.metrics_port) if child.process.poll() is None else None
+            if samples is not None:
+                self._samples[child.spec.name] = samples
+            samples = self._samples.get(child.spec.name)
+            if samples is None:
+                continue
+            row = fresh[child.spec.protocol]
+            if child.spec.role == "simulator":
+                row.devices += samples.get("sensorfleet_simulated_devices", 0)
+                row.published += samples.get("sensorfleet_readings_published_total", 0)
+            else:
+                row.received += samples.get("sensorfleet_readings_received_total", 0)
+                row.stored += samples.get("sensorfleet_readings_stored_total", 0)
+                row.lost += samples.get("sensorfleet_readings_lost_total", 0) - samples.get("sensorfleet_readings_late_total", 0)
+                row.duplicates += samples.get("sensorfleet_readings_duplicate_total", 0)
+                row.malformed += samples.get("sensorfleet_payloads_malformed_total", 0)
+                for key, value in samples.items():
+                    if key.startswith("sensorfleet_reading_latency_seconds_bucket"):
+                        latency[child.spec.protocol][key] += value
+        for protocol, row in fresh.items():
+            previous = self._last_stored.get(protocol)
+            if previous and now > previous[0]:
+                row.rate = max(0.0, (row.stored - previous[1]) / (now - previous[0]))
+            else:
+                row.rate = self.rows[protocol].rate
+            if not previous or now - previous[0] >= 2.0:
+                self._last_stored[protocol] = (now, row.stored)
+            row.p50 = quantile_from_buckets(latency[protocol], "sensorfleet_reading_latency_seconds", 0.5)
+            row.p99 = quantile_from_buckets(latency[protocol], "sensorfleet_reading_latency_seconds", 0.99)
+        self.rows = fresh
+
+    def table(self, title: str) -> Table:
+        table = Table(title=title, title_justify="left")
+        for column in ("protocol", "devices", "stored/s", "published", "stored", "lost", "dups", "malformed", "p50", "p99"):
+            table.add_column(column, justify="left" if column == "protocol" else "right")
+        for protocol, r in self.rows.items():
+            ms = lambda v: "-" if v is None else f"{v * 1000:.0f} ms"  # noqa: E731
+            table.add_row(protocol, f"{r.devices:.0f}", f"{r.rate:,.0f}", f"{r.published:,.0f}", f"{r.stored:,.0f}", f"{r.lost:,.0f}", f"{r.duplicates:,.0f}", f"{r.malformed:,.0f}", ms(r.p50), ms(r.p99))
+        return table
+
+    # --- stop -----------------------------------------------------------------------------------
+    def _terminate(self, role: str, timeout: float) -> None:
+        group = [c for c in self.children if c.spec.role == role and c.process.poll() is None]
+        for child in group:
+            child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for child in group:
+            try:
+                child.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.log(f"{child.spec.name} did not stop within {timeout:.0f} s; killing it")
+                child.process.kill()
+                child.process.wait()
+            self.log(f"{child.spec.name} exited with code {child.process.returncode}")
+
+    def pause_simulators(self, timeout: float = 10.0) -> None:
+        """MQTT simulators pause on SIGUSR1 and stay up until their queue is empty, so the
+        last scrape holds their final published count."""
+        paused = [c for c in self.children if c.spec.role == "simulator" and c.spec.protocol == "mqtt" and c.process.poll() is None]
+        for child in paused:
+            child.process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        time.sleep(0.2)
+        while paused and time.monotonic() < deadline:
+            queues = [scrape(c.spec.metrics_port) or {} for c in paused]
+            if all(q.get("sensorfleet_publish_queue_messages", 0) == 0 for q in queues):
+                break
+            time.sleep(0.2)
+        self.refresh()
+
+    def stop(self) -> None:
+        self.pause_simulators()
+        self._terminate("simulator", 15.0)
+        # Let collectors receive everything published before they flush and exit.
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while time.monotonic() < deadline:
+            self.refresh()
+            if all(r.received + 0.5 >= r.published for r in self.rows.values()):
+                break
+            if any(c.process.poll() is not None for c in self.children if c.spec.role == "collector"):
+                break
+            time.sleep(0.5)
+        # Then until they have written it (a batch waits at most flushInterval), so the last
+        # scrape below is the run's final count.
+        deadline = time.monotonic() + self.fleet.spec.collector.flush_interval + 5.0
+        while time.monotonic() < deadline:
+            self.refresh()
+            if all(r.stored + r.duplicates >= r.received for r in self.rows.values()):
+                break
+            time.sleep(0.25)
+        self._terminate("collector", 15.0)
+        self._terminate("broker", 10.0)
+        self.run_log.close()
+
+    def kill_all(self) -> None:
+        for child in self.children:
+            if child.process.poll() is None:
+                child.process.kill()
+                child.process.wait()
+
+
+def run_fleet(fleet: SensorFleet, fleet_path: Path, duration: float | None = None, data_url: str | None = None, broker_url: str | None = None, log_dir: Path | None = None, live: bool = True) -> int:
+    console = Console()
+    data_url = data_url or fleet.spec.storage.url or str(Path("data") / fleet.name)
+    log_dir = log_dir or Path("runs") / f"{fleet.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if broker_url:
+        parse_broker_url(broker_url)  # a malformed URL fails here, with its reason
+    mosquitto = find_mosquitto()
+    plan = plan_run(fleet, fleet_path.resolve(), data_url, broker_url, log_dir.resolve(), mosquitto)
+    run = FleetRun(fleet, plan, log_dir, console)
+    # Ctrl-C (SIGINT) and SIGTERM end the watch loop; the children are stopped in order below.
+    stopping = {"why": None}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping["why"] = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    exit_code = 0
+    try:
+        try:
+            run.start()
+        except FleetRunError:
+            run.kill_all()
+            raise
+        broker_kind = next((("mosquitto" if "mosquitto" in c.argv[0] else "embedded amqtt") for c in plan.children if c.role == "broker"), "external")
+        console.print(f"fleet [bold]{fleet.name}[/bold]: data → {data_url}   logs → {log_dir}")
+        if plan.broker_url:
+            console.print(f"broker: {plan.broker_url} ({broker_kind})")
+        targets = []
+        for child in run.children:
+            if child.spec.metrics_port:
+                console.print(f"metrics: http://127.0.0.1:{child.spec.metrics_port}/metrics  ({child.spec.name})")
+                targets.append({"targets": [f"127.0.0.1:{child.spec.metrics_port}"], "labels": {"fleet": fleet.name, "component": child.spec.role, "protocol": child.spec.protocol or "", "process": child.spec.name}})
+        # Prometheus file_sd targets for `prometheus --config.file` users (see docs/monitoring.md).
+        (log_dir / "prometheus-targets.json").write_text(json.dumps(targets, indent=2))
+        started = time.monotonic()
+        title = lambda: f"fleet {fleet.name} — {time.monotonic() - started:.0f} s" + (f" of {duration:.0f} s" if duration else " (Ctrl-C to stop)")  # noqa: E731
+        with Live(run.table(title()), console=console, refresh_per_second=2, transient=False, auto_refresh=False) if live else _NoLive() as view:
+            last_print = 0.0
+            while stopping["why"] is None and (duration is None or time.monotonic() - started < duration):
+                dead = run.dead_child()
+                if dead:
+                    console.print(f"[red]error[/red] {dead.spec.name} exited unexpectedly with code {dead.process.returncode}; stopping the fleet. Its last log lines ({dead.log_path}):\n{dead.tail()}", highlight=False)
+                    run.log(f"{dead.spec.name} died with code {dead.process.returncode}")
+                    exit_code = 1
+                    break
+                run.refresh()
+                if live:
+                    view.update(run.table(title()), refresh=True)
+                elif time.monotonic() - last_print >= 5:
+                    console.print(run.table(title()))
+                    last_print = time.monotonic()
+                time.sleep(1.0)
+        console.print("stopping: simulators, then collectors (flushing), then the broker …")
+        run.stop()
+    finally:
+        run.kill_all()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    _print_summary(console, fleet, data_url, run)
+    return exit_code
+
+
+class _NoLive:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, *_args, **_kwargs) -> None:
+        pass
+
+
+def _print_summary(console: Console, fleet: SensorFleet, data_url: str, run: FleetRun) -> None:
+    from sensorfleet.dataset import read_dataset
+
+    try:
+        stored = read_dataset(data_url, columns=["protocol", "fleet"])
+        stored = stored[stored["fleet"] == fleet.name].groupby("protocol", observed=True).size().to_dict()
+    except Exception as exc:  # the summary must not hide the run's outcome
+        console.print(f"[yellow]could not read the dataset for the summary: {exc}[/yellow]")
+        stored = {}
+    console.print(run.table(f"final summary — fleet {fleet.name}"))
+    console.print("rows in the dataset (all runs): " + ", ".join(f"{p} {n:,}" for p, n in sorted(stored.items())) + f"   ({data_url})")
