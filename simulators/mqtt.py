@@ -23,6 +23,8 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from sensorfleet.metrics import FleetMetrics
+from sensorfleet.reading import Reading
+from sensorfleet.replay import ReplaySource
 from sensorfleet.runtime import BrokerAddress, SimulatorOptions, parse_broker_url
 from sensorfleet.signals import ANOMALY_NAMES, QUALITY_BAD, QUALITY_NAMES, SignalModel, TickBlock, device_id, shard_devices
 
@@ -80,6 +82,8 @@ class PayloadEncoder:
 class MqttSimulator:
     def __init__(self, opts: SimulatorOptions, broker: BrokerAddress, metrics: FleetMetrics):
         fleet = opts.fleet
+        self.fleet = fleet
+        self.replica = opts.replica
         self.spec = fleet.spec.protocols.mqtt
         self.model = SignalModel(fleet.spec, fleet.name, "mqtt")
         self.devices = np.array(shard_devices(self.spec.devices, self.spec.replicas, opts.replica), dtype=np.int64)
@@ -126,9 +130,14 @@ class MqttSimulator:
         if not len(due):
             return 0
         block = self.model.block(self.devices[due], next_tick[due])
+        handed = self._publish_messages(self.encoder.messages(block), now)
+        next_tick[due] += 1
+        return handed
+
+    def _publish_messages(self, messages: list[tuple[str, bytes, int]], now: float) -> int:
         qos = self.spec.qos
         handed = 0
-        for topic, payload, count in self.encoder.messages(block):
+        for topic, payload, count in messages:
             info = self.client.publish(topic, payload, qos=qos)
             if info.rc == mqtt.MQTT_ERR_SUCCESS or (qos > 0 and info.rc == mqtt.MQTT_ERR_NO_CONN):
                 handed += count  # QoS 1 while disconnected: queued in paho, resent on reconnect
@@ -136,12 +145,25 @@ class MqttSimulator:
                 reason = "queue_full" if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE else "disconnected"
                 self.metrics.dropped(reason).inc(count)
                 self.dropped += count
-        next_tick[due] += 1
         self.published += handed
         self.metrics.published.inc(handed)
         self.metrics.last_activity.set(now)
         self.metrics.queue.set(len(self.client._out_messages))  # paho exposes no public getter
         return handed
+
+    def publish_readings(self, readings: list[Reading]) -> int:
+        """The general path (replay): Reading objects, grouped per device in perDevice mode."""
+        if not readings:
+            return 0
+        base = self.encoder.base
+        if self.spec.message_mode == "perDevice":
+            by_device: dict[str, list[Reading]] = {}
+            for r in readings:
+                by_device.setdefault(r.device, []).append(r)
+            messages = [(f"{base}/{d}", json.dumps([r.to_wire() for r in rs], separators=(",", ":")).encode(), len(rs)) for d, rs in by_device.items()]
+        else:
+            messages = [(f"{base}/{r.device}/{r.sensor}", r.to_json(), 1) for r in readings]
+        return self._publish_messages(messages, time.time())
 
     def run(self, stop: threading.Event, duration: float | None, pause: threading.Event | None = None) -> None:
         self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
@@ -149,12 +171,15 @@ class MqttSimulator:
         try:
             # Start with the tick after now: ticks before the process existed were never "due".
             next_tick = self.model.current_tick(self.devices, time.time()) + 1
+            replay = self._replay_source()
             deadline = time.monotonic() + duration if duration else None
             log.info("simulating %d MQTT devices (%s, QoS %d)", len(self.devices), self.spec.message_mode, self.spec.qos)
             while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
                 started = time.monotonic()
                 if pause is not None and pause.is_set():
                     self.metrics.queue.set(len(self.client._out_messages))
+                elif replay is not None:
+                    self.publish_readings([r for r in replay.due(time.time()) if r.device in self._replay_devices])
                 else:
                     self.publish_due(next_tick, time.time())
                 stop.wait(max(0.0, SCHEDULER_PERIOD - (time.monotonic() - started)))
@@ -163,6 +188,15 @@ class MqttSimulator:
             self.client.disconnect()
             self.client.loop_stop()
             log.info("published %d readings, dropped %d", self.published, self.dropped)
+
+    def _replay_source(self) -> ReplaySource | None:
+        if self.fleet.spec.replay is None:
+            return None
+        source = ReplaySource.from_spec(self.fleet.spec, self.fleet.name, "mqtt", time.time())
+        mine = shard_devices(len(source.devices), self.spec.replicas, self.replica)
+        self._replay_devices = {source.devices[i] for i in mine}
+        self.metrics.devices.set(len(self._replay_devices))
+        return source
 
     def _drain(self, timeout: float) -> None:
         """Give in-flight QoS 1 messages a chance to be acknowledged before disconnecting."""

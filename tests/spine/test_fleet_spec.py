@@ -1,0 +1,98 @@
+"""Fleet manifests: the example is valid, invalid ones are refused with the field path named."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sensorfleet.spec import FleetSpecError, load_fleet, parse_fleet
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "fleet.yaml"
+
+
+def example() -> dict:
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
+def test_example_fleet_is_a_valid_sensorfleet_manifest():
+    fleet = load_fleet(EXAMPLE)
+    assert fleet.kind == "SensorFleet" and fleet.api_version == "sensorfleet.io/v1alpha1"
+    assert fleet.name == "demo"
+    assert fleet.spec.enabled_protocols() == ["mqtt", "coap", "opcua"]
+    assert [s.name for s in fleet.spec.sensors] == ["temperature", "humidity", "pressure"]
+
+
+def test_defaults_fill_every_section():
+    fleet = parse_fleet({"apiVersion": "sensorfleet.io/v1alpha1", "kind": "SensorFleet", "metadata": {"name": "tiny"}})
+    assert fleet.spec.protocols.mqtt.enabled and fleet.spec.protocols.mqtt.qos == 1
+    assert fleet.spec.collector.batch_size > 0 and fleet.spec.forecasting.horizon == 60
+    assert len(fleet.spec.sensors) == 3
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda d: d["spec"]["protocols"]["mqtt"].update(devices=0), "spec.protocols.mqtt.devices: Input should be greater than or equal to 1, got 0"),
+        (lambda d: d["spec"]["protocols"]["mqtt"].update(qos=2), "spec.protocols.mqtt.qos"),
+        (lambda d: d["spec"]["protocols"]["mqtt"].update(interval="fast"), "spec.protocols.mqtt.interval"),
+        (lambda d: d["spec"]["protocols"]["mqtt"].update(devcies=3), "spec.protocols.mqtt.devcies: unknown field"),
+        (lambda d: d["spec"]["sensors"][0].update(min=200), "spec.sensors.0: min (200.0) must be below max (125.0)"),
+        (lambda d: d["spec"]["sensors"][1].update(baseline=140), "spec.sensors.1: baseline (140.0) must lie within"),
+        (lambda d: d["spec"]["sensors"][0].pop("unit"), "spec.sensors.0.unit: required field is missing"),
+        (lambda d: d["spec"]["sensors"].append(dict(d["spec"]["sensors"][0])), "sensor names must be unique; repeated: temperature"),
+        (lambda d: d["spec"]["anomalies"].update(spikeProbability=1.5), "spec.anomalies.spikeProbability"),
+        (lambda d: d["spec"]["forecasting"].update(schedule="every hour"), "spec.forecasting.schedule: schedule 'every hour' is not a five-field cron"),
+        (lambda d: [d["spec"]["protocols"][p].update(enabled=False) for p in ("mqtt", "coap", "opcua")], "spec.protocols: at least one of mqtt, coap, opcua must be enabled"),
+        (lambda d: d["spec"]["broker"].update(mode="external"), "spec.broker: mode 'external' needs url"),
+        (lambda d: d["spec"].update(storage={"url": "s3://bucket/x", "size": "5Gi"}), "spec.storage: set either url or size, not both"),
+        (lambda d: d["metadata"].update(name="Bad_Name"), "metadata.name"),
+        (lambda d: d.update(kind="Deployment"), "kind"),
+    ],
+)
+def test_invalid_fleet_names_the_field(mutate, expected):
+    doc = example()
+    mutate(doc)
+    with pytest.raises(FleetSpecError) as caught:
+        parse_fleet(doc, "fleet.yaml")
+    assert any(expected in line for line in caught.value.errors), caught.value.errors
+
+
+def test_validate_command_exits_0_for_the_example():
+    result = subprocess.run([sys.executable, "-m", "sensorfleet.cli", "validate", str(EXAMPLE)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "fleet demo" in result.stdout
+
+
+def test_validate_command_exits_2_with_one_line_per_error(tmp_path):
+    doc = example()
+    doc["spec"]["protocols"]["mqtt"]["devices"] = -5
+    doc["spec"]["collector"]["batchSize"] = 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    result = subprocess.run([sys.executable, "-m", "sensorfleet.cli", "validate", str(bad)], capture_output=True, text=True, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(lines) == 2, result.stderr
+    assert any("spec.protocols.mqtt.devices" in line and "-5" in line for line in lines)
+    assert any("spec.collector.batchSize" in line for line in lines)
+    assert "Traceback" not in result.stderr
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("apiVersion: sensorfleet.io/v1alpha1\nkind: SensorFleet\nmetadata: {name: x\n")
+    with pytest.raises(FleetSpecError) as caught:
+        load_fleet(bad)
+    assert "(yaml): line" in caught.value.errors[0]
+
+
+def test_bare_operator_import_is_the_standard_library():
+    """The operator/ folder must never shadow `import operator`, even from the repo root."""
+    result = subprocess.run([sys.executable, "-c", "import operator, sensorfleet.operator; print(operator.__file__); operator.or_"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert str(REPO / "operator") not in result.stdout
