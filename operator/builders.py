@@ -1,0 +1,720 @@
+"""Pure builders: one SensorFleet in, the manifests of all its children out.
+
+No I/O, no kopf, no clock: the same fleet, owner and credentials give the same manifests, so the
+handlers can server-side apply them on every reconcile without changing anything that did not
+change. Each child carries the recommended `app.kubernetes.io/*` labels, `sensorfleet.io/fleet`,
+and a controller ownerReference to the fleet (Kubernetes garbage-collects it with its owner).
+
+Per fleet:
+    <fleet>-fleet                      ConfigMap   the manifest, mounted at /etc/sensorfleet/fleet.yaml
+    <fleet>-broker-config / -broker-credentials / -broker (Deployment + Service)   Mosquitto, when MQTT
+                                       is enabled and the broker is not external
+    <fleet>-<proto>-simulator-<i>      Deployment (1 pod: its replica index picks its device shard)
+                                       + Service for CoAP / OPC UA (they are servers)
+    <fleet>-<proto>-collector-<i>      Deployment (1 pod: a stable MQTT client id / its own targets)
+    <fleet>-data                       PersistentVolumeClaim, unless spec.storage.url is set
+    <fleet>-forecast                   CronJob, when forecasting is enabled
+    <fleet>-metrics                    headless Service over all metrics ports; PodMonitor on request
+
+Pod templates carry a hash of the part of the spec that the process reads, so an edit rolls only
+the pods it concerns (more MQTT devices restart MQTT simulators, not the CoAP collector).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from sensorfleet.spec import API_GROUP, API_VERSION, KIND, PROTOCOLS, SensorFleet, dump_fleet
+
+OPERATOR_NAME = "sensorfleet-operator"
+APP_NAME = "sensorfleet"
+FLEET_LABEL = f"{API_GROUP}/fleet"
+PROTOCOL_LABEL = f"{API_GROUP}/protocol"
+REPLICA_LABEL = f"{API_GROUP}/replica"
+HASH_ANNOTATION = f"{API_GROUP}/spec-hash"
+MANAGED_BY = "app.kubernetes.io/managed-by"
+INSTANCE = "app.kubernetes.io/instance"
+COMPONENT = "app.kubernetes.io/component"
+
+FLEET_DIR = "/etc/sensorfleet"
+FLEET_FILE = f"{FLEET_DIR}/fleet.yaml"
+DATA_DIR = "/data"
+BROKER_USERNAME = "sensorfleet"
+MQTT_PORT = 1883
+MOSQUITTO_UID = 1883  # the `mosquitto` user of the eclipse-mosquitto image
+APP_UID = 10001  # the `sensorfleet` user of the project image (see Dockerfile)
+
+# Requests/limits per role: small enough for kind on a laptop, room for a few thousand devices.
+RESOURCES: dict[str, dict[str, dict[str, str]]] = {
+    "simulator": {"requests": {"cpu": "50m", "memory": "96Mi"}, "limits": {"cpu": "1", "memory": "384Mi"}},
+    "collector": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"cpu": "1", "memory": "768Mi"}},
+    "broker": {"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"cpu": "1", "memory": "256Mi"}},
+    "forecast": {"requests": {"cpu": "200m", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
+    "init": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"cpu": "100m", "memory": "64Mi"}},
+}
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The fleet object the children belong to (namespace for the children, uid for ownerReferences)."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Operator-wide settings (from the chart's values / the operator's flags), not per fleet."""
+
+    image: str = "sensorfleet:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    extra_labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BrokerCredentials:
+    username: str
+    password: str
+
+
+# --------------------------------------------------------------------------------------------
+# names and labels
+# --------------------------------------------------------------------------------------------
+
+
+def fleet_configmap_name(fleet: str) -> str:
+    return f"{fleet}-fleet"
+
+
+def broker_name(fleet: str) -> str:
+    return f"{fleet}-broker"
+
+
+def broker_secret_name(fleet: str) -> str:
+    return f"{fleet}-broker-credentials"
+
+
+def broker_config_name(fleet: str) -> str:
+    return f"{fleet}-broker-config"
+
+
+def simulator_name(fleet: str, protocol: str, replica: int) -> str:
+    return f"{fleet}-{protocol}-simulator-{replica}"
+
+
+def collector_name(fleet: str, protocol: str, replica: int) -> str:
+    return f"{fleet}-{protocol}-collector-{replica}"
+
+
+def data_claim_name(fleet: str) -> str:
+    return f"{fleet}-data"
+
+
+def forecast_name(fleet: str) -> str:
+    return f"{fleet}-forecast"
+
+
+def metrics_service_name(fleet: str) -> str:
+    return f"{fleet}-metrics"
+
+
+def selector_labels(fleet: str, component: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": APP_NAME, INSTANCE: fleet, COMPONENT: component}
+
+
+def child_selector(fleet: str) -> str:
+    """Label selector matching every child of one fleet."""
+    return f"{MANAGED_BY}={OPERATOR_NAME},{FLEET_LABEL}={fleet}"
+
+
+def labels(fleet: str, component: str, options: BuildOptions, **extra: str) -> dict[str, str]:
+    return {
+        **options.extra_labels,
+        **selector_labels(fleet, component),
+        "app.kubernetes.io/part-of": APP_NAME,
+        MANAGED_BY: OPERATOR_NAME,
+        FLEET_LABEL: fleet,
+        **extra,
+    }
+
+
+def owner_reference(owner: Owner) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "name": owner.name,
+        "uid": owner.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(name: str, owner: Owner, lbls: dict[str, str], annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": lbls,
+        "ownerReferences": [owner_reference(owner)],
+    }
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
+
+
+def spec_hash(*parts: Any) -> str:
+    """A short stable hash of the spec sections a process reads (pod-template annotation)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _section(fleet: SensorFleet, *names: str) -> dict[str, Any]:
+    spec = fleet.spec.model_dump(mode="json", by_alias=True)
+    return {n: spec.get(n) for n in names}
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks of pods
+# --------------------------------------------------------------------------------------------
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _pod_security(uid: int) -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "fsGroup": uid,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _fleet_volume(fleet: str) -> dict[str, Any]:
+    return {"name": "fleet", "configMap": {"name": fleet_configmap_name(fleet)}}
+
+
+def _tmp_volume() -> dict[str, Any]:
+    return {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}}
+
+
+def _app_mounts(with_data: bool) -> list[dict[str, Any]]:
+    mounts = [
+        {"name": "fleet", "mountPath": FLEET_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if with_data:
+        mounts.append({"name": "data", "mountPath": DATA_DIR})
+    return mounts
+
+
+def uses_claim(fleet: SensorFleet) -> bool:
+    return not fleet.spec.storage.url
+
+
+def data_location(fleet: SensorFleet) -> str:
+    """`--data` of collectors and the forecast job: the mounted claim or the fsspec URL."""
+    return fleet.spec.storage.url or DATA_DIR
+
+
+def reports_location(fleet: SensorFleet) -> str:
+    return data_location(fleet).rstrip("/") + "/reports"
+
+
+def uses_broker(fleet: SensorFleet) -> bool:
+    """Does the operator run a Mosquitto broker for this fleet?"""
+    return fleet.spec.protocols.mqtt.enabled and fleet.spec.broker.mode != "external"
+
+
+def broker_port(fleet: SensorFleet) -> int:
+    return fleet.spec.broker.port or MQTT_PORT
+
+
+def broker_url(fleet: SensorFleet) -> str:
+    if fleet.spec.broker.mode == "external" and fleet.spec.broker.url:
+        return fleet.spec.broker.url
+    return f"mqtt://{broker_name(fleet.name)}:{broker_port(fleet)}"
+
+
+def _mqtt_env(fleet: SensorFleet) -> list[dict[str, Any]]:
+    if not uses_broker(fleet) or not fleet.spec.broker.authentication:
+        return []
+    secret = broker_secret_name(fleet.name)
+    return [
+        {"name": "SENSORFLEET_MQTT_USERNAME", "valueFrom": {"secretKeyRef": {"name": secret, "key": "username"}}},
+        {"name": "SENSORFLEET_MQTT_PASSWORD", "valueFrom": {"secretKeyRef": {"name": secret, "key": "password"}}},
+    ]
+
+
+def _metrics_args(fleet: SensorFleet) -> list[str]:
+    return ["--metrics-port", str(fleet.spec.monitoring.port)] if fleet.spec.monitoring.enabled else []
+
+
+def _metrics_port(fleet: SensorFleet) -> list[dict[str, Any]]:
+    if not fleet.spec.monitoring.enabled:
+        return []
+    return [{"name": "metrics", "containerPort": fleet.spec.monitoring.port, "protocol": "TCP"}]
+
+
+def _probes(fleet: SensorFleet) -> dict[str, Any]:
+    if not fleet.spec.monitoring.enabled:
+        return {}
+    return {
+        "readinessProbe": {"httpGet": {"path": "/metrics", "port": "metrics"}, "periodSeconds": 10, "failureThreshold": 3},
+        "livenessProbe": {"tcpSocket": {"port": "metrics"}, "initialDelaySeconds": 20, "periodSeconds": 20, "failureThreshold": 6},
+    }
+
+
+def _deployment(
+    name: str,
+    owner: Owner,
+    component: str,
+    extra_labels: dict[str, str],
+    pod_spec: dict[str, Any],
+    template_hash: str,
+    options: BuildOptions,
+    strategy: str = "RollingUpdate",
+) -> dict[str, Any]:
+    lbls = labels(owner.name, component, options, **extra_labels)
+    selector = {**selector_labels(owner.name, component), **extra_labels}
+    deployment_strategy: dict[str, Any] = {"type": strategy}
+    if strategy == "RollingUpdate":
+        # One pod per shard: replace it, never run two copies of the same devices / client id.
+        deployment_strategy["rollingUpdate"] = {"maxSurge": 0, "maxUnavailable": 1}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(name, owner, lbls),
+        "spec": {
+            "replicas": 1,
+            "revisionHistoryLimit": 3,
+            "strategy": deployment_strategy,
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": lbls, "annotations": {HASH_ANNOTATION: template_hash}},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def _app_pod_spec(fleet: SensorFleet, container: dict[str, Any], with_data: bool) -> dict[str, Any]:
+    volumes = [_fleet_volume(fleet.name), _tmp_volume()]
+    if with_data:
+        volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": data_claim_name(fleet.name)}})
+    return {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": _pod_security(APP_UID),
+        "terminationGracePeriodSeconds": 30,
+        "containers": [container],
+        "volumes": volumes,
+    }
+
+
+def _app_container(name: str, args: list[str], role: str, options: BuildOptions, env: list[dict[str, Any]],
+                   ports: list[dict[str, Any]], fleet: SensorFleet, with_data: bool) -> dict[str, Any]:
+    container: dict[str, Any] = {
+        "name": name,
+        "image": options.image,
+        "imagePullPolicy": options.image_pull_policy,
+        "command": ["sensorfleet"],
+        "args": args,
+        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, *env],
+        "ports": ports,
+        "resources": RESOURCES[role],
+        "securityContext": _container_security(),
+        "volumeMounts": _app_mounts(with_data),
+        **_probes(fleet),
+    }
+    return container
+
+
+# --------------------------------------------------------------------------------------------
+# the children
+# --------------------------------------------------------------------------------------------
+
+
+def fleet_manifest_for_pods(fleet: SensorFleet) -> str:
+    """The manifest the pods read: name and namespace only from metadata, spec with defaults filled."""
+    clean = SensorFleet.model_validate(
+        {"metadata": {"name": fleet.metadata.name, "namespace": fleet.metadata.namespace},
+         "spec": fleet.spec.model_dump(mode="json", by_alias=True)}
+    )
+    return dump_fleet(clean)
+
+
+def build_fleet_configmap(fleet: SensorFleet, owner: Owner, options: BuildOptions) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(fleet_configmap_name(fleet.name), owner, labels(fleet.name, "config", options)),
+        "data": {"fleet.yaml": fleet_manifest_for_pods(fleet)},
+    }
+
+
+def mosquitto_conf(fleet: SensorFleet) -> str:
+    """mosquitto.conf of the fleet's broker: authenticated listener, no inflight/queue caps (the
+    simulators bound their own queues), persistence for QoS 1 sessions of the collectors."""
+    auth = fleet.spec.broker.authentication
+    lines = [
+        "# Generated by the SensorFleet operator.",
+        f"listener {broker_port(fleet)}",
+        f"allow_anonymous {'false' if auth else 'true'}",
+    ]
+    if auth:
+        lines.append("password_file /mosquitto/auth/passwd")
+    lines += [
+        "persistence true",
+        "persistence_location /mosquitto/data/",
+        "autosave_interval 60",
+        "max_inflight_messages 0",
+        "max_queued_messages 0",
+        "max_keepalive 300",
+        "log_dest stdout",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def build_broker_config(fleet: SensorFleet, owner: Owner, options: BuildOptions) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(broker_config_name(fleet.name), owner, labels(fleet.name, "broker", options)),
+        "data": {"mosquitto.conf": mosquitto_conf(fleet)},
+    }
+
+
+def build_broker_secret(fleet: SensorFleet, owner: Owner, options: BuildOptions, credentials: BrokerCredentials) -> dict[str, Any]:
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": _metadata(broker_secret_name(fleet.name), owner, labels(fleet.name, "broker", options)),
+        "data": {"username": b64(credentials.username), "password": b64(credentials.password)},
+    }
+
+
+def build_broker_deployment(fleet: SensorFleet, owner: Owner, options: BuildOptions, credentials: BrokerCredentials) -> dict[str, Any]:
+    auth = fleet.spec.broker.authentication
+    secret = broker_secret_name(fleet.name)
+    mounts = [
+        {"name": "config", "mountPath": "/mosquitto/config", "readOnly": True},
+        {"name": "data", "mountPath": "/mosquitto/data"},
+        {"name": "auth", "mountPath": "/mosquitto/auth"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    init: list[dict[str, Any]] = []
+    if auth:
+        init.append({
+            "name": "hash-credentials",
+            "image": fleet.spec.broker.image,
+            "imagePullPolicy": options.image_pull_policy,
+            # $(VAR) is expanded by the kubelet from env; the password never reaches the config map.
+            "command": ["mosquitto_passwd", "-b", "-c", "/mosquitto/auth/passwd",
+                        "$(MQTT_USERNAME)", "$(MQTT_PASSWORD)"],
+            "env": [
+                {"name": "MQTT_USERNAME", "valueFrom": {"secretKeyRef": {"name": secret, "key": "username"}}},
+                {"name": "MQTT_PASSWORD", "valueFrom": {"secretKeyRef": {"name": secret, "key": "password"}}},
+            ],
+            "resources": RESOURCES["init"],
+            "securityContext": _container_security(),
+            "volumeMounts": [{"name": "auth", "mountPath": "/mosquitto/auth"}, {"name": "tmp", "mountPath": "/tmp"}],
+        })
+    port = broker_port(fleet)
+    pod_spec = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": _pod_security(MOSQUITTO_UID),
+        "initContainers": init,
+        "containers": [{
+            "name": "mosquitto",
+            "image": fleet.spec.broker.image,
+            "imagePullPolicy": options.image_pull_policy,
+            "command": ["mosquitto", "-c", "/mosquitto/config/mosquitto.conf"],
+            "ports": [{"name": "mqtt", "containerPort": port, "protocol": "TCP"}],
+            "resources": RESOURCES["broker"],
+            "securityContext": _container_security(),
+            "readinessProbe": {"tcpSocket": {"port": "mqtt"}, "periodSeconds": 5},
+            "livenessProbe": {"tcpSocket": {"port": "mqtt"}, "initialDelaySeconds": 10, "periodSeconds": 20},
+            "volumeMounts": mounts,
+        }],
+        "volumes": [
+            {"name": "config", "configMap": {"name": broker_config_name(fleet.name)}},
+            {"name": "data", "emptyDir": {}},
+            {"name": "auth", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+        ],
+    }
+    # Restart the broker when its config or its credentials change (never for other spec edits).
+    template_hash = spec_hash(mosquitto_conf(fleet), fleet.spec.broker.image,
+                              hashlib.sha256(f"{credentials.username}:{credentials.password}".encode()).hexdigest())
+    return _deployment(broker_name(fleet.name), owner, "broker", {}, pod_spec, template_hash, options, strategy="Recreate")
+
+
+def build_broker_service(fleet: SensorFleet, owner: Owner, options: BuildOptions) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(broker_name(fleet.name), owner, labels(fleet.name, "broker", options)),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(fleet.name, "broker"),
+            "ports": [{"name": "mqtt", "port": broker_port(fleet), "targetPort": "mqtt", "protocol": "TCP"}],
+        },
+    }
+
+
+def simulator_args(fleet: SensorFleet, protocol: str, replica: int) -> list[str]:
+    args = ["simulate", protocol, "--fleet", FLEET_FILE]
+    if protocol == "mqtt":
+        args += ["--broker", broker_url(fleet)]
+    else:
+        port = fleet.spec.protocols.coap.port if protocol == "coap" else fleet.spec.protocols.opcua.port
+        args += ["--host", "0.0.0.0", "--port", str(port)]
+    return [*args, "--replica", str(replica), *_metrics_args(fleet)]
+
+
+def _server_port(fleet: SensorFleet, protocol: str) -> dict[str, Any]:
+    if protocol == "coap":
+        return {"name": "coap", "containerPort": fleet.spec.protocols.coap.port, "protocol": "UDP"}
+    return {"name": "opcua", "containerPort": fleet.spec.protocols.opcua.port, "protocol": "TCP"}
+
+
+def build_simulator_deployment(fleet: SensorFleet, owner: Owner, options: BuildOptions, protocol: str, replica: int) -> dict[str, Any]:
+    ports = _metrics_port(fleet)
+    env: list[dict[str, Any]] = []
+    sections = ["seed", "epoch", "sensors", "anomalies", "replay", "monitoring"]
+    if protocol == "mqtt":
+        env = _mqtt_env(fleet)
+        sections.append("broker")
+    else:
+        ports = [_server_port(fleet, protocol), *ports]
+    container = _app_container("simulator", simulator_args(fleet, protocol, replica), "simulator", options, env, ports, fleet, with_data=False)
+    template_hash = spec_hash(_section(fleet, *sections), fleet.spec.protocols.model_dump(mode="json", by_alias=True)[protocol])
+    return _deployment(
+        simulator_name(fleet.name, protocol, replica), owner, f"{protocol}-simulator",
+        {PROTOCOL_LABEL: protocol, REPLICA_LABEL: str(replica)},
+        _app_pod_spec(fleet, container, with_data=False), template_hash, options,
+    )
+
+
+def build_simulator_service(fleet: SensorFleet, owner: Owner, options: BuildOptions, protocol: str, replica: int) -> dict[str, Any]:
+    port = _server_port(fleet, protocol)
+    extra = {PROTOCOL_LABEL: protocol, REPLICA_LABEL: str(replica)}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(simulator_name(fleet.name, protocol, replica), owner,
+                              labels(fleet.name, f"{protocol}-simulator", options, **extra)),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {**selector_labels(fleet.name, f"{protocol}-simulator"), **extra},
+            "ports": [{"name": port["name"], "port": port["containerPort"], "targetPort": port["name"], "protocol": port["protocol"]}],
+        },
+    }
+
+
+def collector_count(fleet: SensorFleet, protocol: str) -> int:
+    """Collector pods of a protocol. CoAP/OPC UA collectors split the simulator servers between
+    them, so there are never more collectors than servers; MQTT collectors share a subscription."""
+    spec = fleet.spec.protocol(protocol)
+    if protocol == "mqtt":
+        return spec.collector_replicas
+    return min(spec.collector_replicas, spec.replicas)
+
+
+def collector_targets(fleet: SensorFleet, protocol: str, replica: int) -> list[str]:
+    """The simulator servers collector `replica` observes: every n-th one, n = collector count."""
+    spec = fleet.spec.protocol(protocol)
+    count = collector_count(fleet, protocol)
+    if protocol == "coap":
+        return [f"coap://{simulator_name(fleet.name, 'coap', i)}:{fleet.spec.protocols.coap.port}"
+                for i in range(spec.replicas) if i % count == replica]
+    return [f"opc.tcp://{simulator_name(fleet.name, 'opcua', i)}:{fleet.spec.protocols.opcua.port}"
+            for i in range(spec.replicas) if i % count == replica]
+
+
+def collector_args(fleet: SensorFleet, protocol: str, replica: int) -> list[str]:
+    args = ["collect", protocol, "--fleet", FLEET_FILE, "--data", data_location(fleet), *_metrics_args(fleet)]
+    if protocol == "mqtt":
+        args += ["--broker", broker_url(fleet), "--client-id", collector_name(fleet.name, "mqtt", replica)]
+    else:
+        for target in collector_targets(fleet, protocol, replica):
+            args += ["--target", target]
+    return args
+
+
+def build_collector_deployment(fleet: SensorFleet, owner: Owner, options: BuildOptions, protocol: str, replica: int) -> dict[str, Any]:
+    env = _mqtt_env(fleet) if protocol == "mqtt" else []
+    with_data = uses_claim(fleet)
+    container = _app_container("collector", collector_args(fleet, protocol, replica), "collector", options, env,
+                               _metrics_port(fleet), fleet, with_data=with_data)
+    sections = ["sensors", "collector", "storage", "monitoring"] + (["broker"] if protocol == "mqtt" else [])
+    template_hash = spec_hash(_section(fleet, *sections), fleet.spec.protocols.model_dump(mode="json", by_alias=True)[protocol])
+    return _deployment(
+        collector_name(fleet.name, protocol, replica), owner, f"{protocol}-collector",
+        {PROTOCOL_LABEL: protocol, REPLICA_LABEL: str(replica)},
+        _app_pod_spec(fleet, container, with_data=with_data), template_hash, options,
+    )
+
+
+def build_data_claim(fleet: SensorFleet, owner: Owner, options: BuildOptions) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": fleet.spec.storage.size or "5Gi"}},
+    }
+    if fleet.spec.storage.storage_class_name:
+        spec["storageClassName"] = fleet.spec.storage.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(data_claim_name(fleet.name), owner, labels(fleet.name, "dataset", options)),
+        "spec": spec,
+    }
+
+
+def forecast_args(fleet: SensorFleet) -> list[str]:
+    return ["forecast", "--data", data_location(fleet), "--out", reports_location(fleet), "--fleet", FLEET_FILE]
+
+
+def build_forecast_cronjob(fleet: SensorFleet, owner: Owner, options: BuildOptions) -> dict[str, Any]:
+    with_data = uses_claim(fleet)
+    container = _app_container("forecast", forecast_args(fleet), "forecast", options, [], [], fleet, with_data=with_data)
+    for probe in ("readinessProbe", "livenessProbe"):
+        container.pop(probe, None)  # a batch job serves no metrics port
+    container["terminationMessagePolicy"] = "FallbackToLogsOnError"
+    pod_spec = _app_pod_spec(fleet, container, with_data=with_data)
+    pod_spec["restartPolicy"] = "Never"
+    lbls = labels(fleet.name, "forecast", options)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "CronJob",
+        "metadata": _metadata(forecast_name(fleet.name), owner, lbls),
+        "spec": {
+            "schedule": " ".join(fleet.spec.forecasting.schedule.split()),
+            "concurrencyPolicy": "Forbid",
+            "startingDeadlineSeconds": 300,
+            "successfulJobsHistoryLimit": 3,
+            "failedJobsHistoryLimit": 3,
+            "jobTemplate": {
+                "metadata": {"labels": lbls},
+                "spec": {
+                    "backoffLimit": 1,
+                    "activeDeadlineSeconds": 3600,
+                    "ttlSecondsAfterFinished": 86400,
+                    "template": {
+                        "metadata": {"labels": lbls, "annotations": {HASH_ANNOTATION: spec_hash(_section(fleet, "forecasting", "storage"))}},
+                        "spec": pod_spec,
+                    },
+                },
+            },
+        },
+    }
+
+
+def build_metrics_service(fleet: SensorFleet, owner: Owner, options: BuildOptions) -> dict[str, Any]:
+    """Headless Service over every pod of the fleet that serves metrics (for ServiceMonitors and
+    for `kubernetes_sd_configs` role endpoints)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(metrics_service_name(fleet.name), owner, labels(fleet.name, "metrics", options)),
+        "spec": {
+            "clusterIP": "None",
+            "selector": {"app.kubernetes.io/name": APP_NAME, INSTANCE: fleet.name},
+            "ports": [{"name": "metrics", "port": fleet.spec.monitoring.port, "targetPort": "metrics", "protocol": "TCP"}],
+        },
+    }
+
+
+def build_pod_monitor(fleet: SensorFleet, owner: Owner, options: BuildOptions) -> dict[str, Any]:
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": _metadata(fleet.name, owner, labels(fleet.name, "metrics", options)),
+        "spec": {
+            "selector": {"matchLabels": {"app.kubernetes.io/name": APP_NAME, INSTANCE: fleet.name}},
+            "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}],
+        },
+    }
+
+
+def build_children(fleet: SensorFleet, owner: Owner, options: BuildOptions,
+                   credentials: BrokerCredentials | None) -> list[dict[str, Any]]:
+    """Every child of the fleet, in apply order (config before the pods that mount it).
+
+    `credentials` are the broker's (existing ones are passed back in so they never change);
+    required when `uses_broker(fleet)`.
+    """
+    children = [build_fleet_configmap(fleet, owner, options)]
+    if uses_broker(fleet):
+        if credentials is None:
+            raise ValueError("the fleet runs a broker: pass its credentials")
+        children += [
+            build_broker_secret(fleet, owner, options, credentials),
+            build_broker_config(fleet, owner, options),
+            build_broker_service(fleet, owner, options),
+            build_broker_deployment(fleet, owner, options, credentials),
+        ]
+    if uses_claim(fleet):
+        children.append(build_data_claim(fleet, owner, options))
+    for protocol in PROTOCOLS:
+        spec = fleet.spec.protocol(protocol)
+        if not spec.enabled:
+            continue
+        for replica in range(spec.replicas):
+            if protocol != "mqtt":
+                children.append(build_simulator_service(fleet, owner, options, protocol, replica))
+            children.append(build_simulator_deployment(fleet, owner, options, protocol, replica))
+        for replica in range(collector_count(fleet, protocol)):
+            children.append(build_collector_deployment(fleet, owner, options, protocol, replica))
+    if fleet.spec.forecasting.enabled:
+        children.append(build_forecast_cronjob(fleet, owner, options))
+    if fleet.spec.monitoring.enabled:
+        children.append(build_metrics_service(fleet, owner, options))
+        if fleet.spec.monitoring.pod_monitor:
+            children.append(build_pod_monitor(fleet, owner, options))
+    return children
+
+
+def fleet_from_body(body: dict[str, Any]) -> SensorFleet:
+    """The SensorFleet model of a custom object as the API server returns it."""
+    meta = body.get("metadata", {})
+    return SensorFleet.model_validate({
+        "apiVersion": body.get("apiVersion", f"{API_GROUP}/{API_VERSION}"),
+        "kind": KIND,
+        "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace")},
+        "spec": body.get("spec") or {},
+    })
+
+
+def owner_from_body(body: dict[str, Any]) -> Owner:
+    meta = body["metadata"]
+    return Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+
+
+def desired_pods(fleet: SensorFleet) -> dict[str, dict[str, int]]:
+    """Per enabled protocol: how many simulator and collector pods the fleet should run."""
+    return {
+        p: {"simulators": fleet.spec.protocol(p).replicas, "collectors": collector_count(fleet, p)}
+        for p in fleet.enabled_protocols()
+    }

@@ -1,0 +1,351 @@
+"""The reconcile loop: a work queue of fleets and the small ordered steps run for each.
+
+    load fleet -> credentials -> apply children -> prune -> status (+ Events on transitions)
+
+kopf's watch handlers (handlers.py) only enqueue keys; workers here take one fleet at a time (a
+fleet is never reconciled twice concurrently), coalescing bursts of events into one pass. Two kinds
+of work: FULL (apply every child, prune the unwanted ones, then status) after a spec change, a
+hand-edited or deleted child, or a periodic resync; STATUS (recompute status only) when a child's
+status moved (pods became ready, a forecast job finished).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from sensorfleet.operator import builders
+from sensorfleet.operator.builders import BrokerCredentials, BuildOptions
+from sensorfleet.operator.kube import ApiError, KubeClient
+from sensorfleet.operator.metrics import OperatorMetrics
+from sensorfleet.operator.status import Failure, compute_status, ready_condition
+from sensorfleet.spec import API_GROUP, API_VERSION, KIND, SensorFleet
+
+log = logging.getLogger("sensorfleet.operator")
+
+STATUS, FULL = 1, 2
+Key = tuple[str, str]  # (namespace, fleet name)
+
+# Kinds the operator may have created for a fleet and lists when pruning.
+PRUNED_KINDS = ("Deployment", "Service", "ConfigMap", "PersistentVolumeClaim", "CronJob")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class FleetState:
+    body: dict[str, Any]
+    reconciled_generation: int | None = None
+    applied: dict[tuple[str, str], tuple[str, int | None]] = field(default_factory=dict)  # (kind, name) -> (rv, generation)
+    desired: set[tuple[str, str]] = field(default_factory=set)  # (kind, name) of the last apply
+
+
+class Reconciler:
+    def __init__(self, client: KubeClient, options: BuildOptions, metrics: OperatorMetrics,
+                 workers: int = 8, resync_seconds: float = 300.0, apply_concurrency: int = 8) -> None:
+        self.client = client
+        self.options = options
+        self.metrics = metrics
+        self.fleets: dict[Key, FleetState] = {}
+        self.resync_seconds = resync_seconds
+        self._workers = workers
+        self._queue: asyncio.Queue[Key] = asyncio.Queue()
+        self._pending: dict[Key, int] = {}
+        self._active: set[Key] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._apply_limit = asyncio.Semaphore(apply_concurrency * workers)
+        self.last_status: dict[Key, dict[str, Any]] = {}
+
+    # --- queue -----------------------------------------------------------------------------
+
+    def enqueue(self, key: Key, work: int) -> None:
+        already = key in self._pending
+        self._pending[key] = max(self._pending.get(key, 0), work)
+        if not already and key not in self._active:
+            self._queue.put_nowait(key)
+        self.metrics.queue_depth.set(len(self._pending))
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._worker(), name=f"reconcile-worker-{i}") for i in range(self._workers)]
+        self._tasks.append(asyncio.create_task(self._resync(), name="resync"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    def healthy(self) -> bool:
+        return all(not t.done() for t in self._tasks)
+
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(self.resync_seconds)
+            for key in list(self.fleets):
+                self.enqueue(key, FULL)
+
+    async def _worker(self) -> None:
+        while True:
+            key = await self._queue.get()
+            work = self._pending.pop(key, 0)
+            self.metrics.queue_depth.set(len(self._pending))
+            if not work or key not in self.fleets:
+                continue
+            self._active.add(key)
+            try:
+                await self.reconcile(key, work)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not kill the worker; the resync retries
+                log.exception("reconcile of %s/%s crashed", *key)
+            finally:
+                self._active.discard(key)
+                if key in self._pending:  # events arrived while we worked: go again
+                    self._queue.put_nowait(key)
+
+    # --- watch inputs (called by the kopf handlers) ---------------------------------------------
+
+    def fleet_seen(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        state = self.fleets.get(key)
+        if state is None:
+            self.fleets[key] = FleetState(body=body)
+            self.enqueue(key, FULL)
+            return
+        state.body = body
+        if meta.get("generation") != state.reconciled_generation:
+            self.enqueue(key, FULL)
+
+    def fleet_gone(self, namespace: str, name: str) -> None:
+        self.fleets.pop((namespace, name), None)
+        self.last_status.pop((namespace, name), None)
+        self._update_fleet_gauge()
+
+    def child_seen(self, event: str, body: dict[str, Any]) -> None:
+        meta = body.get("metadata", {})
+        fleet = (meta.get("labels") or {}).get(builders.FLEET_LABEL)
+        key = (meta.get("namespace", ""), fleet or "")
+        state = self.fleets.get(key)
+        if state is None or state.body["metadata"].get("deletionTimestamp"):
+            return
+        kind = body.get("kind", "")
+        if kind in ("Job", "Pod"):
+            self.enqueue(key, STATUS)
+            return
+        if event == "DELETED":
+            log.info("%s %s/%s was deleted; restoring it", kind, key[0], meta.get("name"))
+            self.enqueue(key, FULL)
+            return
+        applied = state.applied.get((kind, meta.get("name", "")))
+        if applied is None:
+            self.enqueue(key, STATUS)
+            return
+        rv, generation = applied
+        if "generation" in meta and kind not in ("Service", "PersistentVolumeClaim"):
+            changed = meta["generation"] != generation  # the spec moved, not only the status
+        else:
+            changed = meta.get("resourceVersion") != rv
+        self.enqueue(key, FULL if changed else STATUS)
+
+    # --- one pass ---------------------------------------------------------------------------------
+
+    async def reconcile(self, key: Key, work: int) -> None:
+        kind = "full" if work == FULL else "status"
+        started = time.perf_counter()
+        state = self.fleets[key]
+        body = state.body
+        if body["metadata"].get("deletionTimestamp"):
+            return
+        failures: list[Failure] = []
+        fleet: SensorFleet | None = None
+        try:
+            fleet = builders.fleet_from_body(body)
+        except ValidationError as error:
+            failures.append(Failure("InvalidSpec", "; ".join(
+                f"spec.{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in error.errors())[:800]))
+        if fleet is not None and work == FULL:
+            failures += await self._apply_all(fleet, state)
+            if not failures and state.reconciled_generation != body["metadata"].get("generation"):
+                failures += await self._prune(fleet, state)
+        try:
+            await self._update_status(key, state, fleet, failures)
+        except ApiError as error:
+            if error.status != 404:
+                failures.append(Failure("StatusFailed", str(error)))
+        if fleet is not None and work == FULL and not failures:
+            state.reconciled_generation = body["metadata"].get("generation")
+        result = "error" if failures else "success"
+        for failure in failures:
+            self.metrics.errors.labels(failure.reason).inc()
+        self.metrics.reconciles.labels(kind, result).inc()
+        self.metrics.duration.labels(kind).observe(time.perf_counter() - started)
+
+    async def _credentials(self, fleet: SensorFleet) -> BrokerCredentials | None:
+        """Existing broker credentials are kept for ever; new ones are generated once."""
+        if not builders.uses_broker(fleet):
+            return None
+        secret = await self.client.get("Secret", fleet.metadata.namespace, builders.broker_secret_name(fleet.name))
+        data = (secret or {}).get("data") or {}
+        if data.get("username") and data.get("password"):
+            return BrokerCredentials(base64.b64decode(data["username"]).decode(), base64.b64decode(data["password"]).decode())
+        return BrokerCredentials(builders.BROKER_USERNAME, secrets.token_urlsafe(24))
+
+    async def _apply_all(self, fleet: SensorFleet, state: FleetState) -> list[Failure]:
+        try:
+            credentials = await self._credentials(fleet)
+        except ApiError as error:
+            return [Failure("CredentialsFailed", str(error))]
+        owner = builders.owner_from_body(state.body)
+        children = builders.build_children(fleet, owner, self.options, credentials)
+
+        async def apply(manifest: dict[str, Any]) -> Failure | None:
+            name, kind = manifest["metadata"]["name"], manifest["kind"]
+            async with self._apply_limit:
+                try:
+                    live = await self.client.apply(manifest)
+                except ApiError as error:
+                    return Failure("ApplyFailed", f"{kind} {name}: {error.reason or error.status}: "
+                                   f"{(error.body or {}).get('message', '') if isinstance(error.body, dict) else error.body}")
+                except (OSError, asyncio.TimeoutError) as error:
+                    return Failure("ApplyFailed", f"{kind} {name}: {error}")
+            meta = live.get("metadata", {})
+            before = state.applied.get((kind, name))
+            state.applied[(kind, name)] = (meta.get("resourceVersion", ""), meta.get("generation"))
+            self.metrics.applies.labels(kind, str(before is None or before[0] != meta.get("resourceVersion")).lower()).inc()
+            return None
+
+        # Configuration first (pods mount it), then everything else concurrently.
+        config = [c for c in children if c["kind"] in ("ConfigMap", "Secret", "PersistentVolumeClaim")]
+        rest = [c for c in children if c not in config]
+        failures = [f for f in await asyncio.gather(*(apply(c) for c in config)) if f]
+        failures += [f for f in await asyncio.gather(*(apply(c) for c in rest)) if f]
+        state.desired = {(c["kind"], c["metadata"]["name"]) for c in children}
+        return failures
+
+    async def _prune(self, fleet: SensorFleet, state: FleetState) -> list[Failure]:
+        """Delete children the spec no longer asks for (fewer replicas, a protocol switched off)."""
+        desired = state.desired
+        namespace, uid = fleet.metadata.namespace, state.body["metadata"]["uid"]
+        failures: list[Failure] = []
+        stale: list[tuple[str, str, str]] = []
+        try:
+            listed = await asyncio.gather(*(self.client.list(k, namespace, builders.child_selector(fleet.name)) for k in PRUNED_KINDS))
+        except ApiError as error:
+            return [Failure("PruneFailed", str(error))]
+        for kind, items in zip(PRUNED_KINDS, listed):
+            for item in items:
+                meta = item["metadata"]
+                owned = any(ref.get("uid") == uid for ref in meta.get("ownerReferences", []))
+                if owned and (kind, meta["name"]) not in desired:
+                    stale.append((kind, meta["name"], meta["uid"]))
+        # Secrets and PodMonitors are not listed (no list/watch permission on Secrets): by name.
+        for kind, name in (("Secret", builders.broker_secret_name(fleet.name)), ("PodMonitor", fleet.name)):
+            if (kind, name) not in desired and state.applied.pop((kind, name), None) is not None:
+                stale.append((kind, name, ""))
+        for kind, name, child_uid in stale:
+            try:
+                if await self.client.delete(kind, namespace, name, uid=child_uid or None):
+                    self.metrics.deletes.labels(kind).inc()
+                    log.info("pruned %s %s/%s", kind, namespace, name)
+                state.applied.pop((kind, name), None)
+            except ApiError as error:
+                failures.append(Failure("PruneFailed", f"{kind} {name}: {error}"))
+        return failures
+
+    async def _update_status(self, key: Key, state: FleetState, fleet: SensorFleet | None, failures: list[Failure]) -> None:
+        body = state.body
+        namespace, name = key
+        previous = body.get("status") or {}
+        generation = body["metadata"].get("generation", 1)
+        if fleet is None:
+            prev_conditions = {c["type"]: c for c in previous.get("conditions", [])}
+            now = _now()
+            status = dict(previous)
+            status["conditions"] = [
+                {"type": t, "status": s, "reason": r, "message": failures[0].message if t != "Progressing" else "spec is invalid",
+                 "observedGeneration": generation,
+                 "lastTransitionTime": prev_conditions.get(t, {}).get("lastTransitionTime", now)
+                 if prev_conditions.get(t, {}).get("status") == s else now}
+                for t, s, r in (("Ready", "False", "InvalidSpec"), ("Progressing", "False", "InvalidSpec"), ("Degraded", "True", "InvalidSpec"))
+            ]
+            status["observedGeneration"] = generation
+        else:
+            selector = builders.child_selector(fleet.name)
+            deployments, jobs = await asyncio.gather(
+                self.client.list("Deployment", namespace, selector),
+                self.client.list("Job", namespace, selector) if fleet.spec.forecasting.enabled else _empty(),
+            )
+            status = compute_status(fleet, generation, deployments, jobs, failures, previous, _now())
+        await self._events(key, state, previous, status)
+        if status != previous:
+            patch = dict(status)
+            for gone in set(previous) - set(status):
+                patch[gone] = None
+            if isinstance(previous.get("protocols"), dict):
+                patch["protocols"] = {**{p: None for p in previous["protocols"]}, **status.get("protocols", {})}
+            live = await self.client.patch_status("SensorFleet", namespace, name, patch)
+            state.body = {**state.body, "status": live.get("status", status)}
+        self.last_status[key] = status
+        self._update_fleet_gauge()
+
+    async def _events(self, key: Key, state: FleetState, previous: dict[str, Any], status: dict[str, Any]) -> None:
+        """An Event when a condition changes: Warning for Degraded (with the reason), Normal for Ready."""
+        before = {c["type"]: c for c in previous.get("conditions", [])}
+        for condition in status.get("conditions", []):
+            old = before.get(condition["type"], {})
+            if condition["type"] == "Degraded" and condition["status"] == "True" and (
+                    old.get("status") != "True" or old.get("reason") != condition["reason"]):
+                await self.event(state.body, "Warning", condition["reason"], condition["message"])
+            if condition["type"] == "Ready" and condition["status"] == "True" and old.get("status") != "True":
+                await self.event(state.body, "Normal", "Ready", condition["message"])
+
+    async def event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        meta = body["metadata"]
+        now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta.get("uid"),
+                               "resourceVersion": meta.get("resourceVersion")},
+            "reason": reason,
+            "message": message[:1000],
+            "type": type_,
+            "firstTimestamp": now[:19] + "Z",
+            "lastTimestamp": now[:19] + "Z",
+            "count": 1,
+            "source": {"component": builders.OPERATOR_NAME},
+            "reportingComponent": builders.OPERATOR_NAME,
+        }
+        try:
+            await self.client.create(event)
+        except (ApiError, OSError) as error:
+            log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], error)
+
+    def _update_fleet_gauge(self) -> None:
+        counts: dict[tuple[str, str], int] = {}
+        for status in self.last_status.values():
+            for condition in status.get("conditions", []):
+                counts[(condition["type"], condition["status"])] = counts.get((condition["type"], condition["status"]), 0) + 1
+        for condition in ("Ready", "Progressing", "Degraded"):
+            for value in ("True", "False"):
+                self.metrics.fleets.labels(condition, value).set(counts.get((condition, value), 0))
+
+    def ready_fleets(self) -> int:
+        return sum(1 for s in self.last_status.values() if ready_condition(s) == "True")
+
+
+async def _empty() -> list[dict[str, Any]]:
+    return []

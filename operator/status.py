@@ -1,0 +1,192 @@
+"""Pure status: the fleet's `.status` from the children's real state (no I/O, clock passed in).
+
+Conditions follow the Kubernetes convention (`type`, `status`, `reason`, `message`,
+`observedGeneration`, `lastTransitionTime`); `lastTransitionTime` only moves when `status` does,
+so an unchanged fleet computes an identical status and the handler writes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sensorfleet.operator import builders
+from sensorfleet.spec import SensorFleet
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A reconcile step that failed: shown as Degraded and emitted as a Warning Event."""
+
+    reason: str
+    message: str
+
+
+def _deployment_ready(deployment: dict[str, Any]) -> bool:
+    """Rolled out to the current template and its one pod ready."""
+    meta, spec, status = deployment.get("metadata", {}), deployment.get("spec", {}), deployment.get("status", {})
+    want = spec.get("replicas", 1)
+    return (
+        status.get("observedGeneration", 0) >= meta.get("generation", 1)
+        and status.get("updatedReplicas", 0) >= want
+        and status.get("readyReplicas", 0) >= want
+        and status.get("availableReplicas", 0) >= want
+        and status.get("replicas", 0) <= want
+    )
+
+
+def _deployment_failure(deployment: dict[str, Any]) -> str | None:
+    for condition in deployment.get("status", {}).get("conditions", []):
+        if condition.get("type") == "ReplicaFailure" and condition.get("status") == "True":
+            return f"{deployment['metadata']['name']}: {condition.get('message', 'replica failure')}"
+        if condition.get("type") == "Progressing" and condition.get("reason") == "ProgressDeadlineExceeded":
+            return f"{deployment['metadata']['name']}: rollout exceeded its progress deadline"
+    return None
+
+
+def _condition(kind: str, ok: bool, reason: str, message: str, generation: int,
+               previous: dict[str, dict[str, Any]], now: str) -> dict[str, Any]:
+    status = "True" if ok else "False"
+    before = previous.get(kind)
+    changed = before is None or before.get("status") != status
+    return {
+        "type": kind,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+        "lastTransitionTime": now if changed else before.get("lastTransitionTime", now),  # type: ignore[union-attr]
+    }
+
+
+def last_forecast(jobs: list[dict[str, Any]], pods_by_job: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any] | None:
+    """The newest finished forecast Job: when, which, how it went, and its headline (the
+    container's termination message, if the forecast command wrote one)."""
+    finished = []
+    for job in jobs:
+        status = job.get("status", {})
+        if status.get("succeeded"):
+            finished.append((status.get("completionTime") or "", job, "Succeeded"))
+        elif any(c.get("type") == "Failed" and c.get("status") == "True" for c in status.get("conditions", [])):
+            when = next((c.get("lastTransitionTime") for c in status.get("conditions", []) if c.get("type") == "Failed"), "")
+            finished.append((when or "", job, "Failed"))
+    if not finished:
+        return None
+    when, job, result = max(finished, key=lambda item: item[0])
+    name = job["metadata"]["name"]
+    out: dict[str, Any] = {"job": name, "result": result}
+    if when:
+        out["time"] = when
+    for pod in (pods_by_job or {}).get(name, []):
+        for container in pod.get("status", {}).get("containerStatuses", []):
+            message = (container.get("state", {}).get("terminated") or {}).get("message")
+            if message and result == "Succeeded":
+                out["headline"] = message.strip().splitlines()[-1][:200]
+    return out
+
+
+def compute_status(
+    fleet: SensorFleet,
+    generation: int,
+    deployments: list[dict[str, Any]],
+    jobs: list[dict[str, Any]],
+    failures: list[Failure],
+    previous: dict[str, Any] | None,
+    now: str,
+    claim: dict[str, Any] | None = None,
+    pods_by_job: dict[str, list[dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """The whole `.status` for a fleet whose children are `deployments` (and forecast `jobs`)."""
+    previous = previous or {}
+    prev_conditions = {c["type"]: c for c in previous.get("conditions", []) if "type" in c}
+    by_name = {d["metadata"]["name"]: d for d in deployments}
+    protocols: dict[str, dict[str, int]] = {}
+    total_desired = total_ready = 0
+    not_ready: list[str] = []
+    problems = [f"{f.reason}: {f.message}" for f in failures]
+
+    def count(names: list[str]) -> int:
+        nonlocal total_desired, total_ready
+        ready = 0
+        for name in names:
+            total_desired += 1
+            deployment = by_name.get(name)
+            if deployment is not None and _deployment_ready(deployment):
+                ready += 1
+            else:
+                not_ready.append(name)
+            failure = _deployment_failure(deployment) if deployment is not None else None
+            if failure:
+                problems.append(f"RolloutFailed: {failure}")
+        total_ready += ready
+        return ready
+
+    for protocol, pods in builders.desired_pods(fleet).items():
+        sims = [builders.simulator_name(fleet.name, protocol, i) for i in range(pods["simulators"])]
+        cols = [builders.collector_name(fleet.name, protocol, i) for i in range(pods["collectors"])]
+        protocols[protocol] = {
+            "devices": fleet.spec.protocol(protocol).devices,
+            "simulators": len(sims),
+            "simulatorsReady": count(sims),
+            "collectors": len(cols),
+            "collectorsReady": count(cols),
+        }
+    if builders.uses_broker(fleet):
+        count([builders.broker_name(fleet.name)])
+    if claim is not None and claim.get("status", {}).get("phase") not in (None, "Bound", "Pending"):
+        problems.append(f"ClaimLost: {claim['metadata']['name']} is {claim['status']['phase']}")
+
+    forecast = last_forecast(jobs, pods_by_job) if fleet.spec.forecasting.enabled else None
+    if forecast and forecast["result"] == "Failed":
+        problems.append(f"ForecastFailed: job {forecast['job']} failed")
+    # `time` is the last *successful* forecast: keep the previous one if the newest job failed.
+    if forecast and forecast["result"] == "Failed":
+        prior = previous.get("lastForecast") or {}
+        forecast = {**forecast, **({"time": prior["time"]} if prior.get("time") else {})}
+        if "time" not in prior:
+            forecast.pop("time", None)
+
+    ready = not not_ready and not failures
+    degraded = bool(problems)
+    progressing = bool(not_ready) and not failures
+    ready_msg = (f"all {total_desired} pods ready" if ready
+                 else f"{total_ready}/{total_desired} pods ready; waiting for {', '.join(sorted(not_ready)[:5])}"
+                 + ("…" if len(not_ready) > 5 else "") if not failures
+                 else "children could not be applied: " + "; ".join(f.message for f in failures)[:500])
+    conditions = [
+        _condition("Ready", ready, "AllPodsReady" if ready else ("ReconcileFailed" if failures else "PodsNotReady"),
+                   ready_msg, generation, prev_conditions, now),
+        _condition("Progressing", progressing, "RollingOut" if progressing else "Stable",
+                   f"rolling out {len(not_ready)} deployment(s)" if progressing else "every child matches the spec",
+                   generation, prev_conditions, now),
+        _condition("Degraded", degraded, problems[0].split(":", 1)[0] if degraded else "AsExpected",
+                   "; ".join(problems)[:1000] if degraded else "no failures", generation, prev_conditions, now),
+    ]
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "conditions": conditions,
+        "protocols": protocols,
+        "enabledProtocols": ",".join(fleet.enabled_protocols()),
+        "devices": sum(fleet.spec.protocol(p).devices for p in fleet.enabled_protocols()),
+        "ready": f"{total_ready}/{total_desired}",
+        "brokerEndpoint": builders.broker_url(fleet) if fleet.spec.protocols.mqtt.enabled else "",
+        "dataset": fleet.spec.storage.url or f"pvc/{builders.data_claim_name(fleet.name)}",
+    }
+    if forecast:
+        status["lastForecast"] = forecast
+    if status["brokerEndpoint"] and builders.uses_broker(fleet):
+        host = f"{builders.broker_name(fleet.name)}.{fleet.metadata.namespace}.svc"
+        status["brokerEndpoint"] = f"mqtt://{host}:{builders.broker_port(fleet)}"
+    return status
+
+
+def same_status(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Equal for the purpose of writing: ignores nothing, but tolerates key order."""
+    return (a or {}) == (b or {})
+
+
+def ready_condition(status: dict[str, Any] | None) -> str:
+    for condition in (status or {}).get("conditions", []):
+        if condition.get("type") == "Ready":
+            return condition.get("status", "Unknown")
+    return "Unknown"
