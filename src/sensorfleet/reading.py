@@ -124,9 +124,11 @@ def reading_from_wire(doc: Any) -> Reading:
 def decode_json_payload(payload: bytes) -> list[Any]:
     """Decode a JSON payload holding one reading document or an array of them."""
     try:
-        doc = json.loads(payload)
+        text = payload.decode("utf-8")  # explicitly: json.loads(bytes) would guess UTF-16/32
     except UnicodeDecodeError as exc:
-        raise MalformedReading("not_utf8", f"payload is not UTF-8 at byte {exc.start}") from None
+        raise MalformedReading("not_utf8", f"payload is not UTF-8 at byte {exc.start} (0x{payload[exc.start]:02x})") from None
+    try:
+        doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise MalformedReading("not_json", f"payload is not JSON: {exc.msg} at byte {exc.pos}") from None
     return doc if isinstance(doc, list) else [doc]
