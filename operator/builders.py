@@ -716,5 +716,5 @@ def desired_pods(fleet: SensorFleet) -> dict[str, dict[str, int]]:
     """Per enabled protocol: how many simulator and collector pods the fleet should run."""
     return {
         p: {"simulators": fleet.spec.protocol(p).replicas, "collectors": collector_count(fleet, p)}
-        for p in fleet.enabled_protocols()
+        for p in fleet.spec.enabled_protocols()
     }

@@ -36,6 +36,8 @@ def register(app: typer.Typer) -> None:
         logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                             format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+        if not verbose:  # kopf logs every handled watch event at INFO
+            logging.getLogger("kopf.objects").setLevel(logging.WARNING)
         namespaces = [n for item in (namespace or []) for n in item.split(",") if n.strip()]
         if not namespaces and os.environ.get("SENSORFLEET_WATCH_NAMESPACES"):
             namespaces = [n.strip() for n in os.environ["SENSORFLEET_WATCH_NAMESPACES"].split(",") if n.strip()]

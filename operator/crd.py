@@ -31,13 +31,17 @@ CRD_FILE = f"{CRD_NAME}.yaml"
 CEL_RULES: dict[str, list[dict[str, str]]] = {
     "ProtocolsSpec": [
         {
-            "rule": "self.mqtt.enabled || self.coap.enabled || self.opcua.enabled",
+            # Written for the undefaulted object too (the API server checks `default: {}` as is):
+            # a missing mqtt.enabled means true, a missing coap/opcua.enabled means false.
+            "rule": "(!has(self.mqtt) || !has(self.mqtt.enabled) || self.mqtt.enabled)"
+            " || (has(self.coap) && has(self.coap.enabled) && self.coap.enabled)"
+            " || (has(self.opcua) && has(self.opcua.enabled) && self.opcua.enabled)",
             "message": "at least one of mqtt, coap, opcua must be enabled (set spec.protocols.<name>.enabled: true)",
         }
     ],
     "BrokerSpec": [
         {
-            "rule": "self.mode != 'external' || has(self.url)",
+            "rule": "!has(self.mode) || self.mode != 'external' || has(self.url)",
             "message": "mode 'external' needs url (e.g. mqtt://host:1883)",
             "fieldPath": ".url",
         }

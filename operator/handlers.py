@@ -14,6 +14,7 @@ import kopf
 
 from sensorfleet.operator import builders
 from sensorfleet.operator.crd import PLURAL
+from sensorfleet.operator.kube import KubeClient
 from sensorfleet.spec import API_GROUP, API_VERSION
 
 # Children the operator watches to restore hand edits/deletions and follow their status.
@@ -30,13 +31,13 @@ WATCHED_CHILDREN: tuple[tuple[str, str, str], ...] = (
 CHILD_LABELS = {builders.MANAGED_BY: builders.OPERATOR_NAME}
 
 
-def make_registry() -> kopf.OperatorRegistry:
+def make_registry(client: KubeClient) -> kopf.OperatorRegistry:
     """A registry with the operator's handlers (built per operator, no module-level state)."""
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        return kopf.login_via_client(**kwargs)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return client.connection_info()  # re-read on every re-login: rotated tokens are picked up
 
     @kopf.on.event(API_GROUP, API_VERSION, PLURAL, registry=registry)
     def fleet_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

@@ -97,6 +97,23 @@ class KubeClient:
         token = self._configuration.get_api_key_with_prefix("authorization") or self._configuration.get_api_key_with_prefix("BearerToken")
         return {"Authorization": token} if token else {}
 
+    def connection_info(self) -> Any:
+        """The same credentials as a kopf.ConnectionInfo (kopf watches with what we apply with)."""
+        import kopf
+
+        cfg = self._configuration
+        header = self._headers().get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        return kopf.ConnectionInfo(
+            server=self.host,
+            ca_path=cfg.ssl_ca_cert or None,
+            insecure=not cfg.verify_ssl,
+            scheme=scheme or None,
+            token=token or None,
+            certificate_path=cfg.cert_file or None,
+            private_key_path=cfg.key_file or None,
+        )
+
     async def __aenter__(self) -> KubeClient:
         await self.open()
         return self

@@ -108,6 +108,8 @@ class Reconciler:
                 raise
             except Exception:  # a bug must not kill the worker; the resync retries
                 log.exception("reconcile of %s/%s crashed", *key)
+                self.metrics.errors.labels("Crash").inc()
+                self.metrics.reconciles.labels("full" if work == FULL else "status", "error").inc()
             finally:
                 self._active.discard(key)
                 if key in self._pending:  # events arrived while we worked: go again

@@ -100,7 +100,7 @@ async def run_operator(config: OperatorConfig) -> int:
         reconciler.start()
         memo = kopf.Memo(reconciler=reconciler)
         kopf_task = asyncio.create_task(kopf.operator(
-            registry=make_registry(),
+            registry=make_registry(client),
             settings=operator_settings(),
             clusterwide=not config.namespaces,
             namespaces=config.namespaces,
