@@ -27,3 +27,35 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info
+
+# --- operator (issue 6) ---
+# The CRD is generated from the fleet spec; the chart carries the very same file.
+# deploy-local: the chart in the harness cluster + the operator as a local process with the
+# chart's ServiceAccount token (docs/operator.md). image/kind-load need Docker.
+IMAGE ?= sensorfleet:0.1.0
+OPERATOR_CRD := crds/sensorfleets.sensorfleet.io.yaml
+
+.PHONY: crd chart-dashboards image kind-load deploy-local undeploy-local bench-operator
+
+crd: install
+	$(BIN)/python -m sensorfleet.operator.crd > $(OPERATOR_CRD)
+	cp $(OPERATOR_CRD) charts/sensorfleet/$(OPERATOR_CRD)
+
+chart-dashboards:
+	mkdir -p charts/sensorfleet/dashboards
+	if ls monitoring/dashboards/*.json >/dev/null 2>&1; then cp monitoring/dashboards/*.json charts/sensorfleet/dashboards/; fi
+
+image:
+	docker build -t $(IMAGE) .
+
+kind-load: image
+	$(KIND) load docker-image $(IMAGE) --name $(KIND_CLUSTER)
+
+deploy-local: install
+	CLUSTER_DIR=$(CLUSTER_DIR) $(BIN)/python -m sensorfleet.operator.devdeploy up
+
+undeploy-local: install
+	CLUSTER_DIR=$(CLUSTER_DIR) $(BIN)/python -m sensorfleet.operator.devdeploy down
+
+bench-operator: install
+	$(BIN)/python bench/bench_operator.py
