@@ -1,0 +1,320 @@
+"""OPC UA simulator: one asyncua server process serving a shard of the fleet's OPC UA devices.
+
+Address space (see docs/protocols.md), namespace `urn:sensorfleet:<fleet>`:
+
+    Objects/
+      SensorFleet/                          FolderType
+        opcua-00042/                        BaseObjectType, one per device
+          temperature                       AnalogItemType, Double, source timestamp = reading time
+            EngineeringUnits                EUInformation (UNECE code where known)
+            EURange                         Range(min, max) from the fleet spec
+          humidity, pressure, ...
+          Seq                               Int64: the device's tick number (sequence number)
+
+Node ids are stable strings: `ns=<i>;s=<device>/<sensor>`, `ns=<i>;s=<device>/Seq`.
+
+A value's StatusCode follows the signal model's quality: Good; Uncertain_LastUsableValue during a
+stuck-at run; Bad_NoCommunication (value null) during a dropout -- as Microsoft's OPC PLC does.
+The source timestamp is the reading's exact tick time `epoch + (seq + phase) * interval`, so a
+client that knows the fleet spec recovers `seq` from it exactly (that is what the collector does:
+no pairing of `Seq` and value notifications needed). `Seq` is there for humans and other clients.
+
+Security (spec.protocols.opcua): `security: None | Basic256Sha256` (self-signed certificate
+generated on first start under $SENSORFLEET_OPCUA_PKI), `authentication: anonymous | username`
+(credentials from SENSORFLEET_OPCUA_USERNAME / SENSORFLEET_OPCUA_PASSWORD).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import hmac
+import json
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from asyncua import Server, ua
+from asyncua.crypto.permission_rules import SimpleRoleRuleset, User, UserRole
+from asyncua.server.user_managers import UserManager
+
+from sensorfleet.metrics import FleetMetrics
+from sensorfleet.runtime import SimulatorOptions, setup_logging, stop_event_on_signals
+from sensorfleet.signals import QUALITY_BAD, QUALITY_UNCERTAIN, SignalModel, device_id, shard_devices
+
+log = logging.getLogger("sensorfleet.simulators.opcua")
+
+PROTOCOL = "opcua"
+FOLDER = "SensorFleet"
+SEQ_VARIABLE = "Seq"
+ENV_USERNAME = "SENSORFLEET_OPCUA_USERNAME"
+ENV_PASSWORD = "SENSORFLEET_OPCUA_PASSWORD"
+ENV_PKI = "SENSORFLEET_OPCUA_PKI"
+MAX_SLEEP = 0.05
+STATUS_GOOD = ua.StatusCode(ua.StatusCodes.Good)
+STATUS_STUCK = ua.StatusCode(ua.StatusCodes.UncertainLastUsableValue)
+STATUS_DROPOUT = ua.StatusCode(ua.StatusCodes.BadNoCommunication)
+UNECE_UNITS_URI = "http://www.opcfoundation.org/UA/units/un/cefact"
+# UNECE Recommendation 20 common codes of the units the example fleets use.
+UNECE_CODES = {"degC": "CEL", "°C": "CEL", "K": "KEL", "%RH": "P1", "%": "P1", "hPa": "A97", "Pa": "PAL",
+               "bar": "BAR", "ppm": "59", "lx": "LUX", "V": "VLT", "A": "AMP", "W": "WTT", "m/s": "MTS", "Hz": "HTZ"}
+
+
+def unece_unit_id(code: str) -> int:
+    """OPC UA Part 8 5.6.3: the UnitId packs the UNECE common code's characters into an Int32."""
+    value = 0
+    for ch in code:
+        value = (value << 8) | ord(ch)
+    return value
+
+
+def eu_information(unit: str) -> ua.EUInformation:
+    code = UNECE_CODES.get(unit)
+    return ua.EUInformation(
+        NamespaceUri=UNECE_UNITS_URI if code else None,
+        UnitId=unece_unit_id(code) if code else -1,
+        DisplayName=ua.LocalizedText(unit),
+        Description=ua.LocalizedText(unit),
+    )
+
+
+def pki_dir(fleet: str) -> Path:
+    base = os.environ.get(ENV_PKI) or os.path.join(os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "sensorfleet", "opcua-pki")
+    return Path(base) / fleet
+
+
+async def ensure_certificate(directory: Path, name: str, app_uri: str, server: bool) -> tuple[Path, Path]:
+    """A self-signed certificate and key under `directory`, generated on first use."""
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from asyncua.crypto.cert_gen import setup_self_signed_certificate
+
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / f"{name}-cert.der", directory / f"{name}-key.pem"
+    usage = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH] if server else [ExtendedKeyUsageOID.CLIENT_AUTH]
+    await setup_self_signed_certificate(key, cert, app_uri, socket.gethostname(), usage, {"commonName": f"SensorFleet {name}", "organizationName": "SensorFleet"})
+    return cert, key
+
+
+class EnvUserManager(UserManager):
+    """Accepts exactly the username/password from the environment (constant-time comparison)."""
+
+    def __init__(self, username: str, password: str):
+        self.username = username
+        self.password = password
+
+    def get_user(self, iserver: Any, username: str | None = None, password: str | None = None, certificate: Any = None) -> User | None:
+        if username is None or password is None:
+            return None
+        if hmac.compare_digest(username.encode(), self.username.encode()) and hmac.compare_digest(password.encode(), self.password.encode()):
+            return User(role=UserRole.User)
+        return None
+
+
+def _attrs(kind: type, name: str, **extra: Any) -> Any:
+    attrs = kind()
+    attrs.DisplayName = ua.LocalizedText(name)
+    for k, v in extra.items():
+        setattr(attrs, k, v)
+    return attrs
+
+
+def _node_item(nodeid: ua.NodeId, parent: ua.NodeId, ref: int, ns: int, name: str, node_class: ua.NodeClass, type_def: int, attrs: Any) -> ua.AddNodesItem:
+    item = ua.AddNodesItem()
+    item.RequestedNewNodeId = nodeid
+    item.BrowseName = ua.QualifiedName(name, ns)
+    item.NodeClass = node_class
+    item.ParentNodeId = parent
+    item.ReferenceTypeId = ua.NodeId(ref)
+    item.TypeDefinition = ua.NodeId(type_def)
+    item.NodeAttributes = attrs
+    return item
+
+
+def address_space_items(ns: int, devices: list[str], sensors: list[Any]) -> tuple[list[ua.AddNodesItem], ua.NodeId]:
+    """AddNodes items for the whole address space, added in one call (thousands of nodes one by
+    one through the high-level API take minutes)."""
+    objects = ua.NodeId(ua.ObjectIds.ObjectsFolder)
+    folder = ua.NodeId(FOLDER, ns)
+    read = ua.AccessLevel.CurrentRead.mask
+    items = [_node_item(folder, objects, ua.ObjectIds.Organizes, ns, FOLDER, ua.NodeClass.Object, ua.ObjectIds.FolderType,
+                        _attrs(ua.ObjectAttributes, FOLDER, Description=ua.LocalizedText("Simulated SensorFleet devices")))]
+    for device in devices:
+        dev = ua.NodeId(device, ns)
+        items.append(_node_item(dev, folder, ua.ObjectIds.Organizes, ns, device, ua.NodeClass.Object, ua.ObjectIds.BaseObjectType, _attrs(ua.ObjectAttributes, device)))
+        for sensor in sensors:
+            var = ua.NodeId(f"{device}/{sensor.name}", ns)
+            items.append(_node_item(var, dev, ua.ObjectIds.HasComponent, ns, sensor.name, ua.NodeClass.Variable, ua.ObjectIds.AnalogItemType,
+                                    _attrs(ua.VariableAttributes, sensor.name, Value=ua.Variant(0.0, ua.VariantType.Double),
+                                           DataType=ua.NodeId(ua.ObjectIds.Double), ValueRank=-1, AccessLevel=read, UserAccessLevel=read,
+                                           Description=ua.LocalizedText(f"{sensor.name} in {sensor.unit}"))))
+            for prop, value, vtype, dtype in (
+                ("EngineeringUnits", eu_information(sensor.unit), ua.VariantType.ExtensionObject, ua.ObjectIds.EUInformation),
+                ("EURange", ua.Range(Low=float(sensor.min), High=float(sensor.max)), ua.VariantType.ExtensionObject, ua.ObjectIds.Range),
+            ):
+                items.append(_node_item(ua.NodeId(f"{device}/{sensor.name}/{prop}", ns), var, ua.ObjectIds.HasProperty, 0, prop, ua.NodeClass.Variable, ua.ObjectIds.PropertyType,
+                                        _attrs(ua.VariableAttributes, prop, Value=ua.Variant(value, vtype), DataType=ua.NodeId(dtype), ValueRank=-1, AccessLevel=read, UserAccessLevel=read)))
+        items.append(_node_item(ua.NodeId(f"{device}/{SEQ_VARIABLE}", ns), dev, ua.ObjectIds.HasComponent, ns, SEQ_VARIABLE, ua.NodeClass.Variable, ua.ObjectIds.BaseDataVariableType,
+                                _attrs(ua.VariableAttributes, SEQ_VARIABLE, Value=ua.Variant(0, ua.VariantType.Int64), DataType=ua.NodeId(ua.ObjectIds.Int64), ValueRank=-1,
+                                       AccessLevel=read, UserAccessLevel=read, Description=ua.LocalizedText("Tick number of the device's latest reading since the fleet epoch"))))
+    return items, folder
+
+
+async def build_server(fleet_name: str, cfg: Any, host: str, port: int) -> tuple[Server, int]:
+    """An asyncua server configured from `spec.protocols.opcua` (security, authentication)."""
+    user_manager = None
+    if cfg.authentication == "username":
+        username, password = os.environ.get(ENV_USERNAME), os.environ.get(ENV_PASSWORD)
+        if not username or not password:
+            raise ValueError(f"spec.protocols.opcua.authentication is 'username' but {ENV_USERNAME} / {ENV_PASSWORD} are not set")
+        user_manager = EnvUserManager(username, password)
+    server = Server(user_manager=user_manager)
+    await server.init()
+    server.set_endpoint(f"opc.tcp://{host}:{port}/")
+    server.set_server_name(f"SensorFleet {fleet_name}")
+    app_uri = f"urn:sensorfleet:{fleet_name}:opcua-simulator"
+    await server.set_application_uri(app_uri)
+    if cfg.security == "Basic256Sha256":
+        cert, key = await ensure_certificate(pki_dir(fleet_name), "server", app_uri, server=True)
+        await server.load_certificate(str(cert))
+        await server.load_private_key(str(key))
+        server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt, ua.SecurityPolicyType.Basic256Sha256_Sign], permission_ruleset=SimpleRoleRuleset())
+    else:
+        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+    server.set_identity_tokens([ua.UserNameIdentityToken] if cfg.authentication == "username" else [ua.AnonymousIdentityToken])
+    ns = await server.register_namespace(f"urn:sensorfleet:{fleet_name}")
+    return server, ns
+
+
+class OpcuaSimulator:
+    def __init__(self, opts: SimulatorOptions):
+        fleet = opts.fleet
+        self.cfg = fleet.spec.protocols.opcua
+        self.fleet_name = fleet.name
+        self.model = SignalModel(fleet.spec, fleet.name, PROTOCOL)
+        self.metrics = FleetMetrics(fleet.name, PROTOCOL, "simulator")
+        self.host = opts.host
+        self.port = opts.port if opts.port is not None else self.cfg.port
+        shard = shard_devices(self.cfg.devices, self.cfg.replicas, opts.replica)
+        self.indices = np.arange(shard.start, shard.stop, dtype=np.int64)
+        self.devices = [device_id(PROTOCOL, int(i)) for i in self.indices]
+        self.phase = self.model.phase(self.indices)
+        self.last_tick = np.full(len(self.indices), -1, dtype=np.int64)
+        self.totals = {"published": 0, "dropped": 0}
+        self.server: Server | None = None
+
+    def due_ticks(self, now: float) -> np.ndarray:
+        return np.floor((now - self.model.epoch) / self.model.interval - self.phase).astype(np.int64)
+
+    async def update(self) -> None:
+        """Write every device's reading that became current since the last round."""
+        assert self.server is not None
+        now = time.time()
+        ticks = self.due_ticks(now)
+        changed = np.nonzero(ticks > self.last_tick)[0]
+        if not len(changed):
+            return
+        n_sensors = len(self.model.sensors)
+        started = self.last_tick[changed] >= 0
+        skipped = int(np.sum((ticks[changed] - self.last_tick[changed] - 1)[started])) * n_sensors
+        if skipped:  # behind schedule: jump to the current tick, never queue
+            self.metrics.dropped("overload").inc(skipped)
+            self.totals["dropped"] += skipped
+        self.last_tick[changed] = ticks[changed]
+        block = self.model.block(self.indices[changed], ticks[changed])
+        self.metrics.schedule_lag.set(max(0.0, now - float(block.times.min()) - self.model.interval))
+        write = self.server.iserver.aspace.write_attribute_value
+        value_attr = ua.AttributeIds.Value
+        server_ts = dt.datetime.now(dt.timezone.utc)
+        values, quality, times, seqs = block.values.tolist(), block.quality.tolist(), block.times.tolist(), block.ticks.tolist()
+        double, int64 = ua.VariantType.Double, ua.VariantType.Int64
+        for j, row in enumerate(changed.tolist()):
+            source_ts = _utc(times[j])
+            for s, nodeid in enumerate(self.value_nodes[row]):
+                q = quality[j][s]
+                status = STATUS_GOOD if q == 0 else STATUS_STUCK if q == QUALITY_UNCERTAIN else STATUS_DROPOUT
+                variant = ua.Variant(None, ua.VariantType.Null) if q == QUALITY_BAD else ua.Variant(values[j][s], double)
+                await write(nodeid, value_attr, ua.DataValue(variant, StatusCode=status, SourceTimestamp=source_ts, ServerTimestamp=server_ts))
+            await write(self.seq_nodes[row], value_attr, ua.DataValue(ua.Variant(seqs[j], int64), SourceTimestamp=source_ts, ServerTimestamp=server_ts))
+        n = len(changed) * n_sensors
+        self.metrics.published.inc(n)
+        self.metrics.last_activity.set(time.time())
+        self.totals["published"] += n
+
+    def next_due(self) -> float:
+        return float(self.model.epoch + ((self.last_tick + 1 + self.phase) * self.model.interval).min())
+
+    async def run(self, stop: threading.Event, duration: float | None) -> None:
+        self.server, ns = await build_server(self.fleet_name, self.cfg, self.host, self.port)
+        started = time.perf_counter()
+        items, _ = address_space_items(ns, self.devices, self.model.sensors)
+        results = await self.server.iserver.isession.add_nodes(items)
+        bad = [r.StatusCode for r in results if not r.StatusCode.is_good()]
+        if bad:
+            raise RuntimeError(f"building the address space failed for {len(bad)} nodes, first: {bad[0]}")
+        names = [s.name for s in self.model.sensors]
+        self.value_nodes = [[ua.NodeId(f"{d}/{name}", ns) for name in names] for d in self.devices]
+        self.seq_nodes = [ua.NodeId(f"{d}/{SEQ_VARIABLE}", ns) for d in self.devices]
+        log.info("address space: %d nodes in %.1f s", len(items), time.perf_counter() - started)
+        await self.update()
+        async with self.server:
+            log.info("OPC UA simulator of fleet %s: %d devices x %d sensors on opc.tcp://%s:%d/ (security %s, %s)",
+                     self.fleet_name, len(self.devices), len(names), self.host, self.port, self.cfg.security, self.cfg.authentication)
+            self.metrics.devices.set(len(self.devices))
+            self.metrics.connected.set(1)
+            deadline = time.monotonic() + duration if duration else math.inf
+            while not stop.is_set() and time.monotonic() < deadline:
+                await self.update()
+                await asyncio.sleep(min(MAX_SLEEP, max(0.001, self.next_due() - time.time())))
+            self.metrics.connected.set(0)
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def _utc(ts: float) -> dt.datetime:
+    return _EPOCH + dt.timedelta(seconds=ts)
+
+
+def run(opts: SimulatorOptions) -> int:
+    """Serve the OPC UA devices of shard `opts.replica` until SIGINT/SIGTERM or `opts.duration`."""
+    stop = stop_event_on_signals()
+    # asyncua logs whole requests at INFO; at thousands of values per second that costs a core.
+    logging.getLogger("asyncua").setLevel(logging.WARNING)
+    try:
+        sim = OpcuaSimulator(opts)
+        sim.metrics.serve(opts.metrics_port, opts.metrics_host)
+        asyncio.run(sim.run(stop, opts.duration))
+    except (OSError, ValueError) as exc:
+        log.error("OPC UA simulator cannot start: %s", exc)
+        return 1 if isinstance(exc, OSError) else 2
+    log.info("SUMMARY %s", json.dumps({"component": "simulator", "protocol": PROTOCOL, **sim.totals}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sensorfleet.simulators.opcua --fleet F [--port P] ...` (the CLI wraps the same run())."""
+    from sensorfleet.spec import load_fleet
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fleet", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--metrics-port", type=int, default=0)
+    parser.add_argument("--replica", type=int, default=0)
+    parser.add_argument("--duration", type=float)
+    args = parser.parse_args(argv)
+    setup_logging()
+    return run(SimulatorOptions(load_fleet(args.fleet), replica=args.replica, host=args.host, port=args.port,
+                                metrics_port=args.metrics_port, metrics_host="127.0.0.1", duration=args.duration))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
