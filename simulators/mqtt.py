@@ -9,6 +9,8 @@ is dropped and counted, never blocked on.
 Topics (`topicPrefix` defaults to `sensorfleet`):
   perDevice:  <prefix>/<fleet>/<device>            payload: JSON array of the device's readings
   perReading: <prefix>/<fleet>/<device>/<sensor>   payload: one JSON reading document
+  gateway:    <prefix>/<fleet>/gateway/<replica>    payload: JSON array of up to gatewayBatch
+              readings of many devices (the simulator acting as an edge gateway)
 """
 
 from __future__ import annotations
@@ -46,10 +48,12 @@ class PayloadEncoder:
     """Encodes a TickBlock straight into wire documents. Must produce exactly what
     `Reading.to_wire()` produces for the same readings (a test holds it to that)."""
 
-    def __init__(self, model: SignalModel, topic_prefix: str, mode: str):
+    def __init__(self, model: SignalModel, topic_prefix: str, mode: str, gateway: str = "0", gateway_batch: int = 500):
         self.model = model
         self.mode = mode
         self.base = f"{topic_prefix}/{model.fleet}"
+        self.gateway_topic = f"{self.base}/gateway/{gateway}"
+        self.gateway_batch = gateway_batch
         fleet = json.dumps(model.fleet)
         self.heads = [f'{{"fleet":{fleet},"protocol":"mqtt","device":"' for _ in model.sensors]
         self.tails = [(f'","sensor":{json.dumps(s.name)},"unit":{json.dumps(s.unit)},"value":', s.name) for s in model.sensors]
@@ -61,6 +65,8 @@ class PayloadEncoder:
         quality = block.quality.tolist()
         anomaly = block.anomaly.tolist()
         per_device = self.mode == "perDevice"
+        gateway = self.mode == "gateway"
+        pending: list[str] = []
         for i, (d, k, t) in enumerate(zip(block.devices.tolist(), block.ticks.tolist(), block.times.tolist())):
             dev = device_id("mqtt", d)
             ts = format_ts_fast(t)
@@ -72,10 +78,17 @@ class PayloadEncoder:
                 doc = f'{self.heads[s]}{dev}{tail}{value},"ts":"{ts}","seq":{k},"quality":"{QUALITY_NAMES[q]}","anomaly":{"null" if a is None else chr(34) + a + chr(34)}}}'
                 if per_device:
                     docs.append(doc)
+                elif gateway:
+                    pending.append(doc)
                 else:
                     out.append((f"{self.base}/{dev}/{sensor_name}", doc.encode(), 1))
             if per_device:
                 out.append((f"{self.base}/{dev}", ("[" + ",".join(docs) + "]").encode(), len(docs)))
+            elif gateway and len(pending) >= self.gateway_batch:
+                out.append((self.gateway_topic, ("[" + ",".join(pending) + "]").encode(), len(pending)))
+                pending = []
+        if pending:
+            out.append((self.gateway_topic, ("[" + ",".join(pending) + "]").encode(), len(pending)))
         return out
 
 
@@ -87,7 +100,7 @@ class MqttSimulator:
         self.spec = fleet.spec.protocols.mqtt
         self.model = SignalModel(fleet.spec, fleet.name, "mqtt")
         self.devices = np.array(shard_devices(self.spec.devices, self.spec.replicas, opts.replica), dtype=np.int64)
-        self.encoder = PayloadEncoder(self.model, self.spec.topic_prefix, self.spec.message_mode)
+        self.encoder = PayloadEncoder(self.model, self.spec.topic_prefix, self.spec.message_mode, str(opts.replica), self.spec.gateway_batch)
         self.metrics = metrics
         self.broker = broker
         self.published = 0
@@ -156,7 +169,10 @@ class MqttSimulator:
         if not readings:
             return 0
         base = self.encoder.base
-        if self.spec.message_mode == "perDevice":
+        if self.spec.message_mode == "gateway":
+            size = self.spec.gateway_batch
+            messages = [(self.encoder.gateway_topic, json.dumps([r.to_wire() for r in readings[i : i + size]], separators=(",", ":")).encode(), len(readings[i : i + size])) for i in range(0, len(readings), size)]
+        elif self.spec.message_mode == "perDevice":
             by_device: dict[str, list[Reading]] = {}
             for r in readings:
                 by_device.setdefault(r.device, []).append(r)

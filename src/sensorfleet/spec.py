@@ -89,9 +89,10 @@ class MqttSpec(ProtocolSpec):
     enabled: Annotated[bool, Field(default=True, description="Simulate and collect this protocol.")]
     qos: Annotated[Literal[0, 1], Field(default=1, description="MQTT QoS of published readings: 0 (at most once) or 1 (at least once).")]
     message_mode: Annotated[
-        Literal["perDevice", "perReading"],
-        Field(default="perDevice", description="`perDevice`: one message per device and tick on `<prefix>/<fleet>/<device>` holding a JSON array of its readings; `perReading`: one message per reading on `<prefix>/<fleet>/<device>/<sensor>`."),
+        Literal["perDevice", "perReading", "gateway"],
+        Field(default="perDevice", description="`perDevice`: one message per device and tick on `<prefix>/<fleet>/<device>` holding a JSON array of its readings; `perReading`: one message per reading on `<prefix>/<fleet>/<device>/<sensor>`; `gateway`: the simulator acts as an edge gateway and publishes up to `gatewayBatch` readings per message on `<prefix>/<fleet>/gateway/<replica>` (highest throughput)."),
     ]
+    gateway_batch: Annotated[int, Field(default=500, ge=1, le=100_000, description="Readings per message at most in `gateway` mode.")]
     topic_prefix: Annotated[str, Field(default="sensorfleet", pattern=r"^[A-Za-z0-9_\-/]+$", description="First topic level(s); no wildcards.")]
     max_inflight: Annotated[int, Field(default=1000, ge=1, le=65535, description="Unacknowledged QoS 1 messages a simulator keeps in flight.")]
     max_queued: Annotated[int, Field(default=200_000, ge=100, le=10_000_000, description="Messages a simulator buffers while the broker is slow or away; beyond that readings are dropped and counted.")]

@@ -39,18 +39,16 @@ def run_pair(fleet_path, tmp_path, broker, seconds: float, *, during=None):
     simulator = component("simulate", "mqtt", fleet_path, tmp_path, "--broker", broker.url, "--duration", str(seconds)).start()
     if during:
         during(simulator, collector)
-    published = None
-    try:
-        assert simulator.wait(seconds + 60) == 0, simulator.log()
-    finally:
-        pass
+    assert simulator.wait(seconds + 60) == 0, simulator.log()
     published = None
     for line in simulator.log().splitlines():
         if "published" in line and "readings, dropped" in line:
             published = int(line.split("published ")[1].split(" readings")[0])
     assert published, simulator.log()
     wait_until(lambda: collector.metric("sensorfleet_readings_stored_total") >= published, 30, message=f"{published} readings stored")
-    totals = {m: collector.metric(f"sensorfleet_readings_{m}_total") for m in ("received", "stored", "lost", "duplicate")}
+    totals = {m: collector.metric(f"sensorfleet_readings_{m}_total") for m in ("received", "stored", "lost", "late", "duplicate")}
+    # paho may reorder QoS 1 messages under load: a reading first counted lost then arriving is "late"
+    totals["lost"] -= totals.pop("late")
     assert collector.stop() == 0
     return data, published, totals, collector
 
@@ -61,6 +59,12 @@ def test_every_published_reading_is_stored_once(write_fleet, tmp_path, any_broke
     assert published > 1000
     assert totals["lost"] == 0 and totals["duplicate"] == 0
     assert totals["stored"] == published
+    assert_complete(stored(data), published)
+
+
+def test_gateway_batches_are_delivered(write_fleet, tmp_path, mosquitto):
+    fleet = write_fleet({**FAST, "protocols": {"mqtt": {"devices": 40, "interval": 0.1, "messageMode": "gateway", "gatewayBatch": 100}}})
+    data, published, totals, _ = run_pair(fleet, tmp_path, mosquitto, 3)
     assert_complete(stored(data), published)
 
 
@@ -99,19 +103,20 @@ def test_collector_killed_and_restarted_loses_nothing(write_fleet, tmp_path, mos
     assert simulator.wait(60) == 0
     published = int(simulator.log().split("published ")[1].split(" readings")[0])
     wait_until(lambda: len(stored(data)) >= published, 30, message="every reading stored")
-    assert second.metric("sensorfleet_readings_lost_total") == 0
+    assert second.metric("sensorfleet_readings_lost_total") == second.metric("sensorfleet_readings_late_total")
     assert second.stop() == 0
     assert_complete(stored(data), published)
 
 
-def test_encoder_matches_the_reading_schema(write_fleet):
+@pytest.mark.parametrize("mode", ["perDevice", "gateway"])
+def test_encoder_matches_the_reading_schema(write_fleet, mode):
     from sensorfleet.simulators.mqtt import PayloadEncoder
 
     fleet = load_fleet(write_fleet({"anomalies": {"spikeProbability": 0.2, "stuckProbability": 0.2, "dropoutProbability": 0.2}}))
     m = SignalModel(fleet.spec, fleet.name, "mqtt")
     block = m.block(np.arange(50), np.arange(1000, 1050))
     expected = [r.to_wire() for r in m.readings(block)]
-    encoded = [doc for _, payload, _ in PayloadEncoder(m, "sensorfleet", "perDevice").messages(block) for doc in json.loads(payload)]
+    encoded = [doc for _, payload, _ in PayloadEncoder(m, "sensorfleet", mode, "0", 40).messages(block) for doc in json.loads(payload)]
     assert encoded == expected
     assert all(reading_from_wire(doc) for doc in encoded)
     assert {d["anomaly"] for d in encoded} >= {"spike", "stuck", "dropout"}

@@ -1,0 +1,193 @@
+"""MQTT end-to-end benchmark (issue 2): SensorFleet through Mosquitto at QoS 1 against Mosquitto's
+own C clients measured in the same run.
+
+1. Reference: `mosquitto_pub -l -q 1` -> mosquitto -> `mosquitto_sub -q 1`, the same payloads.
+2. Throughput: one simulator + one collector process, QoS 1, readings/s stored with zero loss.
+3. Capacity: `sensorfleet run` with N devices at 1 Hz for each N; sustained = nothing lost, nothing
+   left behind, simulator lag under 2 s; peak RSS of the whole process tree.
+
+Run: `python bench/bench_mqtt.py [--quick]`; writes bench/results/mqtt.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from sensorfleet.runner import scrape
+from sensorfleet.testing import component, mosquitto_broker, wait_until
+
+RESULTS = Path(__file__).resolve().parent / "results"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fleet.yaml"
+console = Console()
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(), "platform": platform.platform()}
+
+
+def fleet_file(workdir: Path, devices: int, interval: float, **mqtt) -> Path:
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["spec"]["protocols"]["coap"]["enabled"] = False
+    doc["spec"]["protocols"]["opcua"]["enabled"] = False
+    doc["spec"]["protocols"]["mqtt"].update(devices=devices, interval=interval, qos=1, **mqtt)
+    doc["spec"]["broker"]["port"] = 0
+    doc["spec"]["collector"].update(batchSize=20000, flushInterval=1.0)
+    path = workdir / f"fleet-{devices}-{interval}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def reference_mosquitto_clients(workdir: Path, messages: int, payload: bytes) -> dict:
+    """Mosquitto's own C clients at QoS 1: messages/s end to end."""
+    with mosquitto_broker(workdir / "ref-broker") as broker:
+        lines = workdir / "payloads.txt"
+        lines.write_bytes((payload + b"\n") * messages)
+        sub = subprocess.Popen(["mosquitto_sub", "-p", str(broker.port), "-h", "127.0.0.1", "-q", "1", "-t", "bench/#", "-C", str(messages)], stdout=subprocess.DEVNULL)
+        time.sleep(0.5)
+        started = time.perf_counter()
+        subprocess.run(["mosquitto_pub", "-p", str(broker.port), "-h", "127.0.0.1", "-q", "1", "-t", "bench/ref", "-l"], stdin=open(lines, "rb"), check=True)
+        sub.wait(300)
+        elapsed = time.perf_counter() - started
+    return {"messages": messages, "seconds": round(elapsed, 2), "messages_per_s": round(messages / elapsed)}
+
+
+def sensorfleet_throughput(workdir: Path, devices: int, interval: float, seconds: float, mode: str) -> dict:
+    """One simulator + one collector, QoS 1."""
+    fleet = fleet_file(workdir, devices, interval, messageMode=mode)
+    workdir = workdir / f"tp-{mode}-{devices}-{interval}"
+    workdir.mkdir()
+    with mosquitto_broker(workdir / "tp-broker") as broker:
+        collector = component("collect", "mqtt", fleet, workdir, "--data", str(workdir / "tp-data"), "--broker", broker.url, "--client-id", "bench").start()
+        wait_until(lambda: collector.metric("sensorfleet_connected") == 1, 20, message="collector connected")
+        simulator = component("simulate", "mqtt", fleet, workdir, "--broker", broker.url, "--duration", str(seconds)).start()
+        lag = 0.0
+        while simulator.process.poll() is None:
+            samples = scrape(simulator.metrics_port) or {}
+            lag = max(lag, samples.get("sensorfleet_simulator_lag_seconds", 0.0))
+            time.sleep(0.5)
+        published = int(simulator.log().split("published ")[1].split(" readings")[0])
+        drained_at = time.monotonic()
+        try:
+            wait_until(lambda: collector.metric("sensorfleet_readings_stored_total") >= published, 120, message="collector drained")
+        except AssertionError:
+            pass
+        drain = time.monotonic() - drained_at
+        stored = collector.metric("sensorfleet_readings_stored_total")
+        # Reordered deliveries are first counted lost, then late: lost for good = lost - late.
+        lost = collector.metric("sensorfleet_readings_lost_total") - collector.metric("sensorfleet_readings_late_total")
+        late = collector.metric("sensorfleet_readings_late_total")
+        collector.stop()
+    offered = devices * 3 / interval
+    return {
+        "mode": mode, "devices": devices, "interval_s": interval, "offered_readings_per_s": round(offered), "seconds": seconds,
+        "published": published, "stored": int(stored), "lost": int(lost), "reordered": int(late), "max_simulator_lag_s": round(lag, 2), "drain_s": round(drain, 2),
+        "stored_readings_per_s": round(stored / (seconds + drain)),
+        "messages_per_s": round(published / (3 if mode == "perDevice" else 500) / (seconds + drain)),
+        "zero_loss": stored == published and lost == 0,
+    }
+
+
+def capacity_run(workdir: Path, devices: int, seconds: float) -> dict:
+    """`sensorfleet run` with `devices` at 1 Hz: sustained? peak RSS of the process tree."""
+    fleet = fleet_file(workdir, devices, 1.0)
+    data, logs = workdir / f"cap-data-{devices}", workdir / f"cap-logs-{devices}"
+    run = subprocess.Popen([sys.executable, "-m", "sensorfleet.cli", "run", str(fleet), "--no-live", "--duration", str(seconds), "--data", str(data), "--logs", str(logs)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
+    root = psutil.Process(run.pid)
+    peak_rss, max_lag = 0, 0.0
+    while run.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak_rss = max(peak_rss, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        targets = logs / "prometheus-targets.json"
+        if targets.exists():
+            for t in json.loads(targets.read_text()):
+                if t["labels"]["component"] == "simulator":
+                    samples = scrape(int(t["targets"][0].split(":")[1]), timeout=0.5) or {}
+                    max_lag = max(max_lag, samples.get("sensorfleet_simulator_lag_seconds", 0.0))
+        time.sleep(0.5)
+    output = run.stdout.read()
+    tail = output.split("final summary")[-1]
+    row = next((line for line in tail.splitlines() if line.strip("│ ").startswith("mqtt")), "")
+    cells = [c.strip().replace(",", "") for c in row.strip("│").split("│")] if row else []
+    published, stored, lost = (int(cells[i]) for i in (3, 4, 5)) if len(cells) > 5 else (0, 0, -1)  # the table's lost is net of late arrivals
+    sustained = run.returncode == 0 and published > 0 and stored == published and lost == 0 and max_lag < 2.0
+    return {"devices": devices, "seconds": seconds, "published": published, "stored": stored, "lost": lost, "max_simulator_lag_s": round(max_lag, 2), "peak_rss_mib": round(peak_rss / 2**20), "sustained": sustained, "exit_code": run.returncode}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="small sizes, to check the benchmark itself")
+    args = parser.parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="sf-bench-mqtt-"))
+    quick = args.quick
+    payload = json.dumps([{"fleet": "bench", "protocol": "mqtt", "device": "mqtt-00001", "sensor": s, "value": 21.123456789, "unit": "degC", "ts": "2026-11-25T12:00:00.000000Z", "seq": 28771200, "quality": "good", "anomaly": None} for s in ("temperature", "humidity", "pressure")], separators=(",", ":")).encode()
+    with console.status("reference: mosquitto_pub -> mosquitto -> mosquitto_sub (QoS 1)"):
+        reference = reference_mosquitto_clients(workdir, 20_000 if quick else 200_000, payload)
+    console.print(f"reference: {reference}")
+    throughput = []
+    cases = [("perDevice", 500, 0.1), ("gateway", 500, 0.1)] if quick else [("perDevice", 1000, 0.1), ("perDevice", 2000, 0.1), ("gateway", 1000, 0.1), ("gateway", 2000, 0.1), ("gateway", 3000, 0.1)]
+    for mode, devices, interval in cases:
+        with console.status(f"throughput: {mode}, {devices} devices every {interval} s"):
+            result = sensorfleet_throughput(workdir, devices, interval, 5 if quick else 20, mode)
+        console.print(f"throughput: {result}")
+        throughput.append(result)
+    capacity = []
+    for devices in ([1000] if quick else [5000, 10000, 15000, 20000]):
+        with console.status(f"capacity: sensorfleet run with {devices} devices at 1 Hz"):
+            result = capacity_run(workdir, devices, 10 if quick else 30)
+        console.print(f"capacity: {result}")
+        capacity.append(result)
+        if not result["sustained"]:
+            break
+    best = max((t for t in throughput if t["zero_loss"]), key=lambda t: t["stored_readings_per_s"], default=None)
+    best_per_device = max((t for t in throughput if t["zero_loss"] and t["mode"] == "perDevice"), key=lambda t: t["stored_readings_per_s"], default=None)
+    best_capacity = max((c for c in capacity if c["sustained"]), key=lambda c: c["devices"], default=None)
+    summary = {
+        "machine": machine(),
+        "reference_mosquitto_clients": reference,
+        "throughput": throughput,
+        "capacity": capacity,
+        "headline": {
+            "stored_readings_per_s_zero_loss": best and best["stored_readings_per_s"],
+            "mode": best and best["mode"],
+            "per_device_stored_readings_per_s": best_per_device and best_per_device["stored_readings_per_s"],
+            "per_device_messages_per_s": best_per_device and best_per_device["messages_per_s"],
+            "ratio_per_device_messages_vs_mosquitto_clients": best_per_device and round(best_per_device["messages_per_s"] / reference["messages_per_s"], 3),
+            "max_devices_at_1hz": best_capacity and best_capacity["devices"],
+            "peak_rss_mib_at_max": best_capacity and best_capacity["peak_rss_mib"],
+        },
+    }
+    (RESULTS / "mqtt.json").write_text(json.dumps(summary, indent=2))
+    table = Table(title=f"MQTT benchmark ({machine()['cpus']} cores)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("target", justify="right")
+    h = summary["headline"]
+    table.add_row("mosquitto_pub→sub QoS 1 (reference)", f"{reference['messages_per_s']:,} msg/s", "")
+    table.add_row(f"SensorFleet stored, zero loss ({h['mode']})", f"{h['stored_readings_per_s_zero_loss'] or 0:,} readings/s", "≥ 25,000 readings/s")
+    table.add_row("SensorFleet perDevice messages", f"{h['per_device_stored_readings_per_s'] or 0:,} readings/s ({h['per_device_messages_per_s'] or 0:,} msg/s)", "")
+    table.add_row("ratio (perDevice msg/s / reference msg/s)", f"{h['ratio_per_device_messages_vs_mosquitto_clients'] or 0:.2f}", "")
+    table.add_row("most devices at 1 Hz (sensorfleet run)", f"{h['max_devices_at_1hz'] or 0:,}", "≥ 10,000")
+    table.add_row("peak RSS at that size", f"{h['peak_rss_mib_at_max'] or 0:,} MiB", "< 1,024 MiB")
+    console.print(table)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
