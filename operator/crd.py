@@ -155,6 +155,8 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], models: dict[str, type[
             node["x-kubernetes-validations"] = copy.deepcopy(CEL_RULES[model_name])
     if node.get("type") == "array" and "items" in node:
         node["items"] = _convert(node["items"], defs, models)
+        if "description" not in node["items"] and node.get("description"):
+            node["items"]["description"] = f"One item of: {node['description']}"
     return node
 
 
