@@ -28,6 +28,33 @@ bench: install
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info
 
+# --- local Kubernetes control plane (issue 5) ---
+# A real control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok) on 127.0.0.1,
+# built from pinned Go modules into ~/.cache/sensorfleet (see docs/kubernetes-testing.md).
+# kind-up/kind-down are for machines with Docker; tests use either via KUBECONFIG.
+CLUSTER_DIR ?= .cluster
+KIND ?= kind
+KIND_CLUSTER ?= sensorfleet
+
+.PHONY: cluster-build cluster-up cluster-down kind-up kind-down
+
+cluster-build:
+	hack/build-k8s.sh
+
+cluster-up: install cluster-build
+	CLUSTER_DIR=$(CLUSTER_DIR) $(BIN)/python -m sensorfleet.devcluster up
+
+cluster-down:
+	CLUSTER_DIR=$(CLUSTER_DIR) $(BIN)/python -m sensorfleet.devcluster down
+
+kind-up:
+	mkdir -p $(CLUSTER_DIR)
+	$(KIND) create cluster --name $(KIND_CLUSTER) --config hack/kind-config.yaml --kubeconfig $(CLUSTER_DIR)/kubeconfig
+	@echo "export KUBECONFIG=$(abspath $(CLUSTER_DIR))/kubeconfig SENSORFLEET_USE_KUBECONFIG=1"
+
+kind-down:
+	$(KIND) delete cluster --name $(KIND_CLUSTER) --kubeconfig $(CLUSTER_DIR)/kubeconfig
+
 # --- operator (issue 6) ---
 # The CRD is generated from the fleet spec; the chart carries the very same file.
 # deploy-local: the chart in the harness cluster + the operator as a local process with the

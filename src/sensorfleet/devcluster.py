@@ -326,7 +326,10 @@ def _free_ports(count: int) -> list[int]:
 
 
 def port_is_free(port: int) -> bool:
+    """True if nothing listens on 127.0.0.1:port (closed connections in TIME_WAIT do not count:
+    SO_REUSEADDR ignores them, as every server that binds the port next will)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
