@@ -77,14 +77,16 @@ class Panel:
         hi = self.n_steps if hi is None else hi
         return pd.DatetimeIndex(self.start + self.step * np.arange(lo, hi))
 
-    def to_long(self, values: np.ndarray | None = None, lo: int = 0, hi: int | None = None, name: str = "y") -> pd.DataFrame:
-        """Long frame (unique_id, ds, name) of steps [lo, hi), missing cells dropped."""
+    def to_long(self, values: np.ndarray | None = None, lo: int = 0, hi: int | None = None, name: str = "y", int_ids: bool = False) -> pd.DataFrame:
+        """Long frame (unique_id, ds, name) of steps [lo, hi), missing cells dropped; with
+        `int_ids` the unique_id is the series' row number (compact for millions of rows)."""
         values = self.y if values is None else values
         hi = self.n_steps if hi is None else hi
         block = values[:, lo:hi]
         n, t = block.shape
         keep = ~np.isnan(block).ravel()
-        ids = pd.Categorical.from_codes(np.repeat(np.arange(n), t)[keep], categories=self.ids["unique_id"])
+        rows = np.repeat(np.arange(n), t)[keep]
+        ids = rows if int_ids else pd.Categorical.from_codes(rows, categories=self.ids["unique_id"])
         ds = np.tile(self.times(lo, hi).tz_convert(None).values, n)[keep]
         return pd.DataFrame({"unique_id": ids, "ds": ds, name: block.ravel()[keep]})
 
@@ -376,10 +378,16 @@ def clean(panel: Panel, max_gap: int, stuck_min_run: int = 5, spike_threshold: f
     raw = panel.raw
     report = CleaningReport(series=panel.n_series, steps=panel.n_steps, max_gap_steps=max_gap)
     report.missing_cells = int(np.isnan(raw).sum())
-    stuck = stuck_cells(raw, stuck_min_run)
-    y = np.where(stuck, np.nan, raw)
-    spikes = spike_cells(y, spike_threshold)
-    y[spikes] = np.nan
+    y = raw.copy()
+    stuck = np.zeros(raw.shape, dtype=bool)
+    spikes = np.zeros(raw.shape, dtype=bool)
+    # Rows in chunks bound the detectors' temporaries to a few tens of MB.
+    for lo in range(0, panel.n_series, 256):
+        rows = slice(lo, lo + 256)
+        stuck[rows] = stuck_cells(raw[rows], stuck_min_run)
+        y[rows][stuck[rows]] = np.nan
+        spikes[rows] = spike_cells(y[rows], spike_threshold)
+        y[rows][spikes[rows]] = np.nan
     report.stuck_cells, report.spike_cells = int(stuck.sum()), int(spikes.sum())
     report.detector_scores = {
         "stuck": _score(stuck, panel.truth == TRUTH_STUCK),
@@ -448,8 +456,14 @@ def prepare(
 ) -> Prepared:
     """Readings (long, as stored) -> cleaned regular panel and a cleaning report."""
     panel = resample(readings, freq)
+    return finish_prepare(panel, len(readings), horizon, cv_windows, max_gap, drop_short)
+
+
+def finish_prepare(panel: Panel, readings: int, horizon: int = 60, cv_windows: int = 3, max_gap: timedelta | None = None, drop_short: bool = False) -> Prepared:
+    """Clean and length-check a resampled panel (the part of `prepare` after `resample`, for
+    callers that free the readings first)."""
     gap_steps = max(1, math.floor((max_gap or timedelta(hours=1)) / panel.step.to_pytimedelta()))
     report = clean(panel, gap_steps)
-    report.readings = int(len(readings))
+    report.readings = int(readings)
     panel = check_lengths(panel, horizon, cv_windows, drop_short, report)
     return Prepared(panel, report)

@@ -1,0 +1,293 @@
+"""`sensorfleet forecast`: prepare -> features -> models -> evaluate -> anomalies -> plots/report.
+
+Each stage is a function over DataFrames (or the panel built from one) in its own module; this
+module only orders them, shows progress and writes the outputs:
+
+    OUT/forecasts.parquet        every model's forecasts of the scored windows and the future
+    OUT/metrics.json             headline, per-model aggregates (hold-out and CV), cleaning, anomalies
+    OUT/metrics_by_series.csv    per-series metrics
+    OUT/*.png, OUT/report.html   plots and the offline report that shows them
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sensorfleet.forecasting import anomalies, evaluate, plots, report
+from sensorfleet.forecasting.errors import ForecastInputError
+from sensorfleet.forecasting.models import BASELINE, MODEL_CHOICES, ForecastBlock, make_model
+from sensorfleet.forecasting.prepare import TRUTH_NAMES, Panel, finish_prepare, min_steps, read_readings, resample
+from sensorfleet.spec import SensorFleet
+
+TRUTH_LABELS = np.array([None, *sorted(TRUTH_NAMES, key=TRUTH_NAMES.get)], dtype=object)
+
+
+@dataclass
+class ForecastOptions:
+    """Everything `sensorfleet forecast` takes; `from_fleet` fills it from a fleet's spec.forecasting."""
+
+    data: str
+    out: Path
+    horizon: int = 60
+    model: str = "auto"
+    level: int = 95
+    frequency: str = "1min"
+    window_days: float = 7.0
+    cv_windows: int = 3
+    seed: int = 0
+    n_jobs: int = 1
+    protocols: Sequence[str] | None = None
+    drop_short: bool = False
+    plot_series: int = 4
+    fleet: str | None = None
+
+    @classmethod
+    def from_fleet(cls, fleet: SensorFleet | None, **given: Any) -> ForecastOptions:
+        """Options from the fleet spec, overridden by every value given (None means 'not given')."""
+        values: dict[str, Any] = {}
+        if fleet is not None:
+            f = fleet.spec.forecasting
+            values = {"horizon": f.horizon, "model": f.model, "level": f.level, "frequency": f.frequency, "window_days": f.window_days, "fleet": fleet.name}
+        values.update({k: v for k, v in given.items() if v is not None})
+        return cls(**values)
+
+    def check(self) -> None:
+        if self.horizon < 1:
+            raise ForecastInputError(f"--horizon: must be >= 1 step, got {self.horizon}")
+        if self.model not in MODEL_CHOICES:
+            raise ForecastInputError(f"--model: unknown model {self.model!r}; choose one of {', '.join(MODEL_CHOICES)}")
+        if not 50 <= self.level <= 99:
+            raise ForecastInputError(f"--level: prediction-interval level must be between 50 and 99 percent, got {self.level}")
+        if self.window_days <= 0:
+            raise ForecastInputError(f"--window-days: must be > 0, got {self.window_days}")
+        if self.n_jobs < 1:
+            raise ForecastInputError(f"--jobs: must be >= 1, got {self.n_jobs}")
+
+
+StageCallback = Callable[[int, int], None]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)
+
+
+class Progress:
+    """Progress of the stages: a rich progress bar on stderr, or nothing (quiet / tests)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.timings: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}  # process peak so far, after each stage
+        self._progress = None
+
+    @contextmanager
+    def running(self) -> Iterator[Progress]:
+        if not self.enabled:
+            yield self
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+
+        with RichProgress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True), transient=False) as bar:
+            self._progress = bar
+            try:
+                yield self
+            finally:
+                self._progress = None
+
+    @contextmanager
+    def stage(self, name: str, total: int = 1) -> Iterator[StageCallback]:
+        started = time.perf_counter()
+        task = self._progress.add_task(name, total=total) if self._progress else None
+
+        def advance(done: int, of: int) -> None:
+            if self._progress is not None and task is not None:
+                self._progress.update(task, completed=done, total=of)
+
+        try:
+            yield advance
+        finally:
+            if self._progress is not None and task is not None:
+                self._progress.update(task, completed=self._progress.tasks[task].total)
+            self.timings[name] = round(time.perf_counter() - started, 3)
+            self.peak_rss_mb[name] = peak_rss_mb()
+
+
+@dataclass
+class ForecastRun:
+    """Results of one run, kept in memory for callers and tests."""
+
+    panel: Panel
+    table: pd.DataFrame
+    metrics: dict[str, Any]
+    plots: list[dict[str, str]] = field(default_factory=list)
+
+
+def origins_for(n_steps: int, horizon: int, cv_windows: int) -> dict[int, str]:
+    """Forecast origins (step numbers) and their window labels: cv1..cvN, test, future."""
+    labels = {n_steps - horizon * (k + 1): f"cv{cv_windows - k + 1}" for k in range(cv_windows, 0, -1)}
+    labels[n_steps - horizon] = "test"
+    labels[n_steps] = "future"
+    return dict(sorted(labels.items()))
+
+
+def forecast_table(panel: Panel, blocks: dict[str, list[ForecastBlock]], labels: dict[int, str], level: int) -> pd.DataFrame:
+    """One row per series, window and step: actuals (clean and raw), ground truth, each model's forecasts."""
+    n = panel.n_series
+    frames = []
+    origins = sorted(labels)
+    for origin in origins:
+        h = next(b for bl in blocks.values() for b in bl if b.origin == origin).mean.shape[1]
+        steps = np.arange(origin, origin + h)
+        inside = steps < panel.n_steps
+        def actual(matrix: np.ndarray, fill: float | int) -> np.ndarray:
+            out = np.full((n, h), fill, dtype=matrix.dtype)
+            out[:, inside] = matrix[:, steps[inside]]
+            return out.ravel()
+
+        frame = {
+            "sid": np.repeat(np.arange(n), h),
+            "window": labels[origin],
+            "cutoff": (panel.start + panel.step * (origin - 1)).tz_convert(None),
+            "ds": np.tile(panel.times(origin, origin + h).tz_convert(None).values, n),
+            "step": np.tile(np.arange(1, h + 1), n),
+            "y": actual(panel.y, np.nan),
+            "y_raw": actual(panel.raw, np.nan),
+            "truth": TRUTH_LABELS[actual(panel.truth, 0)],
+        }
+        for name, model_blocks in blocks.items():
+            block = next((b for b in model_blocks if b.origin == origin), None)
+            for suffix, attr in (("", "mean"), (f"-lo-{level}", "lo"), (f"-hi-{level}", "hi")):
+                frame[f"{name}{suffix}"] = getattr(block, attr).ravel() if block is not None else np.full(n * h, np.nan)
+        frames.append(pd.DataFrame(frame))
+    table = pd.concat(frames, ignore_index=True)
+    ids = panel.ids.reset_index(drop=True)
+    for column in ("unique_id", "protocol", "device", "sensor", "unit"):
+        table.insert(1 + ["unique_id", "protocol", "device", "sensor", "unit"].index(column), column, ids[column].to_numpy()[table["sid"].to_numpy()])
+    return table
+
+
+def choose_plot_rows(panel: Panel, count: int, seed: int) -> np.ndarray:
+    """A seeded sample of series to draw, one per sensor first so every kind of signal is shown."""
+    rng = np.random.default_rng(seed)
+    rows: list[int] = []
+    for _, group in panel.ids.groupby("sensor", sort=True):
+        rows.append(int(rng.choice(group.index.to_numpy())))
+    remaining = np.setdiff1d(np.arange(panel.n_series), rows)
+    extra = max(0, count - len(rows))
+    if extra and len(remaining):
+        rows.extend(int(r) for r in rng.choice(remaining, size=min(extra, len(remaining)), replace=False))
+    return np.array(sorted(rows[: max(count, 1)]))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.integer | np.floating):
+        return value.item()
+    if isinstance(value, pd.Timestamp | datetime):
+        return value.isoformat()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def run_forecast(options: ForecastOptions, progress: Progress | None = None) -> ForecastRun:
+    options.check()
+    progress = progress or Progress(enabled=False)
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with progress.running():
+        with progress.stage("read dataset", 1) as advance:
+            readings = read_readings(options.data, options.window_days, options.protocols, on_day=advance)
+        with progress.stage("prepare (resample, clean)") as advance:
+            # The window must hold the origins the CV needs: fail early with what to change.
+            n_readings = len(readings)
+            resampled = resample(readings, options.frequency)
+            del readings  # the panel replaces ten million rows; free them before cleaning
+            prepared = finish_prepare(resampled, n_readings, options.horizon, options.cv_windows, drop_short=options.drop_short)
+            del resampled
+        panel, cleaning = prepared.panel, prepared.report
+        labels = origins_for(panel.n_steps, options.horizon, options.cv_windows)
+        scored = [o for o, label in labels.items() if label != "future"]
+        model = make_model(options.model, panel.season, options.n_jobs)
+        blocks: dict[str, list[ForecastBlock]] = {}
+        with progress.stage(f"fit + forecast {model.name}", len(labels)) as advance:
+            blocks[model.name] = model.forecast(panel, sorted(labels), options.horizon, options.level, progress=advance)
+        if model.name != BASELINE:
+            baseline = make_model("seasonalnaive", panel.season, options.n_jobs)
+            with progress.stage(f"fit + forecast {BASELINE}", len(scored)) as advance:
+                blocks[BASELINE] = baseline.forecast(panel, scored, options.horizon, options.level, progress=advance)
+        models = list(blocks)
+        with progress.stage("evaluate (hold-out, CV)") as advance:
+            table = forecast_table(panel, blocks, labels, options.level)
+            def train(sids: np.ndarray) -> pd.DataFrame:
+                frame = panel.subset(sids).to_long(hi=min(scored), int_ids=True)
+                frame["unique_id"] = sids[frame["unique_id"].to_numpy()]
+                return frame
+
+            scores = evaluate.evaluate_forecasts(table, models, BASELINE, train, panel.season, panel.ids)
+        with progress.stage("anomaly flags") as advance:
+            table, flagged = anomalies.detect(table, model.name, options.level)
+        with progress.stage("plots", 1) as advance:
+            rows = choose_plot_rows(panel, options.plot_series, options.seed)
+            drawn = plots.draw_all(out, panel, table, rows, model.name, BASELINE, options.level, labels, on_plot=advance)
+        holdout = scores.get("holdout", {}).get("models", {})
+        cv = scores.get("cv", {}).get("models", {})
+        metrics = {
+            "headline": {
+                "model": model.name,
+                "mae": holdout.get(model.name, {}).get("mae"),
+                "mase": holdout.get(model.name, {}).get("mase"),
+                "mase_vs_baseline": holdout.get(model.name, {}).get("mase_vs_baseline"),
+                "cv_mase_vs_baseline": cv.get(model.name, {}).get("mase_vs_baseline"),
+                "baseline": BASELINE,
+                "baseline_mase": holdout.get(BASELINE, {}).get("mase"),
+                "anomalies_flagged": flagged["holdout"]["flagged"],
+                "series": panel.n_series,
+                "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            },
+            "options": {k: (list(v) if isinstance(v, tuple | list) else str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
+            "data": {
+                "readings": n_readings,
+                "series": panel.n_series,
+                "steps": panel.n_steps,
+                "frequency": panel.freq,
+                "season": panel.season,
+                "start": panel.start.isoformat(),
+                "end": (panel.start + panel.step * panel.n_steps).isoformat(),
+                "windows": {label: (panel.start + panel.step * origin).isoformat() for origin, label in labels.items()},
+            },
+            "holdout": {k: v for k, v in scores.get("holdout", {}).items()},
+            "cv": {k: v for k, v in scores.get("cv", {}).items()},
+            "anomalies": flagged,
+            "cleaning": cleaning.as_dict(),
+            "timings_s": {},
+        }
+        per_series = [df.drop(columns=["sid"]).assign(split=split) for split, df in scores["per_series"].items()]
+        with progress.stage("write outputs") as advance:
+            pd.concat(per_series, ignore_index=True).to_csv(out / "metrics_by_series.csv", index=False)
+            written = table.drop(columns=["sid"]).assign(ds=lambda d: d["ds"].dt.tz_localize("UTC"), cutoff=lambda d: d["cutoff"].dt.tz_localize("UTC"))
+            pq.write_table(pa.Table.from_pandas(written, preserve_index=False), out / "forecasts.parquet", compression="zstd")
+            metrics["timings_s"] = dict(progress.timings, total=round(time.perf_counter() - started, 3))
+            metrics["peak_rss_mb"] = dict(progress.peak_rss_mb, total=peak_rss_mb())
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
+            report.write_report(out / "report.html", metrics, drawn)
+    return ForecastRun(panel, table, metrics, drawn)
+
+
+__all__ = ["ForecastOptions", "ForecastRun", "Progress", "run_forecast", "origins_for", "forecast_table", "min_steps"]
