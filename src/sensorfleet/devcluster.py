@@ -346,14 +346,15 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 
 def _die_with_parent() -> None:
-    """preexec_fn: own process group, and SIGTERM when the Python that started us dies."""
+    """preexec_fn: own process group, and SIGKILL when the Python that started us dies (a
+    kube-apiserver told to SIGTERM without its etcd can spend minutes shutting down)."""
     os.setsid()
     with contextlib.suppress(Exception):
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL))
 
 
 @dataclass
