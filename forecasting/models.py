@@ -28,6 +28,10 @@ from sensorfleet.forecasting.prepare import Panel, interpolate_gaps
 
 MODEL_CHOICES = ("auto", "harmonic", "mstl", "autoets", "seasonalnaive", "timegpt")
 BASELINE = "SeasonalNaive"
+TIMEGPT_KEY_MISSING = (
+    "--model timegpt needs a Nixtla API key: export NIXTLA_API_KEY=<your key> "
+    "(get one at https://dashboard.nixtla.io; NIXTLA_BASE_URL selects another endpoint), or choose --model harmonic"
+)
 
 
 @dataclass
@@ -87,6 +91,38 @@ class HarmonicRegression:
         blocks = []
         for i, origin in enumerate(origins):
             blocks.append(self.fit_predict(panel, origin, h, level)[0])
+            if progress:
+                progress(i + 1, len(origins))
+        return blocks
+
+
+class SeasonalNaiveBaseline:
+    """statsforecast's SeasonalNaive, vectorised across series: the same forecasts and intervals
+    (mean = the value one season earlier; sigma from in-sample seasonal differences, widened by
+    sqrt(completed seasons + 1)) computed for all series at once instead of one by one.
+    `tests/forecasting` checks it against statsforecast.models.SeasonalNaive."""
+
+    name = BASELINE
+
+    def __init__(self, season: int):
+        self.season = season
+
+    def forecast(self, panel: Panel, origins: Sequence[int], h: int, level: int, progress: Progress | None = None) -> list[ForecastBlock]:
+        s = self.season
+        z = NormalDist().inv_cdf(0.5 + level / 200.0)
+        widen = np.sqrt(np.floor(np.arange(h) / s) + 1.0)
+        blocks = []
+        for i, origin in enumerate(origins):
+            y = filled_for_fitting(panel.y[:, :origin])
+            last = y[:, origin - s : origin]
+            mean = last[:, np.arange(h) % s]
+            resid = y[:, s:] - y[:, :-s]
+            n_obs = (~np.isnan(y)).sum(axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                sigma = np.sqrt(np.nansum(resid**2, axis=1) / (n_obs - s))
+            sigma = np.where(n_obs > s, sigma, 0.0)
+            half = z * sigma[:, None] * widen[None, :]
+            blocks.append(ForecastBlock(origin, mean, mean - half, mean + half))
             if progress:
                 progress(i + 1, len(origins))
         return blocks
@@ -179,10 +215,7 @@ class TimeGPTModel:
     def __init__(self, api_key: str | None = None, base_url: str | None = None, max_retries: int = 2, timeout: int = 60):
         api_key = api_key or os.environ.get("NIXTLA_API_KEY")
         if not api_key:
-            raise ForecastInputError(
-                "--model timegpt needs a Nixtla API key: export NIXTLA_API_KEY=<your key> "
-                "(get one at https://dashboard.nixtla.io; NIXTLA_BASE_URL selects another endpoint), or choose --model harmonic"
-            )
+            raise ForecastInputError(TIMEGPT_KEY_MISSING)
         from nixtla import NixtlaClient
 
         self.client = NixtlaClient(api_key=api_key, base_url=base_url or os.environ.get("NIXTLA_BASE_URL") or None, max_retries=max_retries, retry_interval=1, timeout=timeout)

@@ -12,6 +12,7 @@ module only orders them, shows progress and writes the outputs:
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 
 from sensorfleet.forecasting import anomalies, evaluate, plots, report
 from sensorfleet.forecasting.errors import ForecastInputError
-from sensorfleet.forecasting.models import BASELINE, MODEL_CHOICES, ForecastBlock, make_model
+from sensorfleet.forecasting.models import BASELINE, MODEL_CHOICES, TIMEGPT_KEY_MISSING, ForecastBlock, SeasonalNaiveBaseline, make_model
 from sensorfleet.forecasting.prepare import TRUTH_NAMES, Panel, finish_prepare, min_steps, read_readings, resample
 from sensorfleet.spec import SensorFleet
 
@@ -72,6 +73,8 @@ class ForecastOptions:
             raise ForecastInputError(f"--level: prediction-interval level must be between 50 and 99 percent, got {self.level}")
         if self.window_days <= 0:
             raise ForecastInputError(f"--window-days: must be > 0, got {self.window_days}")
+        if self.model == "timegpt" and not os.environ.get("NIXTLA_API_KEY"):
+            raise ForecastInputError(TIMEGPT_KEY_MISSING)  # before reading days of data
         if self.n_jobs < 1:
             raise ForecastInputError(f"--jobs: must be >= 1, got {self.n_jobs}")
 
@@ -229,7 +232,7 @@ def run_forecast(options: ForecastOptions, progress: Progress | None = None) -> 
         with progress.stage(f"fit + forecast {model.name}", len(labels)) as advance:
             blocks[model.name] = model.forecast(panel, sorted(labels), options.horizon, options.level, progress=advance)
         if model.name != BASELINE:
-            baseline = make_model("seasonalnaive", panel.season, options.n_jobs)
+            baseline = SeasonalNaiveBaseline(panel.season)
             with progress.stage(f"fit + forecast {BASELINE}", len(scored)) as advance:
                 blocks[BASELINE] = baseline.forecast(panel, scored, options.horizon, options.level, progress=advance)
         models = list(blocks)

@@ -59,10 +59,12 @@ def train_test_split(out: Path, panel: Panel, rows: np.ndarray, labels: dict[int
 
 
 def forecast_vs_actual(out: Path, panel: Panel, table: pd.DataFrame, rows: np.ndarray, model: str, baseline: str, level: int) -> str:
-    """The last day of history, the hold-out actuals, the model's forecast with its interval, the
+    """The last hours of history, the hold-out actuals, the model's forecast with its interval, the
     baseline, flagged readings, and the forecast of the future."""
     test_origin = int(((table.loc[table["window"] == "test", "ds"].min() - panel.start.tz_convert(None)) / panel.step))
-    lo = max(0, test_origin - panel.season)
+    # Enough history to see the cycle's shape, little enough to see the forecast window.
+    h = int((table["window"] == "test").sum() // max(1, table["sid"].nunique()))
+    lo = max(0, test_origin - max(6 * h, panel.season // 4))
     times = panel.times().tz_convert(None)
     fig, axes = _axes(len(rows), height=2.6)
     for ax, row in zip(axes, rows):

@@ -284,7 +284,7 @@ def resample(readings: pd.DataFrame, freq: str) -> Panel:
         truth[cell == 3] = TRUTH_SPIKE
         truth[cell == 2] = TRUTH_STUCK
         truth[(cell == 1) & empty] = TRUTH_DROPOUT
-    return Panel(ids, pd.Timestamp(t0, tz="UTC"), step, freq, raw.copy(), raw, truth.reshape(n, n_steps))
+    return Panel(ids, pd.Timestamp(t0 * per_ns, unit="ns", tz="UTC"), step, freq, raw.copy(), raw, truth.reshape(n, n_steps))
 
 
 def stuck_cells(values: np.ndarray, min_run: int) -> np.ndarray:

@@ -1,0 +1,131 @@
+"""`sensorfleet generate` and `sensorfleet forecast`, added to the main typer app by `register(app)`.
+
+Imports of pandas, statsforecast and matplotlib happen inside the commands, so that every other
+`sensorfleet` subcommand starts without paying for them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+err = Console(stderr=True)
+out = Console()
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[red]error[/red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _load_fleet(path: Path):
+    from sensorfleet.spec import FleetSpecError, load_fleet
+
+    try:
+        return load_fleet(path)
+    except FleetSpecError as exc:
+        for line in exc.errors:
+            err.print(f"[red]error[/red] {exc.source}: {line}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def generate(
+    fleet: Annotated[Path, typer.Argument(help="SensorFleet manifest (YAML) whose devices, sensors, anomalies and seed are used.", show_default=False)],
+    days: Annotated[float, typer.Option("--days", "-d", help="Days of readings to write.")] = 7.0,
+    data: Annotated[str, typer.Option("--data", help="Dataset directory or fsspec URL to write into.")] = "data",
+    start: Annotated[Optional[str], typer.Option("--start", help="First moment (ISO date or date-time, UTC); default: midnight UTC DAYS days ago.", show_default=False)] = None,
+    interval: Annotated[Optional[float], typer.Option("--interval", help="Seconds between readings of a device, for every protocol (default: each protocol's spec interval).", show_default=False)] = None,
+    protocol: Annotated[Optional[list[str]], typer.Option("--protocol", "-p", help="Only these protocols (repeatable; default: the enabled ones).", show_default=False)] = None,
+    devices: Annotated[Optional[int], typer.Option("--devices", help="Override every protocol's device count.", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Override spec.seed of the signal model.", show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Write the dataset a fleet would have collected over DAYS days, straight from the signal model
+    (same schema and Parquet layout as the collectors; injected anomalies in the `anomaly` column)."""
+    from rich.progress import Progress
+
+    from sensorfleet.forecasting.generate import generate_dataset, parse_start
+
+    spec_fleet = _load_fleet(fleet)
+    if seed is not None:
+        if not 0 <= seed <= 2**31 - 1:
+            raise _fail(f"--seed: must be between 0 and {2**31 - 1}, got {seed}")
+        spec_fleet = spec_fleet.model_copy(update={"spec": spec_fleet.spec.model_copy(update={"seed": seed})})
+    if devices is not None and devices < 1:
+        raise _fail(f"--devices: must be >= 1, got {devices}")
+    try:
+        begin = parse_start(start) if start else None
+        with Progress(console=err, transient=True, disable=quiet) as bar:
+            task = bar.add_task("generating readings", total=None)
+            summary = generate_dataset(
+                spec_fleet, data, days, start=begin, interval=interval, protocols=protocol, devices=devices,
+                on_chunk=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    except OSError as exc:
+        raise _fail(f"--data {data}: {exc}") from None
+    table = Table(title=f"generated {spec_fleet.name}: {summary.start:%Y-%m-%d %H:%M} to {summary.end:%Y-%m-%d %H:%M} UTC")
+    for column in ("protocol", "series", "readings", "files"):
+        table.add_column(column, justify="right")
+    for name in summary.rows:
+        table.add_row(name, f"{summary.series[name]:,}", f"{summary.rows[name]:,}", str(summary.files[name]))
+    out.print(table)
+    out.print("injected anomalies: " + ", ".join(f"{k} {v:,}" for k, v in summary.anomalies.items()) + f"; dataset: {data}", highlight=False)
+
+
+def forecast(
+    data: Annotated[str, typer.Option("--data", help="Dataset directory or fsspec URL (as written by the collectors or `generate`).")] = "data",
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Directory for forecasts.parquet, metrics.json, plots and report.html.")] = Path("out"),
+    horizon: Annotated[Optional[int], typer.Option("--horizon", help="Steps to forecast (default: spec.forecasting.horizon or 60).", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="auto|harmonic|mstl|autoets|seasonalnaive|timegpt (default: auto = harmonic).", show_default=False)] = None,
+    fleet: Annotated[Optional[Path], typer.Option("--fleet", "-f", help="SensorFleet manifest: defaults from its spec.forecasting.", show_default=False)] = None,
+    level: Annotated[Optional[int], typer.Option("--level", help="Prediction-interval level in percent; readings outside are flagged (default 95).", show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of every random choice (series sampled for the plots).")] = 0,
+    frequency: Annotated[Optional[str], typer.Option("--frequency", help="Resampling frequency, e.g. 1min, 15s, 1h (default 1min).", show_default=False)] = None,
+    window_days: Annotated[Optional[float], typer.Option("--window-days", help="Days of history read (default 7).", show_default=False)] = None,
+    cv_windows: Annotated[int, typer.Option("--cv-windows", help="Rolling-origin cross-validation windows before the hold-out.")] = 3,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Processes for statsforecast models.")] = 1,
+    protocol: Annotated[Optional[list[str]], typer.Option("--protocol", "-p", help="Only these protocols (repeatable).", show_default=False)] = None,
+    drop_short: Annotated[bool, typer.Option("--drop-short", help="Skip series too short for the horizon instead of failing.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Forecast every series of the dataset, score the forecasts (hold-out and rolling-origin CV
+    against SeasonalNaive), flag readings outside the prediction interval, and write the report."""
+    from sensorfleet.forecasting.errors import ForecastInputError
+    from sensorfleet.forecasting.pipeline import ForecastOptions, Progress, run_forecast
+
+    spec_fleet = _load_fleet(fleet) if fleet else None
+    options = ForecastOptions.from_fleet(
+        spec_fleet, data=data, out=out_dir, horizon=horizon, model=model, level=level, frequency=frequency, window_days=window_days,
+        cv_windows=cv_windows, seed=seed, n_jobs=jobs, protocols=protocol, drop_short=drop_short,
+    )
+    try:
+        run = run_forecast(options, Progress(enabled=not quiet))
+    except ForecastInputError as exc:
+        raise _fail(str(exc)) from None
+    except Exception as exc:  # the TimeGPT service: an HTTP failure is not a bug of ours
+        if type(exc).__module__.startswith(("nixtla", "httpx", "tenacity")):
+            raise _fail(f"TimeGPT request failed ({type(exc).__name__}): {exc}", code=1) from None
+        raise
+    head = run.metrics["headline"]
+    table = Table(title=f"forecast: {head['series']} series, horizon {options.horizon}, written to {options.out}")
+    for column in ("model", "MAE", "MASE", f"MASE / {head['baseline']}", "CV MASE ratio", "anomalies flagged"):
+        table.add_column(column, justify="right")
+
+    def show(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4g}"
+
+    table.add_row(head["model"], show(head["mae"]), show(head["mase"]), show(head["mase_vs_baseline"]), show(head["cv_mase_vs_baseline"]), str(head["anomalies_flagged"]))
+    out.print(table)
+    out.print(f"report: {Path(options.out) / 'report.html'}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `generate` and `forecast` to the `sensorfleet` app."""
+    app.command("generate")(generate)
+    app.command("forecast")(forecast)
