@@ -1,0 +1,165 @@
+"""Fixtures for the CoAP and OPC UA tests: small fleets, simulator/collector processes started
+through the real `sensorfleet simulate|collect` entry points, and dataset checks."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from sensorfleet.dataset import read_dataset
+from sensorfleet.runtime import free_port
+from sensorfleet.signals import SignalModel, device_index
+from sensorfleet.spec import load_fleet
+from sensorfleet.testing import Component, component, wait_until
+
+FLEET_NAME = "proto"
+
+
+@pytest.fixture
+def write_fleet(tmp_path):
+    """A fleet manifest with only `protocol` enabled (few devices, a fast interval)."""
+
+    def write(protocol: str, devices: int = 4, interval: float = 0.25, **extra) -> Path:
+        protocols = {p: {"enabled": False} for p in ("mqtt", "coap", "opcua")}
+        protocols[protocol] = {"enabled": True, "devices": devices, "interval": interval, **extra}
+        doc = {
+            "apiVersion": "sensorfleet.io/v1alpha1",
+            "kind": "SensorFleet",
+            "metadata": {"name": FLEET_NAME},
+            # Anomalies often enough that stuck-at and dropouts cross the wire in a short run.
+            "spec": {"protocols": protocols, "collector": {"flushInterval": 0.5},
+                     "anomalies": {"stuckProbability": 0.1, "stuckDuration": 4, "dropoutProbability": 0.1, "dropoutDuration": 3}},
+        }
+        path = tmp_path / f"{protocol}-fleet.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def procs():
+    """Started components, stopped (SIGKILL if need be) at the end of the test."""
+    started: list[Component] = []
+    yield started
+    for c in started:
+        if c.process and c.process.poll() is None:
+            c.signal(signal.SIGKILL)
+            c.wait(10)
+
+
+def start_simulator(procs: list, protocol: str, fleet: Path, workdir: Path, port: int) -> Component:
+    sim = component("simulate", protocol, fleet, workdir, "--port", str(port)).start()
+    procs.append(sim)
+    wait_until(lambda: "simulator of fleet" in sim.log(), 60, message=f"{protocol} simulator serving; log:\n{sim.log()[-2000:]}")
+    return sim
+
+
+def start_collector(procs: list, protocol: str, fleet: Path, workdir: Path, data: Path, *targets: str) -> Component:
+    args = [a for t in targets for a in ("--target", t)]
+    col = component("collect", protocol, fleet, workdir, "--data", str(data), *args).start()
+    procs.append(col)
+    return col
+
+
+def summary(c: Component) -> dict:
+    """The SUMMARY line a simulator or collector logs when it stops."""
+    lines = re.findall(r"SUMMARY (\{.*\})", c.log())
+    assert lines, f"no SUMMARY in log:\n{c.log()[-3000:]}"
+    return json.loads(lines[-1])
+
+
+def stop(c: Component) -> dict:
+    code = c.stop()
+    assert code == 0, f"exit code {code}; log:\n{c.log()[-3000:]}"
+    return summary(c)
+
+
+def labelled(port: int) -> dict[tuple[str, tuple], float]:
+    """Every sample of a /metrics endpoint keyed by (name, sorted labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    out: dict[tuple[str, tuple], float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def malformed_by_reason(port: int) -> dict[str, float]:
+    counts: dict[str, float] = defaultdict(float)
+    for (name, labels), value in labelled(port).items():
+        if name == "sensorfleet_payloads_malformed_total":
+            counts[dict(labels)["reason"]] += value
+    return dict(counts)
+
+
+def stored_frame(data: Path, protocol: str) -> pd.DataFrame:
+    df = read_dataset(str(data), protocols=[protocol])
+    assert len(df), "nothing stored"
+    return df
+
+
+def assert_values_match_model(df: pd.DataFrame, fleet_path: Path, protocol: str) -> None:
+    """Every stored value, quality and timestamp is exactly what the signal model says for it."""
+    fleet = load_fleet(fleet_path)
+    model = SignalModel(fleet.spec, fleet.name, protocol)
+    names = [s.name for s in fleet.spec.sensors]
+    sample = df.sample(min(len(df), 400), random_state=1)
+    devices = np.array([device_index(d) for d in sample["device"]])
+    block = model.block(devices, sample["seq"].to_numpy())
+    readings = model.readings(block)
+    for i, (_, row) in enumerate(sample.iterrows()):
+        expected = readings[i * len(names) + names.index(row["sensor"])]
+        assert row["quality"] == expected.quality
+        assert row["anomaly"] == expected.anomaly or (protocol == "opcua" and expected.anomaly == "spike" and row["anomaly"] is None)
+        if expected.value is None:
+            assert pd.isna(row["value"])
+        else:
+            assert row["value"] == pytest.approx(expected.value, rel=1e-12, abs=1e-9)
+        assert abs(row["ts"].timestamp() - expected.ts.timestamp()) < 1e-5
+        assert row["unit"] == expected.unit
+
+
+def seq_accounting(df: pd.DataFrame) -> tuple[int, int]:
+    """(sum over series of max-min+1, rows): their difference is the readings missing inside series."""
+    spans = df.groupby(["device", "sensor"])["seq"].agg(["min", "max", "count"])
+    return int((spans["max"] - spans["min"] + 1).sum()), int(spans["count"].sum())
+
+
+def last_tick_sum(df: pd.DataFrame) -> int:
+    """Sum over devices of the last stored seq (all sensors of a device share their ticks)."""
+    return int(df.groupby("device")["seq"].max().sum())
+
+
+@pytest.fixture
+def udp_port() -> int:
+    return free_port(udp=True)
+
+
+@pytest.fixture
+def tcp_port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def h():
+    """The helpers above, for test modules (importlib mode: test files cannot import conftest)."""
+    import types
+
+    return types.SimpleNamespace(
+        start_simulator=start_simulator, start_collector=start_collector, summary=summary, stop=stop,
+        labelled=labelled, malformed_by_reason=malformed_by_reason, stored_frame=stored_frame,
+        assert_values_match_model=assert_values_match_model, seq_accounting=seq_accounting,
+        last_tick_sum=last_tick_sum, wait_until=wait_until,
+    )
