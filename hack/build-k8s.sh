@@ -56,6 +56,10 @@ if [[ $force == 0 ]] && cache_is_fresh; then
   exit 0
 fi
 
+if ! command -v go >/dev/null; then
+  say "error: no \`go\` on PATH; the binaries are built from source and need Go >= 1.21 (it fetches 1.26+ itself)"
+  exit 1
+fi
 # All pinned modules declare `go 1.26`; only fall back to a downloaded toolchain if ours is older.
 go_minor="$(go env GOVERSION | sed -E 's/^go1\.([0-9]+).*/\1/')"
 if (( go_minor < 26 )); then
