@@ -223,13 +223,31 @@ class FleetRun:
             (self.log_dir / "mosquitto.conf").write_text(self.plan.mosquitto_conf)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         for spec in self.plan.children:
-            log_path = self.log_dir / f"{spec.name}.log"
-            with open(log_path, "ab") as log_file:
-                process = subprocess.Popen(spec.argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=_set_pdeathsig)
-            child = Child(spec, process, log_path)
-            self.children.append(child)
-            self.log(f"started {spec.name} (pid {process.pid}): {' '.join(spec.argv)}")
-            self._wait_ready(child)
+            for attempt in range(3):
+                child = self._spawn(spec, env)
+                try:
+                    self._wait_ready(child)
+                    break
+                except FleetRunError:
+                    # Ports were free when planned; another program may have taken a metrics
+                    # port since. Pick another one rather than fail the whole fleet.
+                    if attempt == 2 or not spec.metrics_port or "metrics port" not in child.tail():
+                        raise
+                    self.children.remove(child)
+                    self.log(f"{spec.name}: metrics port {spec.metrics_port} was taken meanwhile; retrying on another")
+                    new_port = free_port()
+                    index = spec.argv.index("--metrics-port") + 1
+                    spec.argv[index] = str(new_port)
+                    spec.metrics_port = new_port
+
+    def _spawn(self, spec: ChildSpec, env: dict[str, str]) -> Child:
+        log_path = self.log_dir / f"{spec.name}.log"
+        with open(log_path, "ab") as log_file:
+            process = subprocess.Popen(spec.argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=_set_pdeathsig)
+        child = Child(spec, process, log_path)
+        self.children.append(child)
+        self.log(f"started {spec.name} (pid {process.pid}): {' '.join(spec.argv)}")
+        return child
 
     def _wait_ready(self, child: Child) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT

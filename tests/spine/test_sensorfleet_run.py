@@ -96,3 +96,34 @@ def test_a_child_dying_mid_run_stops_the_fleet_cleanly(write_fleet, tmp_path):
     assert "mqtt-simulator-0 exited unexpectedly" in output
     time.sleep(0.5)
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(fleet) in " ".join(p.info["cmdline"] or [])], "children left behind"
+
+
+def test_a_metrics_port_taken_after_planning_is_replaced(write_fleet, tmp_path, monkeypatch):
+    """Ports are free when planned; if another program takes one before the child binds it,
+    the runner retries that child on another port instead of failing the fleet."""
+    from sensorfleet import runner as runner_module
+    from sensorfleet.spec import load_fleet
+
+    fleet_path = write_fleet({"broker": {"port": 0}, "protocols": {"mqtt": {"devices": 5}}})
+    fleet = load_fleet(fleet_path)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    real_plan = runner_module.plan_run
+
+    def plan_with_a_stolen_port(*args, **kwargs):
+        plan = real_plan(*args, **kwargs)
+        collector = next(c for c in plan.children if c.role == "collector")
+        collector.argv[collector.argv.index("--metrics-port") + 1] = str(port)
+        collector.metrics_port = port
+        return plan
+
+    monkeypatch.setattr(runner_module, "plan_run", plan_with_a_stolen_port)
+    try:
+        code = runner_module.run_fleet(fleet, fleet_path, duration=3, data_url=str(tmp_path / "data"), log_dir=tmp_path / "logs", live=False)
+    finally:
+        taken.close()
+    assert code == 0
+    assert "was taken meanwhile; retrying" in (tmp_path / "logs" / "sensorfleet-run.log").read_text()
+    assert len(pd.read_parquet(tmp_path / "data")) > 0
