@@ -23,7 +23,7 @@ import paho.mqtt.client as mqtt
 from sensorfleet.collectors.base import CollectorSink
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.reading import MalformedReading, decode_json_payload
-from sensorfleet.runtime import BrokerAddress, CollectorOptions, parse_broker_url, stop_event_on_signals
+from sensorfleet.runtime import BrokerAddress, CollectorOptions, mqtt_client, parse_broker_url, stop_event_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,7 @@ class MqttCollector:
         )
         self._unacked: list[tuple[int, int]] = []  # (mid, qos) of messages in the current batch
         self._lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv311, clean_session=False, manual_ack=True)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
-        if broker.username:
-            self.client.username_pw_set(broker.username, broker.password)
-        if broker.tls:
-            self.client.tls_set()
+        self.client = mqtt_client(broker, self.client_id, clean_session=False, manual_ack=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message

@@ -27,7 +27,7 @@ import paho.mqtt.client as mqtt
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.reading import Reading
 from sensorfleet.replay import ReplaySource
-from sensorfleet.runtime import BrokerAddress, SimulatorOptions, parse_broker_url
+from sensorfleet.runtime import BrokerAddress, SimulatorOptions, mqtt_client, parse_broker_url
 from sensorfleet.signals import ANOMALY_NAMES, QUALITY_BAD, QUALITY_NAMES, SignalModel, TickBlock, device_id, shard_devices
 
 log = logging.getLogger(__name__)
@@ -107,14 +107,9 @@ class MqttSimulator:
         self.dropped = 0
         self._connected = threading.Event()
         client_id = f"{fleet.name}-mqtt-sim-{opts.replica}-{uuid.uuid4().hex[:6]}"
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True)
+        self.client = mqtt_client(broker, client_id, clean_session=True)
         self.client.max_inflight_messages_set(self.spec.max_inflight)
         self.client.max_queued_messages_set(self.spec.max_queued)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
-        if broker.username:
-            self.client.username_pw_set(broker.username, broker.password)
-        if broker.tls:
-            self.client.tls_set()
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         metrics.devices.set(len(self.devices))

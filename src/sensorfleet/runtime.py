@@ -75,6 +75,20 @@ def parse_broker_url(url: str) -> BrokerAddress:
     return BrokerAddress(parts.hostname, port, username, password, tls)
 
 
+def mqtt_client(broker: BrokerAddress, client_id: str, *, clean_session: bool, manual_ack: bool = False):
+    """A paho client for SensorFleet: MQTT 3.1.1 (the embedded amqtt broker speaks nothing newer),
+    reconnecting with back-off from 1 s up to 30 s, credentials and TLS from the broker address."""
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=clean_session, manual_ack=manual_ack)
+    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    if broker.username:
+        client.username_pw_set(broker.username, broker.password)
+    if broker.tls:
+        client.tls_set()
+    return client
+
+
 def setup_logging(level: str | None = None) -> None:
     logging.basicConfig(
         level=(level or os.environ.get("SENSORFLEET_LOG_LEVEL", "INFO")).upper(),
