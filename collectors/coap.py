@@ -43,6 +43,7 @@ CF_JSON, CF_CBOR, CF_LINK_FORMAT = 50, 60, 40
 RESOURCE_TYPE = "sensorfleet.reading"
 REGISTRATION_TIMEOUT = 5.0  # seconds to wait for the first response of a registration
 MAX_CONCURRENT_REQUESTS = 128  # registrations / polls in flight per target
+MAX_BACKOFF = 2.0  # seconds between registration attempts at most
 RECEIVE_BUFFER = 4 * 1024 * 1024  # bytes; capped by net.core.rmem_max
 
 # Observations are driven through callbacks: aiocoap's `async for` interface is a lossy one-slot
@@ -163,7 +164,7 @@ class TargetCollector:
             except (asyncio.TimeoutError, coap_error.Error, OSError) as exc:
                 self._drop(resource)
                 resource.retry_at = time.monotonic() + self.backoff
-                self.backoff = min(5.0, self.backoff * 2)
+                self.backoff = min(MAX_BACKOFF, self.backoff * 2)
                 log.debug("%s%s: registration failed: %r", self.base, resource.path, exc)
                 return
             self.backoff = 0.5
@@ -210,7 +211,7 @@ class TargetCollector:
                     self.metrics.error("discovery_failed").inc()
                     log.warning("%s: discovery failed (%s); retrying in %.1f s", self.base, exc or type(exc).__name__, self.backoff)
                     await _sleep_or_stop(stop, self.backoff)
-                    self.backoff = min(5.0, self.backoff * 2)
+                    self.backoff = min(MAX_BACKOFF, self.backoff * 2)
                     continue
             polling = now >= next_poll
             if polling:

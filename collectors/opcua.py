@@ -52,6 +52,7 @@ MONITORED_ITEMS_PER_REQUEST = 1000  # thousands in one request stall the server 
 NODES_PER_BROWSE = 500
 REQUEST_TIMEOUT = 30.0
 HEALTH_CHECK_INTERVAL = 1.0
+MAX_BACKOFF = 2.0  # seconds between reconnect attempts at most: a restarted server is found quickly
 # Monotonic time the seq of a value may sit off its device's tick grid, in ticks: values not
 # written by the simulator (or with a foreign clock) are refused instead of guessed.
 MAX_TICK_OFFSET = 0.01
@@ -157,7 +158,7 @@ class TargetCollector:
                     await asyncio.wait_for(stop.wait(), timeout=backoff)
                 except asyncio.TimeoutError:
                     pass
-                backoff = min(5.0, backoff * 2)
+                backoff = min(MAX_BACKOFF, backoff * 2)
 
     async def watch(self, client: Client, stop: asyncio.Event) -> None:
         """Return when stopping; raise when the server stops answering (restart, crash)."""
