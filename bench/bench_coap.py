@@ -1,0 +1,195 @@
+"""CoAP benchmark (issue 3): one simulator process + one collector process on this machine.
+
+1. Reference: libcoap's `coap-client` (C) observing the simulator: K clients, each observing one
+   fast resource; notifications/s the simulator pushes to a C peer.
+2. Capacity: N devices x 3 sensors at 1 Hz for growing N; a step holds when, over a measuring
+   window after warm-up, nothing is lost, the simulator dropped nothing and the collector stored
+   what was offered (>= 97 %). Reported: readings (= observe notifications) stored per second at
+   the largest N that holds, and the ratio to the reference.
+
+Run: `python bench/bench_coap.py [--quick]`; writes bench/results/coap.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from sensorfleet.runner import scrape
+from sensorfleet.runtime import free_port
+from sensorfleet.testing import component, wait_until
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SENSORS = 3
+console = Console()
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "load_average_1m": round(os.getloadavg()[0], 2),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def fleet_file(workdir: Path, devices: int, interval: float) -> Path:
+    doc = {
+        "apiVersion": "sensorfleet.io/v1alpha1",
+        "kind": "SensorFleet",
+        "metadata": {"name": "bench"},
+        "spec": {
+            "protocols": {"mqtt": {"enabled": False}, "opcua": {"enabled": False}, "coap": {"enabled": True, "devices": devices, "interval": interval}},
+            "collector": {"batchSize": 20000, "flushInterval": 1.0},
+        },
+    }
+    path = workdir / f"coap-{devices}-{interval}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _scrape(port: int) -> dict:
+    """/metrics of a busy process: its HTTP thread competes for the GIL, so be patient."""
+    for _ in range(10):
+        samples = scrape(port, timeout=5.0)
+        if samples is not None:
+            return samples
+        time.sleep(0.5)
+    raise RuntimeError(f"metrics endpoint :{port} is not answering")
+
+
+def _count_documents(text: str) -> int:
+    """coap-client prints notifications back to back; count the JSON documents."""
+    decoder, n, i = json.JSONDecoder(), 0, 0
+    text = text.strip()
+    while i < len(text):
+        try:
+            _, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            break
+        n += 1
+        while i < len(text) and text[i].isspace():
+            i += 1
+    return n
+
+
+def reference_coap_client(workdir: Path, clients: int, interval: float, seconds: int) -> dict:
+    """`coap-client -s` observers, one resource each, against the simulator."""
+    binary = shutil.which("coap-client-notls") or shutil.which("coap-client")
+    if not binary:
+        return {"error": "coap-client not installed (Debian libcoap3-bin)"}
+    fleet = fleet_file(workdir, clients, interval)
+    port = free_port(udp=True)
+    sim = component("simulate", "coap", fleet, workdir, "--port", str(port)).start()
+    try:
+        wait_until(lambda: "simulator of fleet" in sim.log(), 60, message="simulator serving")
+        outputs = [workdir / f"coap-client-{i}.out" for i in range(clients)]
+        procs = [subprocess.Popen([binary, "-m", "get", "-s", str(seconds), "-B", str(seconds + 5), f"coap://127.0.0.1:{port}/sensors/coap-{i:05d}/temperature"],
+                                  stdout=open(out, "wb"), stderr=subprocess.DEVNULL) for i, out in enumerate(outputs)]
+        for p in procs:
+            p.wait(seconds + 30)
+        received = sum(_count_documents(out.read_text(errors="replace")) for out in outputs)
+        samples = _scrape(sim.metrics_port)
+    finally:
+        sim.stop()
+    offered = clients / interval
+    return {"clients": clients, "interval_s": interval, "seconds": seconds, "offered_per_s": round(offered), "received": received,
+            "notifications_per_s": round(received / seconds), "simulator_dropped": samples.get("sensorfleet_readings_dropped_total", 0.0)}
+
+
+def capacity_step(workdir: Path, devices: int, warmup: float, window: float) -> dict:
+    """N devices at 1 Hz through one simulator and one collector: does it hold?"""
+    step = workdir / f"step-{devices}"
+    step.mkdir()
+    fleet = fleet_file(step, devices, 1.0)
+    port = free_port(udp=True)
+    sim = component("simulate", "coap", fleet, step, "--port", str(port)).start()
+    col = None
+    try:
+        wait_until(lambda: "simulator of fleet" in sim.log(), 120, message="simulator serving")
+        col = component("collect", "coap", fleet, step, "--data", str(step / "data"), "--target", f"coap://127.0.0.1:{port}").start()
+        wait_until(lambda: _scrape(col.metrics_port).get("sensorfleet_connected") == 1, 120, message="collector observing everything")
+        time.sleep(warmup)
+        c0, s0, t0 = _scrape(col.metrics_port), _scrape(sim.metrics_port), time.monotonic()
+        time.sleep(window)
+        c1, s1, t1 = _scrape(col.metrics_port), _scrape(sim.metrics_port), time.monotonic()
+    finally:
+        sim.stop()
+        if col is not None:
+            time.sleep(1.0)
+            col.stop()
+    elapsed = t1 - t0
+
+    def delta(a: dict, b: dict, name: str) -> float:
+        return b.get(name, 0.0) - a.get(name, 0.0)
+
+    offered = devices * SENSORS
+    received = delta(c0, c1, "sensorfleet_readings_received_total") / elapsed
+    stored = delta(c0, c1, "sensorfleet_readings_stored_total") / elapsed
+    lost = delta(c0, c1, "sensorfleet_readings_lost_total") - delta(c0, c1, "sensorfleet_readings_late_total")
+    dropped = delta(s0, s1, "sensorfleet_readings_dropped_total")
+    cpu = {"simulator_cpu": round(delta(s0, s1, "process_cpu_seconds_total") / elapsed, 2), "collector_cpu": round(delta(c0, c1, "process_cpu_seconds_total") / elapsed, 2)}
+    holds = lost == 0 and dropped == 0 and received >= 0.97 * offered
+    return {"devices": devices, "offered_per_s": offered, "received_per_s": round(received), "stored_per_s": round(stored), "lost": int(lost),
+            "simulator_dropped": int(dropped), "holds": holds, **cpu,
+            "collector_rss_mib": round(c1.get("process_resident_memory_bytes", 0) / 2**20), "simulator_rss_mib": round(s1.get("process_resident_memory_bytes", 0) / 2**20)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="CoAP benchmark")
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter steps")
+    args = parser.parse_args(argv)
+    steps = [500, 1700] if args.quick else [1000, 1700, 2500, 3400]
+    window = 10.0 if args.quick else 20.0
+    result: dict = {"protocol": "coap", "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with tempfile.TemporaryDirectory(prefix="bench-coap-") as tmp:
+        workdir = Path(tmp)
+        console.print("[bold]reference[/bold]: coap-client observers against the simulator")
+        result["reference"] = reference_coap_client(workdir, clients=20, interval=0.005, seconds=10)
+        result["capacity"] = []
+        for devices in steps:
+            console.print(f"[bold]capacity[/bold]: {devices} devices x {SENSORS} sensors at 1 Hz")
+            step = capacity_step(workdir, devices, warmup=5.0, window=window)
+            result["capacity"].append(step)
+            console.print(step)
+            if not step["holds"]:
+                break
+    held = [s for s in result["capacity"] if s["holds"]]
+    best = max(held, key=lambda s: s["devices"]) if held else None
+    reference_rate = result["reference"].get("notifications_per_s")
+    result["largest_devices_at_1hz"] = best["devices"] if best else 0
+    result["readings_per_s_stored"] = best["stored_per_s"] if best else 0
+    result["notifications_per_s"] = best["received_per_s"] if best else 0
+    result["target_notifications_per_s"] = 5000
+    result["ratio_to_coap_client"] = round(result["notifications_per_s"] / reference_rate, 2) if reference_rate else None
+    result["machine"]["load_average_1m_end"] = round(os.getloadavg()[0], 2)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "coap.json"
+    out.write_text(json.dumps(result, indent=2))
+
+    table = Table(title=f"CoAP: one simulator + one collector ({result['machine']['cpus']} cores, load {result['machine']['load_average_1m']})")
+    for col in ("run", "devices", "offered/s", "received/s", "stored/s", "lost", "sim dropped", "holds", "sim CPU", "col CPU"):
+        table.add_column(col)
+    ref = result["reference"]
+    if "error" not in ref:
+        table.add_row("coap-client x%d (reference)" % ref["clients"], str(ref["clients"]), str(ref["offered_per_s"]), str(ref["notifications_per_s"]), "-", "-", str(int(ref["simulator_dropped"])), "-", "-", "-")
+    for s in result["capacity"]:
+        table.add_row("sensorfleet", str(s["devices"]), str(s["offered_per_s"]), str(s["received_per_s"]), str(s["stored_per_s"]), str(s["lost"]), str(s["simulator_dropped"]),
+                      "yes" if s["holds"] else "no", str(s["simulator_cpu"]), str(s["collector_cpu"]))
+    console.print(table)
+    console.print(f"largest at 1 Hz: {result['largest_devices_at_1hz']} devices = {result['notifications_per_s']} notifications/s "
+                  f"(target {result['target_notifications_per_s']}); ratio to coap-client reference: {result['ratio_to_coap_client']}; written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
