@@ -14,9 +14,10 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 
 import fsspec
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -92,11 +93,15 @@ class DatasetWriter:
     def write_table(self, table: pa.Table) -> list[str]:
         if table.num_rows == 0:
             return []
-        dates = pc.strftime(table["ts"], format="%Y-%m-%d").to_numpy(zero_copy_only=False)
+        # UTC day number per row (integer arithmetic; formatting a string per row is slow).
+        micros = pc.cast(table["ts"], pa.int64()).to_numpy(zero_copy_only=False)
+        days = micros // 86_400_000_000
+        unique_days = np.unique(days)
         paths = []
-        for day in sorted(set(dates.tolist())):
-            part = table.filter(pa.array(dates == day)) if len(set(dates.tolist())) > 1 else table
-            paths.append(self._write_one(part, day))
+        for day in unique_days.tolist():
+            part = table.filter(pa.array(days == day)) if len(unique_days) > 1 else table
+            label = (date(1970, 1, 1) + timedelta(days=day)).isoformat()
+            paths.append(self._write_one(part, label))
         return paths
 
     def write(self, batch: ReadingBatch) -> list[str]:
