@@ -58,6 +58,7 @@ class Reconciler:
         self.metrics = metrics
         self.fleets: dict[Key, FleetState] = {}
         self.resync_seconds = resync_seconds
+        self.recheck_seconds = 5.0
         self._workers = workers
         self._queue: asyncio.Queue[Key] = asyncio.Queue()
         self._pending: dict[Key, int] = {}
@@ -300,6 +301,9 @@ class Reconciler:
             state.body = {**state.body, "status": live.get("status", status)}
         self.last_status[key] = status
         self._update_fleet_gauge()
+        if fleet is not None and not failures and ready_condition(status) != "True":
+            # Not ready yet: look again soon even if a child's watch event is late or lost.
+            asyncio.get_running_loop().call_later(self.recheck_seconds, self.enqueue, key, STATUS)
 
     async def _events(self, key: Key, state: FleetState, previous: dict[str, Any], status: dict[str, Any]) -> None:
         """An Event when a condition changes: Warning for Degraded (with the reason), Normal for Ready."""
