@@ -43,7 +43,7 @@ def make_fleet() -> SensorFleet:
                       "coap": {"enabled": True, "devices": 2, "interval": 0.2},
                       "opcua": {"enabled": True, "devices": 2, "interval": 0.2}},
         "collector": {"flushInterval": 0.5},
-        "forecasting": {"horizon": 5, "frequency": "1s"},
+        "forecasting": {"horizon": 30, "frequency": "1min"},
     }})
 
 
@@ -223,6 +223,13 @@ def test_broker_simulator_and_collector_commands_store_readings_of_every_protoco
 
 
 def test_forecast_cronjob_command_writes_a_report_next_to_the_data(ran_fleet: Pods) -> None:
+    # A live fleet needs days of history before a daily season can be fitted; users seed it with
+    # `sensorfleet generate` (docs/forecasting.md) — two days up to now, then the live readings.
+    from datetime import datetime, timedelta, timezone
+
+    start = (datetime.now(timezone.utc) - timedelta(days=2)).replace(second=0, microsecond=0)
+    seeded = subprocess.run([sys.executable, "-m", "sensorfleet.cli", "generate", str(ran_fleet.fleet_file), "--days", "1.99", "--interval", "60", "--start", start.isoformat(), "--data", str(ran_fleet.data), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert seeded.returncode == 0, seeded.stderr[-2000:]
     forecast = ran_fleet.pod("CronJob", builders.forecast_name(FLEET))["containers"][0]
     result = ran_fleet.run("forecast", forecast, timeout=300)
     assert result.returncode == 0, f"forecast command failed ({forecast['args']}):\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
