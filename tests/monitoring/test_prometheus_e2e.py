@@ -97,9 +97,13 @@ class Process:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def terminate(self) -> None:
         if self.popen.poll() is None:
             os.killpg(self.popen.pid, signal.SIGTERM)
+
+    def stop(self, timeout: float = 45.0) -> None:
+        if self.popen.poll() is None:
+            self.terminate()
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -174,9 +178,6 @@ def stack(k8s_cluster: devcluster.Cluster, tmp_path_factory: pytest.TempPathFact
         devdeploy.install_chart(k8s_cluster, namespace=OPERATOR_NAMESPACE, release=RELEASE, extra=["--set", f"watchNamespaces={{{FLEETS_NAMESPACE}}}"])
         operator = devdeploy.start_operator(k8s_cluster, work / "operator", namespace=OPERATOR_NAMESPACE, service_account=f"{RELEASE}-operator", args=["--namespace", FLEETS_NAMESPACE])
         operator.wait_leading()
-        manifest = yaml.safe_load(fleet_file.read_text())
-        manifest["metadata"]["namespace"] = FLEETS_NAMESPACE
-        k8s_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
 
         # The forecast exporter, started before the report exists: it reads at every scrape.
         exporter_port = free_port()
@@ -219,11 +220,22 @@ def stack(k8s_cluster: devcluster.Cluster, tmp_path_factory: pytest.TempPathFact
                 return False
 
         wait_until(prometheus_ready, timeout=30, message="Prometheus to be ready")
+        # A fleet for the operator, applied once Prometheus scrapes it, so that its reconciles
+        # (counts and durations) happen inside the scraped window.
+        manifest = yaml.safe_load(fleet_file.read_text())
+        manifest["metadata"]["namespace"] = FLEETS_NAMESPACE
+        k8s_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
         endpoints = {t["labels"]["process"]: f"http://{t['targets'][0]}/metrics" for t in json.loads(targets_file.read_text())}
         endpoints["spare-coap-simulator"] = f"http://127.0.0.1:{spare.metrics_port}/metrics"
         endpoints["forecast-exporter"] = f"http://127.0.0.1:{exporter_port}/metrics"
         endpoints["operator"] = f"{operator.url}/metrics"
         assert len([n for n in endpoints if "simulator" in n]) >= 4 and len([n for n in endpoints if "collector" in n]) == 3, endpoints
+
+        # Then a user's edit: a second reconcile, so the scraped reconcile counters and durations
+        # have increased inside the window (a series first seen at 1 shows no rate yet).
+        first_reconcile = f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": 'sensorfleet_operator_reconcile_duration_seconds_count{kind="full"}'})
+        wait_until(lambda: json.load(urllib.request.urlopen(first_reconcile, timeout=5))["data"]["result"], timeout=60, message="Prometheus to scrape the operator's first reconcile")
+        k8s_cluster.kubectl("patch", "sensorfleet", FLEET, "--namespace", FLEETS_NAMESPACE, "--type", "merge", "--patch", '{"spec": {"protocols": {"mqtt": {"devices": 6}}}}')
 
         forecast.popen.wait(240)
         assert forecast.popen.returncode == 0, f"generate + forecast failed:\n{forecast.tail()}"
@@ -233,11 +245,17 @@ def stack(k8s_cluster: devcluster.Cluster, tmp_path_factory: pytest.TempPathFact
         if spare is not None:
             spare.stop()
         for process in reversed(processes):
-            process.stop()
+            process.terminate()  # `sensorfleet run` drains its fleet meanwhile: waited for below
+        # Leave the cluster as we found it for the other tests of the session: the fleet deleted
+        # while our operator still runs (it handles the deletion), then the operator, the release
+        # and the namespaces.
+        k8s_cluster.kubectl("delete", "sensorfleets", "--all", "--namespace", FLEETS_NAMESPACE, "--timeout=60s", check=False)
         if operator is not None:
             operator.stop()
-        k8s_cluster.kubectl("delete", "namespace", FLEETS_NAMESPACE, "--wait=false", check=False)
-        k8s_cluster.helm("uninstall", RELEASE, "--namespace", OPERATOR_NAMESPACE, check=False)
+        k8s_cluster.helm("uninstall", RELEASE, "--namespace", OPERATOR_NAMESPACE, "--wait", check=False)
+        k8s_cluster.kubectl("delete", "namespace", FLEETS_NAMESPACE, OPERATOR_NAMESPACE, "--timeout=120s", check=False)
+        for process in reversed(processes):
+            process.stop()
 
 
 def fetch(url: str) -> str:
@@ -287,6 +305,7 @@ def finite(result: list[dict[str, Any]]) -> bool:
 def test_every_dashboard_panel_query_returns_data(stack: Stack) -> None:
     queries = dashboard_queries()
     assert len(queries) >= 20
+    stored = next(expr for title, expr in queries if "sensorfleet_readings_stored_total" in expr)
     empty: list[str] = []
 
     def all_have_data() -> bool:
@@ -295,6 +314,10 @@ def test_every_dashboard_panel_query_returns_data(stack: Stack) -> None:
             result = stack.query(fill_variables(expr))
             if not finite(result):
                 empty.append(f"{title}: {fill_variables(expr)} -> {result}")
+        # and readings/s shows every protocol storing, not just a line at zero
+        by_protocol = {r["metric"]["protocol"]: float(r["value"][1]) for r in stack.query(fill_variables(stored))}
+        if set(by_protocol) != {"mqtt", "coap", "opcua"} or not all(v > 0 for v in by_protocol.values()):
+            empty.append(f"readings stored per second by protocol: {by_protocol}")
         return not empty
 
     try:
@@ -304,9 +327,6 @@ def test_every_dashboard_panel_query_returns_data(stack: Stack) -> None:
     # The variables: the fleet variable offers the running fleet; a different fleet filters out.
     fleets = stack.api("/api/v1/label/fleet/values", **{"match[]": "sensorfleet_component_info"})
     assert FLEET in fleets and SPARE_FLEET in fleets
-    stored = next(expr for title, expr in queries if "sensorfleet_readings_stored_total" in expr)
-    by_protocol = {r["metric"]["protocol"]: float(r["value"][1]) for r in stack.query(fill_variables(stored))}
-    assert set(by_protocol) == {"mqtt", "coap", "opcua"} and all(v > 0 for v in by_protocol.values()), by_protocol
     assert stack.query(fill_variables(stored, fleet="no-such-fleet")) == []
     # The forecast panels show the report the pipeline wrote.
     report = json.loads(stack.report.read_text())
