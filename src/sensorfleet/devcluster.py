@@ -311,7 +311,7 @@ def write_kubeconfig(
 # --------------------------------------------------------------------------------------------
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     """Distinct free ports on 127.0.0.1 (held open together so the kernel cannot repeat one)."""
     sockets = []
     try:
@@ -323,6 +323,9 @@ def _free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+_free_ports = free_ports  # the name operator/devdeploy.py used first
 
 
 def port_is_free(port: int) -> bool:
@@ -693,7 +696,7 @@ def start_cluster(
     pki = state_dir / "pki"
     logs = cluster_dir / "logs"
     names = ("etcd", "etcd-peer", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
-    ports = dict(zip(names, _free_ports(len(names)), strict=True))
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     server = f"https://127.0.0.1:{ports['kube-apiserver']}"
     cluster = Cluster(
         kubeconfig=cluster_dir / "kubeconfig",
