@@ -52,6 +52,7 @@ MONITORED_ITEMS_PER_REQUEST = 1000  # thousands in one request stall the server 
 NODES_PER_BROWSE = 500
 REQUEST_TIMEOUT = 30.0
 HEALTH_CHECK_INTERVAL = 1.0
+HEALTH_TIMEOUT = 15.0  # seconds a server may take to answer a status read before it counts as hung
 MAX_BACKOFF = 2.0  # seconds between reconnect attempts at most: a restarted server is found quickly
 # Monotonic time the seq of a value may sit off its device's tick grid, in ticks: values not
 # written by the simulator (or with a foreign clock) are refused instead of guessed.
@@ -114,7 +115,11 @@ class TargetCollector:
 
     # --- connection -----------------------------------------------------------------------------
     async def _client(self) -> Client:
-        client = Client(self.url, timeout=REQUEST_TIMEOUT)
+        # asyncua's own watchdog probes the server every `watchdog_intervall` with that same
+        # timeout (1 s by default) and declares the connection lost when a busy server (creating
+        # thousands of monitored items, or starved of CPU) answers later. A dead server closes the
+        # TCP connection anyway; a hung one is caught by `watch`.
+        client = Client(self.url, timeout=REQUEST_TIMEOUT, watchdog_intervall=HEALTH_TIMEOUT)
         client.session_timeout = 60_000
         if self.cfg.authentication == "username":
             username, password = os.environ.get(ENV_USERNAME), os.environ.get(ENV_PASSWORD)
@@ -171,7 +176,7 @@ class TargetCollector:
             if self.lost_subscription:
                 self.lost_subscription = False
                 raise ConnectionError("subscription lost")
-            await asyncio.wait_for(state.read_value(), timeout=max(5.0, 3 * self.cfg.publishing_interval))
+            await asyncio.wait_for(state.read_value(), timeout=max(HEALTH_TIMEOUT, 3 * self.cfg.publishing_interval))
 
     # --- address space --------------------------------------------------------------------------
     async def browse(self, client: Client) -> list[tuple[ua.NodeId, str, str]]:
@@ -216,9 +221,10 @@ class TargetCollector:
         params.Priority = 0
         subscription = SensorFleetSubscription(client.uaclient.session, params, self)
         await subscription.init()
-        # A value changes every `interval`; the queue holds what one publishing interval (plus
-        # slack for a late publish) accumulates, so no change is overwritten by the next.
-        queue_size = max(2, math.ceil(3 * publishing / interval) + 1)
+        # A value changes every `interval`; the queue holds what ten publishing intervals
+        # accumulate, so no change is overwritten while the server is late to publish (it is,
+        # while it creates thousands of monitored items or is starved of CPU).
+        queue_size = max(4, math.ceil(10 * publishing / interval) + 1)
         phases = self.model.phase(np.array([device_index(d) for _, d, _ in variables], dtype=np.int64)).tolist() if variables else []
         handle_base = len(self.nodes) + 1
         self.nodes.clear()
