@@ -213,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         result["capacity"] = []
         for devices in steps:
             console.print(f"[bold]capacity[/bold]: {devices} devices x {SENSORS} sensors at 1 Hz")
-            step = capacity_step(workdir, devices, warmup=5.0, window=window)
+            try:
+                step = capacity_step(workdir, devices, warmup=5.0, window=window)
+            except (AssertionError, RuntimeError) as exc:  # never got going: that is "does not hold"
+                step = {"devices": devices, "offered_per_s": devices * SENSORS, "received_per_s": 0, "stored_per_s": 0, "lost": 0, "simulator_dropped": 0,
+                        "holds": False, "error": str(exc).splitlines()[0], "simulator_cpu": "-", "collector_cpu": "-", "simulator_startup_s": "-"}
             result["capacity"].append(step)
             console.print(step)
             if not step["holds"]:

@@ -129,6 +129,8 @@ class TargetCollector:
         if not response.code.is_successful():
             raise ConnectionError(f"{self.base}/.well-known/core answered {response.code}")
         paths = [link.href for link in linkformat.parse(response.payload.decode()).links]
+        if not paths:
+            raise ConnectionError(f"{self.base}/.well-known/core lists no rt={RESOURCE_TYPE} resources (yet)")
         for path in paths:
             self.resources.setdefault(path, _Resource(path))
         log.info("%s: discovered %d resources", self.base, len(paths))
