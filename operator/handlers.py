@@ -39,17 +39,18 @@ def make_registry(client: KubeClient) -> kopf.OperatorRegistry:
     def login(**_: Any) -> kopf.ConnectionInfo:
         return client.connection_info()  # re-read on every re-login: rotated tokens are picked up
 
+    # The handlers are coroutines: kopf runs a plain function in a thread pool, and the Reconciler's
+    # queue and dicts belong to the event loop (a put from another thread does not wake a worker).
     @kopf.on.event(API_GROUP, API_VERSION, PLURAL, registry=registry)
-    def fleet_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    async def fleet_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         if type == "DELETED":
             memo.reconciler.fleet_gone(body["metadata"]["namespace"], body["metadata"]["name"])
         else:
             memo.reconciler.fleet_seen(_plain(body))
 
     for group, version, plural in WATCHED_CHILDREN:
-        def child_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-            if type is None:
-                return  # the initial listing: the fleets' own first pass covers it
+        async def child_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+            # type None is the initial listing: it fills the Reconciler's view of Deployments/Jobs.
             memo.reconciler.child_seen(type, _plain(body))
 
         kopf.on.event(group, version, plural, labels=CHILD_LABELS, registry=registry,
@@ -77,4 +78,7 @@ def operator_settings(settings: kopf.OperatorSettings | None = None) -> kopf.Ope
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
+    # Events of one object are coalesced for this long before a handler runs (kopf's default 0.1 s
+    # is a tenth of the apply -> children budget); the Reconciler's queue coalesces anyway.
+    settings.batching.batch_window = 0.02
     return settings

@@ -7,6 +7,12 @@ fleet is never reconciled twice concurrently), coalescing bursts of events into 
 of work: FULL (apply every child, prune the unwanted ones, then status) after a spec change, a
 hand-edited or deleted child, or a periodic resync; STATUS (recompute status only) when a child's
 status moved (pods became ready, a forecast job finished).
+
+Status is computed from the Deployments and Jobs the watch delivered (and the live objects the
+applies returned), so a STATUS pass makes no request unless the status changed: a hundred fleets
+rolling out at once cost the API server one status PATCH per real change, not two LISTs per event.
+The handlers are coroutines and run on the event loop, like the workers (the queue is not
+thread-safe).
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ Key = tuple[str, str]  # (namespace, fleet name)
 
 # Kinds the operator may have created for a fleet and lists when pruning.
 PRUNED_KINDS = ("Deployment", "Service", "ConfigMap", "PersistentVolumeClaim", "CronJob")
+# Kinds whose state the status is computed from (kept from the watch, see Reconciler.observed).
+STATUS_KINDS = ("Deployment", "Job")
 
 
 def _now() -> str:
@@ -58,7 +66,6 @@ class Reconciler:
         self.metrics = metrics
         self.fleets: dict[Key, FleetState] = {}
         self.resync_seconds = resync_seconds
-        self.recheck_seconds = 5.0
         self._workers = workers
         self._queue: asyncio.Queue[Key] = asyncio.Queue()
         self._pending: dict[Key, int] = {}
@@ -66,6 +73,9 @@ class Reconciler:
         self._tasks: list[asyncio.Task[None]] = []
         self._apply_limit = asyncio.Semaphore(apply_concurrency * workers)
         self.last_status: dict[Key, dict[str, Any]] = {}
+        # What the watch (and our applies) last showed of each fleet's Deployments and Jobs:
+        # key -> (kind, name) -> body. Status is computed from it without a request.
+        self.observed: dict[Key, dict[tuple[str, str], dict[str, Any]]] = {}
 
     # --- queue -----------------------------------------------------------------------------
 
@@ -133,16 +143,24 @@ class Reconciler:
     def fleet_gone(self, namespace: str, name: str) -> None:
         self.fleets.pop((namespace, name), None)
         self.last_status.pop((namespace, name), None)
+        self.observed.pop((namespace, name), None)
         self._update_fleet_gauge()
 
-    def child_seen(self, event: str, body: dict[str, Any]) -> None:
+    def child_seen(self, event: str | None, body: dict[str, Any]) -> None:
+        """A watch event of a labelled child (`event` None: the watch's initial listing)."""
         meta = body.get("metadata", {})
         fleet = (meta.get("labels") or {}).get(builders.FLEET_LABEL)
         key = (meta.get("namespace", ""), fleet or "")
+        kind = body.get("kind", "")
+        if kind in STATUS_KINDS and fleet:
+            self._observe(key, body, gone=event == "DELETED")
         state = self.fleets.get(key)
         if state is None or state.body["metadata"].get("deletionTimestamp"):
             return
-        kind = body.get("kind", "")
+        if event is None:  # listed, not changed: only what it tells about readiness matters
+            if kind in STATUS_KINDS:
+                self.enqueue(key, STATUS)
+            return
         if kind in ("Job", "Pod"):
             self.enqueue(key, STATUS)
             return
@@ -160,6 +178,21 @@ class Reconciler:
         else:
             changed = meta.get("resourceVersion") != rv
         self.enqueue(key, FULL if changed else STATUS)
+
+    def _observe(self, key: Key, body: dict[str, Any], gone: bool = False) -> None:
+        """Remember a Deployment or Job as last seen; never replace a newer version by an older one
+        (an apply's answer can be newer than the watch event that follows it)."""
+        meta = body.get("metadata", {})
+        child = (body.get("kind", ""), meta.get("name", ""))
+        children = self.observed.setdefault(key, {})
+        if gone:
+            children.pop(child, None)
+            return
+        known = children.get(child)
+        if known is not None and known.get("metadata", {}).get("uid") == meta.get("uid") and \
+                _rv(known) > _rv(body):
+            return
+        children[child] = body
 
     # --- one pass ---------------------------------------------------------------------------------
 
@@ -205,12 +238,12 @@ class Reconciler:
         return BrokerCredentials(builders.BROKER_USERNAME, secrets.token_urlsafe(24))
 
     async def _apply_all(self, fleet: SensorFleet, state: FleetState) -> list[Failure]:
-        try:
-            credentials = await self._credentials(fleet)
-        except ApiError as error:
-            return [Failure("CredentialsFailed", str(error))]
+        """Apply every child concurrently, in one round: the children that do not depend on the
+        broker credentials (found by building with two different ones) go out while the
+        credentials are read; the Secret and the broker Deployment follow. Nothing needs an
+        order: a pod whose ConfigMap or Secret is not there yet waits for it."""
         owner = builders.owner_from_body(state.body)
-        children = builders.build_children(fleet, owner, self.options, credentials)
+        key = (fleet.metadata.namespace, fleet.name)
 
         async def apply(manifest: dict[str, Any]) -> Failure | None:
             name, kind = manifest["metadata"]["name"], manifest["kind"]
@@ -225,14 +258,29 @@ class Reconciler:
             meta = live.get("metadata", {})
             before = state.applied.get((kind, name))
             state.applied[(kind, name)] = (meta.get("resourceVersion", ""), meta.get("generation"))
+            if kind in STATUS_KINDS:
+                self._observe(key, live)  # newer than the cache until the watch catches up
             self.metrics.applies.labels(kind, str(before is None or before[0] != meta.get("resourceVersion")).lower()).inc()
             return None
 
-        # Configuration first (pods mount it), then everything else concurrently.
-        config = [c for c in children if c["kind"] in ("ConfigMap", "Secret", "PersistentVolumeClaim")]
-        rest = [c for c in children if c not in config]
-        failures = [f for f in await asyncio.gather(*(apply(c) for c in config)) if f]
-        failures += [f for f in await asyncio.gather(*(apply(c) for c in rest)) if f]
+        if builders.uses_broker(fleet):
+            probe = builders.build_children(fleet, owner, self.options, BrokerCredentials("a", "a"))
+            other = builders.build_children(fleet, owner, self.options, BrokerCredentials("b", "b"))
+            independent = [c for c, o in zip(probe, other) if c == o]
+        else:
+            independent = builders.build_children(fleet, owner, self.options, None)
+        reading = asyncio.ensure_future(self._credentials(fleet))
+        first = asyncio.ensure_future(asyncio.gather(*(apply(c) for c in independent)))
+        try:
+            credentials = await reading
+        except (ApiError, OSError, asyncio.TimeoutError) as error:
+            await first
+            return [Failure("CredentialsFailed", str(error))]
+        failures = [f for f in await first if f]
+        children = builders.build_children(fleet, owner, self.options, credentials)
+        keys = {(c["kind"], c["metadata"]["name"]) for c in independent}
+        dependent = [c for c in children if (c["kind"], c["metadata"]["name"]) not in keys]
+        failures += [f for f in await asyncio.gather(*(apply(c) for c in dependent)) if f]
         state.desired = {(c["kind"], c["metadata"]["name"]) for c in children}
         return failures
 
@@ -284,11 +332,9 @@ class Reconciler:
             ]
             status["observedGeneration"] = generation
         else:
-            selector = builders.child_selector(fleet.name)
-            deployments, jobs = await asyncio.gather(
-                self.client.list("Deployment", namespace, selector),
-                self.client.list("Job", namespace, selector) if fleet.spec.forecasting.enabled else _empty(),
-            )
+            seen = self.observed.get(key, {})
+            deployments = [b for (k, _), b in seen.items() if k == "Deployment"]
+            jobs = [b for (k, _), b in seen.items() if k == "Job"] if fleet.spec.forecasting.enabled else []
             status = compute_status(fleet, generation, deployments, jobs, failures, previous, _now())
         await self._events(key, state, previous, status)
         if status != previous:
@@ -301,9 +347,6 @@ class Reconciler:
             state.body = {**state.body, "status": live.get("status", status)}
         self.last_status[key] = status
         self._update_fleet_gauge()
-        if fleet is not None and not failures and ready_condition(status) != "True":
-            # Not ready yet: look again soon even if a child's watch event is late or lost.
-            asyncio.get_running_loop().call_later(self.recheck_seconds, self.enqueue, key, STATUS)
 
     async def _events(self, key: Key, state: FleetState, previous: dict[str, Any], status: dict[str, Any]) -> None:
         """An Event when a condition changes: Warning for Degraded (with the reason), Normal for Ready."""
@@ -353,5 +396,9 @@ class Reconciler:
         return sum(1 for s in self.last_status.values() if ready_condition(s) == "True")
 
 
-async def _empty() -> list[dict[str, Any]]:
-    return []
+def _rv(body: dict[str, Any]) -> int:
+    """resourceVersion as a number (etcd's revision); -1 when absent or not numeric."""
+    try:
+        return int(body.get("metadata", {}).get("resourceVersion", ""))
+    except ValueError:
+        return -1
