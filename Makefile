@@ -22,8 +22,10 @@ test: install
 run: install
 	$(BIN)/sensorfleet run examples/fleet.yaml
 
+# Every bench/bench_*.py, then one HTML report of all results (bench/results/report.html).
 bench: install
-	$(BIN)/python -m bench
+	set -e; for script in bench/bench_*.py; do echo "== $$script"; $(BIN)/python $$script; done
+	$(BIN)/python bench/report.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info
