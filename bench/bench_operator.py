@@ -88,6 +88,7 @@ def main() -> int:
     console = Console()
     from kubernetes import client
 
+    load_at_start = [round(x, 2) for x in psutil.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="sf-bench-") as tmp, devcluster.running_cluster(Path(tmp) / "cluster") as cluster:
         devdeploy.install_chart(cluster)
         operator = devdeploy.start_operator(cluster, Path(tmp) / "operator", args=["--workers", "16"])
@@ -138,6 +139,11 @@ def main() -> int:
                 c.type == "Ready" and c.status == "True" for c in n.status.conditions or []))
             pods = client.CoreV1Api(api).list_namespaced_pod(NAMESPACE).items
             running = sum(1 for p in pods if p.status.phase == "Running")
+            # "Running" is not "Ready": the node lifecycle controller sets Ready=False on every pod of
+            # a Node it declares NotReady (kwok without node Leases: heartbeats go stale).
+            pods_ready = sum(1 for p in pods if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or []))
+            node_not_ready_events = sum(e.count or 1 for e in client.CoreV1Api(api).list_event_for_all_namespaces().items
+                                        if e.reason == "NodeNotReady")
             metrics_text = operator.get("/metrics")[1]
         finally:
             sampler.running = False
@@ -154,8 +160,11 @@ def main() -> int:
         "hundred_fleets_all_ready_s": round(hundred, 3) if hundred_ready == 100 else None,
         "hundred_fleets_ready": hundred_ready,
         "kwok_nodes_not_ready_at_end": nodes_not_ready,
+        "node_not_ready_events": node_not_ready_events,
+        "load_average_at_start": load_at_start,
         "load_average": [round(x, 2) for x in psutil.getloadavg()],
         "pods_running": running,
+        "pods_ready": pods_ready,
         "operator_peak_rss_mib": round(peak_mib, 1),
         "reconcile_errors": sum(float(line.split()[-1]) for line in metrics_text.splitlines()
                                 if line.startswith("sensorfleet_operator_reconcile_errors_total{")),
@@ -172,7 +181,9 @@ def main() -> int:
     table.add_row("apply → all children created, p50", f"{result['children_created_p50_s']:.3f} s", "< 1 s")
     table.add_row("apply → all children created, p95", f"{result['children_created_p95_s']:.3f} s", "")
     table.add_row("100 fleets at once → all Ready", f"{hundred:.1f} s ({hundred_ready}/100 Ready)", "< 60 s")
-    table.add_row("pods Running (kwok)", str(running), "")
+    table.add_row("pods Running / Ready (kwok)", f"{running} / {pods_ready}", "")
+    table.add_row("NodeNotReady events", str(node_not_ready_events), "0")
+    table.add_row("load average (1 min) start → end", f"{load_at_start[0]:.1f} → {result['load_average'][0]:.1f}", "")
     table.add_row("operator peak RSS", f"{peak_mib:.0f} MiB", "< 200 MiB")
     table.add_row("reconcile errors", f"{result['reconcile_errors']:.0f}", "0")
     console.print(table)
