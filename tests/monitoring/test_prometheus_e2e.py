@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -67,6 +68,7 @@ def write_fleet(path: Path, name: str, protocols: dict[str, int]) -> Path:
         doc["spec"]["protocols"]["coap"]["port"] = free_udp_port()
     if "opcua" in protocols:
         doc["spec"]["protocols"]["opcua"]["port"] = free_port()
+    doc["spec"].setdefault("broker", {})["port"] = 0  # any free port: never collide with another run
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
@@ -162,8 +164,8 @@ def stack(k8s_cluster: devcluster.Cluster, tmp_path_factory: pytest.TempPathFact
         # background while the rest starts).
         reports = work / "reports"
         forecast = spawn("forecast", ["bash", "-c", " && ".join([
-            " ".join([*SENSORFLEET, "generate", str(fleet_file), "--days", "2", "--interval", "60", "--devices", "2", "--protocol", "mqtt", "--data", str(work / "history"), "--quiet"]),
-            " ".join([*SENSORFLEET, "forecast", "--data", str(work / "history"), "--out", str(reports / FLEET), "--fleet", str(fleet_file), "--window-days", "2", "--cv-windows", "1", "--quiet"]),
+            shlex.join([*SENSORFLEET, "generate", str(fleet_file), "--days", "2", "--interval", "60", "--devices", "2", "--protocol", "mqtt", "--data", str(work / "history"), "--quiet"]),
+            shlex.join([*SENSORFLEET, "forecast", "--data", str(work / "history"), "--out", str(reports / FLEET), "--fleet", str(fleet_file), "--window-days", "2", "--cv-windows", "1", "--quiet"]),
         ])], logs)
         processes.append(forecast)
 
@@ -220,9 +222,9 @@ def stack(k8s_cluster: devcluster.Cluster, tmp_path_factory: pytest.TempPathFact
                 return False
 
         wait_until(prometheus_ready, timeout=30, message="Prometheus to be ready")
-        # A fleet for the operator, applied once Prometheus scrapes it, so that its reconciles
-        # (counts and durations) happen inside the scraped window.
-        manifest = yaml.safe_load(fleet_file.read_text())
+        # The example fleet for the operator, applied once Prometheus scrapes it, so that its
+        # reconciles (counts and durations) happen inside the scraped window.
+        manifest = yaml.safe_load((ROOT / "examples" / "fleet.yaml").read_text())
         manifest["metadata"]["namespace"] = FLEETS_NAMESPACE
         k8s_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
         endpoints = {t["labels"]["process"]: f"http://{t['targets'][0]}/metrics" for t in json.loads(targets_file.read_text())}
@@ -235,7 +237,7 @@ def stack(k8s_cluster: devcluster.Cluster, tmp_path_factory: pytest.TempPathFact
         # have increased inside the window (a series first seen at 1 shows no rate yet).
         first_reconcile = f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": 'sensorfleet_operator_reconcile_duration_seconds_count{kind="full"}'})
         wait_until(lambda: json.load(urllib.request.urlopen(first_reconcile, timeout=5))["data"]["result"], timeout=60, message="Prometheus to scrape the operator's first reconcile")
-        k8s_cluster.kubectl("patch", "sensorfleet", FLEET, "--namespace", FLEETS_NAMESPACE, "--type", "merge", "--patch", '{"spec": {"protocols": {"mqtt": {"devices": 6}}}}')
+        k8s_cluster.kubectl("patch", "sensorfleet", FLEET, "--namespace", FLEETS_NAMESPACE, "--type", "merge", "--patch", '{"spec": {"protocols": {"mqtt": {"devices": 60}}}}')
 
         forecast.popen.wait(240)
         assert forecast.popen.returncode == 0, f"generate + forecast failed:\n{forecast.tail()}"
