@@ -80,7 +80,7 @@ def test_a_wrong_report_is_an_error_naming_the_file_and_field(tmp_path: Path, do
 
 def exporter(reports: Path, port: int, logs: Path) -> subprocess.Popen:
     log = (logs / f"exporter-{port}.log").open("ab")
-    return subprocess.Popen([sys.executable, "-m", "sensorfleet.forecast_metrics", "--reports", str(reports), "--host", "127.0.0.1", "--port", str(port)],
+    return subprocess.Popen([sys.executable, "-m", "sensorfleet.cli", "forecast-exporter", "--reports", str(reports), "--host", "127.0.0.1", "--port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -183,7 +183,7 @@ def stack(k8s_cluster: devcluster.Cluster, tmp_path_factory: pytest.TempPathFact
 
         # The forecast exporter, started before the report exists: it reads at every scrape.
         exporter_port = free_port()
-        exporter = spawn("forecast-exporter", [sys.executable, "-m", "sensorfleet.forecast_metrics", "--reports", str(reports), "--host", "127.0.0.1", "--port", str(exporter_port)], logs)
+        exporter = spawn("forecast-exporter", [*SENSORFLEET, "forecast-exporter", "--reports", str(reports), "--host", "127.0.0.1", "--port", str(exporter_port)], logs)
         processes.append(exporter)
         wait_for_port(exporter_port, timeout=30)
 
