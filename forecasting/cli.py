@@ -104,14 +104,20 @@ def forecast(
         spec_fleet, data=data, out=out_dir, horizon=horizon, model=model, level=level, frequency=frequency, window_days=window_days,
         cv_windows=cv_windows, seed=seed, n_jobs=jobs, protocols=protocol, drop_short=drop_short,
     )
+    from sensorfleet.forecast_metrics import push_from_env
+
+    fleet_name = spec_fleet.name if spec_fleet else None
     try:
         run = run_forecast(options, Progress(enabled=not quiet))
     except ForecastInputError as exc:
+        push_from_env(None, fleet_name, failed=True)  # a no-op unless SENSORFLEET_PUSHGATEWAY_URL is set
         raise _fail(str(exc)) from None
     except Exception as exc:  # the TimeGPT service: an HTTP failure is not a bug of ours
+        push_from_env(None, fleet_name, failed=True)
         if type(exc).__module__.startswith(("nixtla", "httpx", "tenacity")):
             raise _fail(f"TimeGPT request failed ({type(exc).__name__}): {exc}", code=1) from None
         raise
+    push_from_env(Path(options.out), fleet_name)
     head = run.metrics["headline"]
     table = Table(title=f"forecast: {head['series']} series, horizon {options.horizon}, written to {options.out}")
     for column in ("model", "MAE", "MASE", f"MASE / {head['baseline']}", "CV MASE ratio", "anomalies flagged"):

@@ -157,3 +157,32 @@ def test_push_to_a_real_pushgateway(tmp_path: Path) -> None:
     finally:
         gateway.send_signal(signal.SIGTERM)
         gateway.wait(15)
+
+
+def test_the_forecast_command_pushes_success_and_failure(tmp_path: Path) -> None:
+    """`sensorfleet forecast` itself pushes: its figures after a success, a failure time after a
+    user error — so the ForecastFailing alert sees the CronJob's outcome."""
+    binary = shutil.which("prometheus-pushgateway") or shutil.which("pushgateway")
+    assert binary, "the Pushgateway is not installed (apt-get install prometheus-pushgateway; .ci/run does)"
+    port = free_port()
+    log = (tmp_path / "pushgateway.log").open("ab")
+    gateway = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    example = Path(__file__).resolve().parents[2] / "examples" / "fleet.yaml"
+    env = {**os.environ, PUSHGATEWAY_ENV: f"http://127.0.0.1:{port}"}
+    cli = [sys.executable, "-m", "sensorfleet.cli"]
+    try:
+        wait_for_port(port, timeout=30)
+        data = tmp_path / "data"
+        subprocess.run([*cli, "generate", str(example), "--days", "3", "--interval", "60", "--devices", "2", "--protocol", "mqtt", "--data", str(data), "--quiet"], check=True, capture_output=True, timeout=300)
+        ok = subprocess.run([*cli, "forecast", "--data", str(data), "--out", str(tmp_path / "out"), "--fleet", str(example), "--horizon", "30", "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+        assert ok.returncode == 0, ok.stderr[-2000:]
+        url = f"http://127.0.0.1:{port}/metrics"
+        success = [v for (name, labels), v in scrape(url).items() if name == "sensorfleet_forecast_last_success_timestamp_seconds" and ("fleet", "demo") in labels]
+        assert success and success[0] > time.time() - 600
+        failed = subprocess.run([*cli, "forecast", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "out2"), "--fleet", str(example), "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+        assert failed.returncode == 2
+        failures = [v for (name, labels), v in scrape(url).items() if name == "sensorfleet_forecast_last_failure_timestamp_seconds" and ("fleet", "demo") in labels]
+        assert failures and failures[0] > time.time() - 600
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        gateway.wait(15)
