@@ -230,7 +230,9 @@ def data_location(fleet: SensorFleet) -> str:
 
 
 def reports_location(fleet: SensorFleet) -> str:
-    return data_location(fleet).rstrip("/") + "/reports"
+    # Beside the Parquet partitions, but named with "_" so pyarrow's dataset discovery (and so a
+    # user's plain `pandas.read_parquet(DATA)`) skips it as it skips "_SUCCESS"-style files.
+    return data_location(fleet).rstrip("/") + "/_reports"
 
 
 def uses_broker(fleet: SensorFleet) -> bool:

@@ -119,7 +119,7 @@ def test_external_broker_and_storage_url() -> None:
     assert args[args.index("--broker") + 1] == "mqtt://broker.example:1883"
     cron = c[("CronJob", "plant-forecast")]
     assert cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"] == [
-        "forecast", "--data", "s3://bucket/plant", "--out", "s3://bucket/plant/reports", "--fleet", "/etc/sensorfleet/fleet.yaml"]
+        "forecast", "--data", "s3://bucket/plant", "--out", "s3://bucket/plant/_reports", "--fleet", "/etc/sensorfleet/fleet.yaml"]
 
 
 def test_claim_mounted_at_data_and_forecast_on_schedule() -> None:

@@ -233,5 +233,8 @@ def test_forecast_cronjob_command_writes_a_report_next_to_the_data(ran_fleet: Po
     forecast = ran_fleet.pod("CronJob", builders.forecast_name(FLEET))["containers"][0]
     result = ran_fleet.run("forecast", forecast, timeout=300)
     assert result.returncode == 0, f"forecast command failed ({forecast['args']}):\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
-    reports = ran_fleet.data / "reports"
+    reports = ran_fleet.data / "_reports"
     assert reports.is_dir() and any(reports.rglob("*")), "the forecast job wrote no report"
+    import pandas as pd
+
+    assert len(pd.read_parquet(ran_fleet.data)) > 0, "the report next to the data must not break plain pandas reads"
