@@ -353,10 +353,18 @@ class FleetRun:
         self.pause_simulators()
         self._terminate("simulator", 15.0)
         # Let collectors receive everything published before they flush and exit.
+        # Server protocols (CoAP, OPC UA) count readings made before a collector subscribed as
+        # published, so "received >= published" may never hold: also stop once nothing arrives.
         deadline = time.monotonic() + DRAIN_TIMEOUT
+        last_received, quiet_since = None, time.monotonic()
         while time.monotonic() < deadline:
             self.refresh()
             if all(r.received + 0.5 >= r.published for r in self.rows.values()):
+                break
+            received = tuple(r.received for r in self.rows.values())
+            if received != last_received:
+                last_received, quiet_since = received, time.monotonic()
+            elif time.monotonic() - quiet_since >= 3.0:
                 break
             if any(c.process.poll() is not None for c in self.children if c.spec.role == "collector"):
                 break
