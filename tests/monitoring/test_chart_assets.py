@@ -45,15 +45,8 @@ def test_chart_rule_template_is_generated_from_rules_yaml() -> None:
     assert sync.RULE_TEMPLATE.read_text() == sync.rule_template(RULES.read_text()), "run `python monitoring/sync_chart.py`"
 
 
-def _schema_knows_prometheus_rule() -> bool:
-    schema = json.loads((CHART / "values.schema.json").read_text())
-    return "prometheusRule" in schema["properties"]["monitoring"].get("properties", {})
-
-
 def test_prometheus_rule_renders_the_same_groups(k8s_binaries: Path) -> None:
-    # Until values.schema.json lists monitoring.prometheusRule, --set needs the schema check off.
-    skip_schema = [] if _schema_knows_prometheus_rule() else ["--skip-schema-validation"]
-    docs = helm_template(k8s_binaries, *skip_schema, "--set", "monitoring.prometheusRule.enabled=true", "--set", "monitoring.prometheusRule.labels.release=kube-prometheus-stack")
+    docs = helm_template(k8s_binaries, "--set", "monitoring.prometheusRule.enabled=true", "--set", "monitoring.prometheusRule.labels.release=kube-prometheus-stack")
     rules = [d for d in docs if d["kind"] == "PrometheusRule"]
     assert len(rules) == 1, [d["kind"] for d in docs]
     assert rules[0]["apiVersion"] == "monitoring.coreos.com/v1"
