@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import collections
 import json
 import logging
@@ -134,6 +135,7 @@ class TargetCollector:
         for path in paths:
             self.resources.setdefault(path, _Resource(path))
         log.info("%s: discovered %d resources", self.base, len(paths))
+        gc.freeze()  # long-lived state: keep full GC passes short so the UDP socket is drained
         return len(paths)
 
     # --- intake ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import collections
 import json
 import logging
@@ -247,6 +248,7 @@ class TargetCollector:
                 log.warning("%s: %d monitored items refused (first: %s)", self.url, len(failed), failed[0])
             self.subscribed += len(results) - len(failed)
         log.info("%s: subscribed to %d variables (publishing interval %.2f s, queue size %d)", self.url, self.subscribed, publishing, queue_size)
+        gc.freeze()  # long-lived state: keep full GC passes short
 
     # --- values -> readings (sink thread) -------------------------------------------------------
     def to_reading(self, node: SensorNode, value: ua.DataValue) -> Reading | tuple[str, str]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import math
@@ -366,6 +367,7 @@ class CoapSimulator:
         )
         self.metrics.devices.set(len(self.indices))
         self.metrics.connected.set(1)
+        gc.freeze()  # the resource tree lives as long as the process; spare the cyclic GC walking it
         deadline = time.monotonic() + duration if duration else math.inf
         try:
             while not stop.is_set() and time.monotonic() < deadline:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import datetime as dt
 import hmac
 import json
@@ -297,6 +298,10 @@ class OpcuaSimulator:
         for row, device in enumerate(self.devices):
             aspace.set_attribute_value_callback(ua.NodeId(f"{device}/{SEQ_VARIABLE}", ns), ua.AttributeIds.Value, self._seq_reader(row))
         log.info("address space: %d nodes in %.1f s", len(items), time.perf_counter() - started)
+        # The address space lives as long as the process: keep the cyclic GC from walking its
+        # hundreds of thousands of objects again and again (a full pass stalls the loop for
+        # long enough to skip ticks).
+        gc.freeze()
         await self.update()
         async with self.server:
             log.info("OPC UA simulator of fleet %s: %d devices x %d sensors on opc.tcp://%s:%d/ (security %s, %s)",
