@@ -184,10 +184,14 @@ class Reconciler:
         (an apply's answer can be newer than the watch event that follows it)."""
         meta = body.get("metadata", {})
         child = (body.get("kind", ""), meta.get("name", ""))
-        children = self.observed.setdefault(key, {})
         if gone:
-            children.pop(child, None)
+            children = self.observed.get(key, {})
+            if children.get(child, {}).get("metadata", {}).get("uid") == meta.get("uid"):
+                del children[child]
+                if not children:
+                    del self.observed[key]
             return
+        children = self.observed.setdefault(key, {})
         known = children.get(child)
         if known is not None and known.get("metadata", {}).get("uid") == meta.get("uid") and \
                 _rv(known) > _rv(body):
@@ -276,6 +280,10 @@ class Reconciler:
         except (ApiError, OSError, asyncio.TimeoutError) as error:
             await first
             return [Failure("CredentialsFailed", str(error))]
+        except BaseException:
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+            raise
         failures = [f for f in await first if f]
         children = builders.build_children(fleet, owner, self.options, credentials)
         keys = {(c["kind"], c["metadata"]["name"]) for c in independent}
@@ -332,8 +340,12 @@ class Reconciler:
             ]
             status["observedGeneration"] = generation
         else:
+            # Only this fleet's Deployments: a same-named fleet deleted just before may still have
+            # some waiting for garbage collection. (Jobs belong to the CronJob: by label.)
+            uid = body["metadata"].get("uid")
             seen = self.observed.get(key, {})
-            deployments = [b for (k, _), b in seen.items() if k == "Deployment"]
+            deployments = [b for (k, _), b in seen.items() if k == "Deployment" and (uid is None or any(
+                ref.get("uid") == uid for ref in b.get("metadata", {}).get("ownerReferences", [])))]
             jobs = [b for (k, _), b in seen.items() if k == "Job"] if fleet.spec.forecasting.enabled else []
             status = compute_status(fleet, generation, deployments, jobs, failures, previous, _now())
         await self._events(key, state, previous, status)

@@ -305,6 +305,19 @@ def test_operator_serves_metrics_and_liveness(env: dict[str, Any]) -> None:
         assert needle in text, needle
 
 
+def test_a_finished_forecast_job_shows_as_the_last_forecast(env: dict[str, Any]) -> None:
+    # The status follows the Jobs the operator watches (no listing per pass): a Job started from the
+    # fleet's CronJob completes on kwok and becomes `.status.lastForecast`.
+    cluster = env["cluster"]
+    cluster.kubectl("create", "job", "forecast-by-hand", "-n", NS, f"--from=cronjob/{builders.forecast_name(FLEET)}")
+    try:
+        forecast = wait_for("lastForecast of the finished Job", lambda: fleet_body(cluster).get("status", {}).get(
+            "lastForecast", {}).get("job") == "forecast-by-hand" and fleet_body(cluster)["status"]["lastForecast"], 60)
+        assert forecast["result"] == "Succeeded" and forecast["time"]
+    finally:
+        cluster.kubectl("delete", "job", "forecast-by-hand", "-n", NS, "--wait=false", check=False)
+
+
 def test_deleting_the_fleet_removes_everything(env: dict[str, Any]) -> None:
     cluster = env["cluster"]
     assert children_of(cluster)
