@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         port, variables, seconds = args.reference_server
         asyncio.run(reference_server(int(port), int(variables), float(seconds)))
         return 0
-    steps = [500, 1700] if args.quick else [1700, 2500, 3400, 4200]
+    steps = [500, 1700] if args.quick else [1700, 3400, 5000, 6700, 8400]
     window = 10.0 if args.quick else 20.0
     result: dict = {"protocol": "opcua", "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with tempfile.TemporaryDirectory(prefix="bench-opcua-") as tmp:
