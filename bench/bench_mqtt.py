@@ -93,10 +93,12 @@ def sensorfleet_throughput(workdir: Path, devices: int, interval: float, seconds
         collector = component("collect", "mqtt", fleet, workdir, "--data", str(workdir / "tp-data"), "--broker", broker.url, "--client-id", "bench").start()
         wait_until(lambda: collector.metric("sensorfleet_connected") == 1, 20, message="collector connected")
         simulator = component("simulate", "mqtt", fleet, workdir, "--broker", broker.url, "--duration", str(seconds)).start()
-        lag = 0.0
+        lag, dropped = 0.0, 0.0
         while simulator.process.poll() is None:
             samples = scrape(simulator.metrics_port) or {}
             lag = max(lag, samples.get("sensorfleet_simulator_lag_seconds", 0.0))
+            # Readings paho could not queue (broker slower than the offered load): counted, not hidden.
+            dropped = max(dropped, samples.get("sensorfleet_readings_dropped_total", 0.0))
             time.sleep(0.5)
         published = int(simulator.log().split("published ")[1].split(" readings")[0])
         drained_at = time.monotonic()
@@ -113,10 +115,10 @@ def sensorfleet_throughput(workdir: Path, devices: int, interval: float, seconds
     offered = devices * 3 / interval
     return {
         "mode": mode, "devices": devices, "interval_s": interval, "offered_readings_per_s": round(offered), "seconds": seconds,
-        "published": published, "stored": int(stored), "lost": int(lost), "reordered": int(late), "max_simulator_lag_s": round(lag, 2), "drain_s": round(drain, 2),
+        "published": published, "dropped_by_simulator": int(dropped), "stored": int(stored), "lost": int(lost), "reordered": int(late), "max_simulator_lag_s": round(lag, 2), "drain_s": round(drain, 2),
         "stored_readings_per_s": round(stored / (seconds + drain)),
         "messages_per_s": round(published / (3 if mode == "perDevice" else 500) / (seconds + drain)),
-        "zero_loss": stored == published and lost == 0,
+        "zero_loss": stored == published and lost == 0 and dropped == 0,
     }
 
 
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         reference = reference_mosquitto_clients(workdir, 20_000 if quick else 100_000, payload)
     console.print(f"reference: {reference}")
     throughput = []
-    cases = [("perDevice", 500, 0.1), ("gateway", 500, 0.1)] if quick else [("perDevice", 1000, 0.1), ("perDevice", 2000, 0.1), ("gateway", 1000, 0.1), ("gateway", 2000, 0.1), ("gateway", 3000, 0.1)]
+    cases = [("perDevice", 500, 0.1), ("gateway", 500, 0.1)] if quick else [("perDevice", 1000, 0.25), ("perDevice", 1500, 0.25), ("perDevice", 2000, 0.25), ("gateway", 1000, 0.1), ("gateway", 2000, 0.1), ("gateway", 3000, 0.1)]
     for mode, devices, interval in cases:
         with console.status(f"throughput: {mode}, {devices} devices every {interval} s"):
             result = sensorfleet_throughput(workdir, devices, interval, 5 if quick else 20, mode)
