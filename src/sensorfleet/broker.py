@@ -26,7 +26,8 @@ def mosquitto_config(port: int, bind: str | None, data_dir: str | None, password
         "protocol mqtt",
         # Collectors acknowledge a message only once it is written to Parquet, so many QoS 1
         # messages are in flight per collector; Mosquitto's default of 20 would throttle them.
-        "max_inflight_messages 0",
+        # Bounded below the 16-bit packet-id space: more in flight than ids would reuse ids.
+        "max_inflight_messages 60000",
         # A restarting collector's persistent session must hold everything published meanwhile.
         "max_queued_messages 0",
         "max_queued_bytes 0",

@@ -98,7 +98,7 @@ def test_broker_config_secret_and_init_container() -> None:
     c = children(fleet())
     conf = c[("ConfigMap", "plant-broker-config")]["data"]["mosquitto.conf"]
     for line in ("listener 1883", "allow_anonymous false", "password_file /mosquitto/auth/passwd",
-                 "max_inflight_messages 0", "max_queued_messages 0", "persistence true"):
+                 "max_inflight_messages 60000", "max_queued_messages 0", "persistence true"):
         assert line in conf.splitlines()
     deployment = c[("Deployment", "plant-broker")]
     pod = deployment["spec"]["template"]["spec"]
