@@ -29,7 +29,7 @@ FLEET_NAME = "proto"
 def write_fleet(tmp_path):
     """A fleet manifest with only `protocol` enabled (few devices, a fast interval)."""
 
-    def write(protocol: str, devices: int = 4, interval: float = 0.25, **extra) -> Path:
+    def write(protocol: str, devices: int = 4, interval: float = 0.25, anomalies: dict | None = None, **extra) -> Path:
         protocols = {p: {"enabled": False} for p in ("mqtt", "coap", "opcua")}
         protocols[protocol] = {"enabled": True, "devices": devices, "interval": interval, **extra}
         doc = {
@@ -38,7 +38,7 @@ def write_fleet(tmp_path):
             "metadata": {"name": FLEET_NAME},
             # Anomalies often enough that stuck-at and dropouts cross the wire in a short run.
             "spec": {"protocols": protocols, "collector": {"flushInterval": 0.5},
-                     "anomalies": {"stuckProbability": 0.1, "stuckDuration": 4, "dropoutProbability": 0.1, "dropoutDuration": 3}},
+                     "anomalies": anomalies if anomalies is not None else {"stuckProbability": 0.2, "stuckDuration": 4, "dropoutProbability": 0.2, "dropoutDuration": 3}},
         }
         path = tmp_path / f"{protocol}-fleet.yaml"
         path.write_text(yaml.safe_dump(doc))
