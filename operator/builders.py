@@ -582,7 +582,10 @@ def forecast_args(fleet: SensorFleet) -> list[str]:
 
 def build_forecast_cronjob(fleet: SensorFleet, owner: Owner, options: BuildOptions) -> dict[str, Any]:
     with_data = uses_claim(fleet)
-    container = _app_container("forecast", forecast_args(fleet), "forecast", options, [], [], fleet, with_data=with_data)
+    # A batch job is gone before Prometheus could scrape it: it pushes its figures instead.
+    push = fleet.spec.monitoring.pushgateway_url
+    env = [{"name": "SENSORFLEET_PUSHGATEWAY_URL", "value": push}] if push else []
+    container = _app_container("forecast", forecast_args(fleet), "forecast", options, env, [], fleet, with_data=with_data)
     for probe in ("readinessProbe", "livenessProbe"):
         container.pop(probe, None)  # a batch job serves no metrics port
     container["terminationMessagePolicy"] = "FallbackToLogsOnError"
@@ -606,7 +609,7 @@ def build_forecast_cronjob(fleet: SensorFleet, owner: Owner, options: BuildOptio
                     "activeDeadlineSeconds": 3600,
                     "ttlSecondsAfterFinished": 86400,
                     "template": {
-                        "metadata": {"labels": lbls, "annotations": {HASH_ANNOTATION: spec_hash(_section(fleet, "forecasting", "storage"))}},
+                        "metadata": {"labels": lbls, "annotations": {HASH_ANNOTATION: spec_hash(_section(fleet, "forecasting", "storage", "monitoring"))}},
                         "spec": pod_spec,
                     },
                 },

@@ -197,3 +197,12 @@ def test_last_forecast_from_jobs() -> None:
     pods = {"plant-forecast-2": [{"status": {"containerStatuses": [{"state": {"terminated": {"message": "MASE 0.81\n"}}}]}}]}
     st = status.compute_status(f, 1, [], jobs, [], None, "T", pods_by_job=pods)
     assert st["lastForecast"] == {"job": "plant-forecast-2", "result": "Succeeded", "time": "2026-01-01T02:00:00Z", "headline": "MASE 0.81"}
+
+
+def test_forecast_job_pushes_to_the_configured_pushgateway() -> None:
+    def forecast_env(f: SensorFleet) -> list[dict]:
+        return children(f)[("CronJob", "plant-forecast")]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["env"]
+
+    assert not [e for e in forecast_env(fleet()) if e["name"] == "SENSORFLEET_PUSHGATEWAY_URL"]
+    pushed = forecast_env(fleet(monitoring={"pushgatewayUrl": "http://pushgateway.monitoring:9091"}))
+    assert {"name": "SENSORFLEET_PUSHGATEWAY_URL", "value": "http://pushgateway.monitoring:9091"} in pushed
