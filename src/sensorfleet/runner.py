@@ -472,4 +472,9 @@ def _print_summary(console: Console, fleet: SensorFleet, data_url: str, run: Fle
         console.print(f"[yellow]could not read the dataset for the summary: {exc}[/yellow]")
         stored = {}
     console.print(run.table(f"final summary — fleet {fleet.name}"))
+    unobserved = [p for p, r in run.rows.items() if p != "mqtt" and r.stored + r.lost < r.published]
+    if unobserved:
+        # CoAP and OPC UA devices are servers: they produce readings whether or not a collector
+        # is subscribed yet, so readings from before the first subscription were never sent.
+        console.print(f"note: {', '.join(unobserved)} servers count readings produced before a collector subscribed as published; those were never sent, not lost (gaps after subscribing are counted in 'lost').")
     console.print("rows in the dataset (all runs): " + ", ".join(f"{p} {n:,}" for p, n in sorted(stored.items())) + f"   ({data_url})")
