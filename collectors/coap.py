@@ -9,7 +9,6 @@ deque, so a slow batch write never stalls reception.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import collections
@@ -35,7 +34,7 @@ from aiocoap.util import linkformat
 from sensorfleet.collectors.base import CollectorSink
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.reading import MalformedReading, decode_json_payload
-from sensorfleet.runtime import CollectorOptions, setup_logging, stop_event_on_signals
+from sensorfleet.runtime import CollectorOptions, stop_event_on_signals
 
 log = logging.getLogger("sensorfleet.collectors.coap")
 
@@ -354,24 +353,3 @@ def run(opts: CollectorOptions) -> int:
         worker.join(timeout=60)
     log.info("SUMMARY %s", json.dumps({"component": "collector", "protocol": PROTOCOL, **sink.totals}))
     return code
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m sensorfleet.collectors.coap --fleet F --data DIR --target URL ...`"""
-    from sensorfleet.spec import load_fleet
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fleet", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--target", action="append", default=[])
-    parser.add_argument("--metrics-port", type=int, default=0)
-    parser.add_argument("--duration", type=float)
-    args = parser.parse_args(argv)
-    setup_logging()
-    opts = CollectorOptions(load_fleet(args.fleet), args.data, targets=args.target, metrics_port=args.metrics_port,
-                            metrics_host="127.0.0.1", duration=args.duration)
-    return run(opts)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

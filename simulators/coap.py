@@ -21,7 +21,6 @@ Built not to collapse under overload (docs/protocols.md, "Throughput"):
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import json
@@ -41,7 +40,7 @@ from aiocoap.numbers.types import CON, NON
 
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.reading import format_ts
-from sensorfleet.runtime import SimulatorOptions, setup_logging, stop_event_on_signals
+from sensorfleet.runtime import SimulatorOptions, stop_event_on_signals
 from sensorfleet.signals import ANOMALY_NAMES, QUALITY_BAD, QUALITY_NAMES, SignalModel, device_id, shard_devices, utc
 
 log = logging.getLogger("sensorfleet.simulators.coap")
@@ -397,25 +396,3 @@ def run(opts: SimulatorOptions) -> int:
     # last_tick_sum: sum over devices of the last tick served; lets a test check the tail exactly.
     log.info("SUMMARY %s", json.dumps({"component": "simulator", "protocol": PROTOCOL, **sim.totals, "devices": len(sim.indices), "last_tick_sum": int(sim.last_tick.sum())}))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m sensorfleet.simulators.coap --fleet F [--port P] ...` (the CLI wraps the same run())."""
-    from sensorfleet.spec import load_fleet
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fleet", required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int)
-    parser.add_argument("--metrics-port", type=int, default=0)
-    parser.add_argument("--replica", type=int, default=0)
-    parser.add_argument("--duration", type=float)
-    args = parser.parse_args(argv)
-    setup_logging()
-    opts = SimulatorOptions(load_fleet(args.fleet), replica=args.replica, host=args.host, port=args.port,
-                            metrics_port=args.metrics_port, metrics_host="127.0.0.1", duration=args.duration)
-    return run(opts)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
