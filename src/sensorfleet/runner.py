@@ -32,6 +32,17 @@ from sensorfleet.runtime import free_port, parse_broker_url, port_is_free
 from sensorfleet.spec import SensorFleet
 
 STARTUP_TIMEOUT = 30.0
+# An OPC UA simulator builds its address space before it listens: about 1 ms per node here
+# (6,700 devices x 3 sensors took 40 s), so its start-up allowance grows with the fleet.
+STARTUP_SECONDS_PER_OPCUA_NODE = 0.003
+
+
+def startup_timeout(spec: ChildSpec, fleet: SensorFleet) -> float:
+    if spec.protocol == "opcua" and spec.role == "simulator":
+        p = fleet.spec.protocols.opcua
+        nodes = (p.devices // p.replicas + 1) * (len(fleet.spec.sensors) + 1)
+        return STARTUP_TIMEOUT + nodes * STARTUP_SECONDS_PER_OPCUA_NODE
+    return STARTUP_TIMEOUT
 DRAIN_TIMEOUT = 20.0
 
 
@@ -250,7 +261,8 @@ class FleetRun:
         return child
 
     def _wait_ready(self, child: Child) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
+        timeout = startup_timeout(child.spec, self.fleet)
+        deadline = time.monotonic() + timeout
         import socket
 
         while time.monotonic() < deadline:
@@ -266,7 +278,7 @@ class FleetRun:
             if ready:
                 return
             time.sleep(0.1)
-        raise FleetRunError(f"{child.spec.name} did not become ready within {STARTUP_TIMEOUT:.0f} s; its last log lines ({child.log_path}):\n{child.tail()}")
+        raise FleetRunError(f"{child.spec.name} did not become ready within {timeout:.0f} s; its last log lines ({child.log_path}):\n{child.tail()}")
 
     # --- watch ----------------------------------------------------------------------------------
     def dead_child(self) -> Child | None:
