@@ -6,6 +6,7 @@ Protocol adapters (mqtt.py, coap.py, opcua.py) only receive payloads and call `C
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -205,3 +206,32 @@ class CollectorSink:
                 latency.observe(stored_at - ts.timestamp())
             self.metrics.batch_lag.set(0.0)
             return n
+
+
+def drain_into_sink(sink: CollectorSink, intake: collections.deque, done: threading.Event, handle: Callable[[object], None], flush_check_every: int = 2000) -> None:
+    """The writer thread of a collector whose network loop must never wait on Parquet writes:
+    pop what the loop appended to `intake`, `handle` each item into `sink`, flush when due,
+    until `done` is set and everything is written. A failed write keeps the batch and retries."""
+    while True:
+        finished = done.is_set()
+        n = 0
+        while intake:
+            handle(intake.popleft())
+            n += 1
+            if n % flush_check_every == 0 and sink.due():
+                _flush_retrying(sink)
+        if sink.due() or (finished and sink.pending()):
+            _flush_retrying(sink)
+        sink.update_lag()
+        if finished and not intake and not sink.pending():
+            return
+        if not n:
+            time.sleep(0.02)
+
+
+def _flush_retrying(sink: CollectorSink) -> None:
+    try:
+        sink.flush()
+    except Exception as exc:  # the batch is kept; the next round retries
+        log.error("writing a batch failed (%s); retrying", exc)
+        time.sleep(1.0)

@@ -31,7 +31,7 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import NON
 from aiocoap.util import linkformat
 
-from sensorfleet.collectors.base import CollectorSink
+from sensorfleet.collectors.base import CollectorSink, drain_into_sink
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.reading import MalformedReading, decode_json_payload
 from sensorfleet.runtime import CollectorOptions, stop_event_on_signals
@@ -267,35 +267,17 @@ async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
 
 def sink_worker(sink: CollectorSink, intake: collections.deque, done: threading.Event) -> None:
     """Decode, validate and store what the network loop received, until `done` and drained."""
-    while True:
-        finished = done.is_set()
-        n = 0
-        while intake:
-            payload, content_format, received_at = intake.popleft()
-            n += 1
-            try:
-                documents = decode_payload(payload, content_format)
-            except MalformedReading as exc:
-                sink.reject(exc.kind, str(exc))
-                continue
-            sink.accept_documents(documents, received_at)
-            if n % 2000 == 0 and sink.due():
-                _flush(sink)
-        if sink.due() or (finished and sink.pending()):
-            _flush(sink)
-        sink.update_lag()
-        if finished and not intake and not sink.pending():
+
+    def handle(item) -> None:
+        payload, content_format, received_at = item
+        try:
+            documents = decode_payload(payload, content_format)
+        except MalformedReading as exc:
+            sink.reject(exc.kind, str(exc))
             return
-        if not n:
-            time.sleep(0.02)
+        sink.accept_documents(documents, received_at)
 
-
-def _flush(sink: CollectorSink) -> None:
-    try:
-        sink.flush()
-    except Exception as exc:  # the batch is kept; the next round retries
-        log.error("writing a batch failed (%s); retrying", exc)
-        time.sleep(1.0)
+    drain_into_sink(sink, intake, done, handle, flush_check_every=2000)
 
 
 async def collect(opts: CollectorOptions, sink: CollectorSink, intake: collections.deque, stop_flag: threading.Event) -> None:

@@ -34,7 +34,7 @@ import numpy as np
 from asyncua import Client, ua
 from asyncua.common.subscription import Subscription
 
-from sensorfleet.collectors.base import CollectorSink
+from sensorfleet.collectors.base import CollectorSink, drain_into_sink
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.reading import Reading
 from sensorfleet.runtime import CollectorOptions, stop_event_on_signals
@@ -308,37 +308,19 @@ async def _ensure_client_certificate(app_uri: str, fleet: str) -> tuple[Path, Pa
 def sink_worker(sink: CollectorSink, targets: list[TargetCollector], intake: collections.deque, done: threading.Event) -> None:
     """Turn notifications into readings and store them, until `done` and drained."""
     convert = targets[0].to_reading  # every target serves the same fleet: one schedule
-    while True:
-        finished = done.is_set()
-        n = 0
-        while intake:
-            node, value, received_at = intake.popleft()
-            n += 1
-            if node is None:
-                sink.reject("unknown_handle", "notification for a monitored item this collector did not create")
-                continue
-            result = convert(node, value)
-            if isinstance(result, Reading):
-                sink.accept(result, received_at)
-            else:
-                sink.reject(*result)
-            if n % 5000 == 0 and sink.due():
-                _flush(sink)
-        if sink.due() or (finished and sink.pending()):
-            _flush(sink)
-        sink.update_lag()
-        if finished and not intake and not sink.pending():
+
+    def handle(item) -> None:
+        node, value, received_at = item
+        if node is None:
+            sink.reject("unknown_handle", "notification for a monitored item this collector did not create")
             return
-        if not n:
-            time.sleep(0.02)
+        result = convert(node, value)
+        if isinstance(result, Reading):
+            sink.accept(result, received_at)
+        else:
+            sink.reject(*result)
 
-
-def _flush(sink: CollectorSink) -> None:
-    try:
-        sink.flush()
-    except Exception as exc:  # the batch is kept; the next round retries
-        log.error("writing a batch failed (%s); retrying", exc)
-        time.sleep(1.0)
+    drain_into_sink(sink, intake, done, handle, flush_check_every=5000)
 
 
 async def collect(targets: list[TargetCollector], metrics: FleetMetrics, stop_flag: threading.Event, duration: float | None) -> None:
