@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the local Kubernetes control plane (issue 5) from the Go module proxy:
-#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, helm
+#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy, kwok, helm
 # at the versions pinned in hack/k8s-versions.env, into a cache outside the repo:
 #   ${SENSORFLEET_CACHE:-~/.cache/sensorfleet}/k8s-<K8S_VERSION>/bin/
 # A stamp file records what was built; a second run with the same pins does nothing.
@@ -19,8 +19,8 @@ OUT="$CACHE_ROOT/k8s-$K8S_VERSION"
 BIN="$OUT/bin"
 STAMP="$OUT/stamp"
 LOGS="$OUT/logs"
-BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok helm)
-WANT_STAMP="k8s=$K8S_VERSION etcd=$ETCD_VERSION kwok=$KWOK_VERSION helm=$HELM_VERSION"
+BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kwok helm)
+WANT_STAMP="k8s=$K8S_VERSION etcd=$ETCD_VERSION kwok=$KWOK_VERSION helm=$HELM_VERSION binaries=${BINARIES[*]}"
 
 force=0
 case "${1:-}" in
@@ -95,7 +95,8 @@ run_stage() {
   say "✓ $name done in $((SECONDS - start))s"
 }
 
-# --- kube-apiserver, kube-controller-manager, kube-scheduler: one wrapper module, one go build ---
+# --- kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy: one wrapper
+# module, one go build (the real node's kubelet and kube-proxy share most packages) ---
 build_kube() {
   local dir="$OUT/src/kube" info gomod staging_version commit=""
   rm -rf "$dir" && mkdir -p "$dir" && cd "$dir"
@@ -129,7 +130,9 @@ build_kube() {
   go build -mod=mod -trimpath -v -ldflags "$ldflags" -o "$STAGE_DIR/" \
     k8s.io/kubernetes/cmd/kube-apiserver \
     k8s.io/kubernetes/cmd/kube-controller-manager \
-    k8s.io/kubernetes/cmd/kube-scheduler
+    k8s.io/kubernetes/cmd/kube-scheduler \
+    k8s.io/kubernetes/cmd/kubelet \
+    k8s.io/kubernetes/cmd/kube-proxy
 }
 
 # --- etcd: `go install` refuses the server module (it has replace lines), so a tiny main ---
