@@ -6,9 +6,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test run bench lint clean
+.PHONY: install system-packages test run bench lint clean
 
 install: $(STAMP)
+
+# Debian packages the tests need (hack/system-packages.txt); installs only the missing ones.
+system-packages:
+	hack/ensure-system-packages.sh
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +20,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-test: install
+# Everything the tests need is installed or built here when missing: Debian packages, the
+# virtualenv, the Kubernetes binaries (cached in ~/.cache/sensorfleet).
+test: system-packages install cluster-build
 	$(BIN)/pytest
 
 run: install
