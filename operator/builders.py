@@ -15,6 +15,8 @@ Per fleet:
     <fleet>-data                       PersistentVolumeClaim, unless spec.storage.url is set
     <fleet>-forecast                   CronJob, when forecasting is enabled
     <fleet>-metrics                    headless Service over all metrics ports; PodMonitor on request
+    <fleet>-network                    NetworkPolicy: the fleet's pods take traffic only from each
+                                       other (metrics from the configured namespace)
 
 Pod templates carry a hash of the part of the spec that the process reads, so an edit rolls only
 the pods it concerns (more MQTT devices restart MQTT simulators, not the CoAP collector).
@@ -25,6 +27,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +52,8 @@ MQTT_PORT = 1883
 MOSQUITTO_UID = 1883  # the `mosquitto` user of the eclipse-mosquitto image
 APP_UID = 10001  # the `sensorfleet` user of the project image (see Dockerfile)
 
-# Requests/limits per role: small enough for kind on a laptop, room for a few thousand devices.
+# Requests/limits per role: the floor of every pod, small enough for kind on a laptop. Simulators
+# and collectors grow from there with the devices they serve (see pod_resources).
 RESOURCES: dict[str, dict[str, dict[str, str]]] = {
     "simulator": {"requests": {"cpu": "50m", "memory": "96Mi"}, "limits": {"cpu": "1", "memory": "384Mi"}},
     "collector": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"cpu": "1", "memory": "768Mi"}},
@@ -75,6 +79,9 @@ class BuildOptions:
     image: str = "sensorfleet:0.1.0"
     image_pull_policy: str = "IfNotPresent"
     extra_labels: dict[str, str] = field(default_factory=dict)
+    # NetworkPolicy per fleet; metrics ports are open to pods of this namespace ("" = any namespace).
+    network_policy: bool = True
+    metrics_namespace: str = ""
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,10 @@ def forecast_name(fleet: str) -> str:
 
 def metrics_service_name(fleet: str) -> str:
     return f"{fleet}-metrics"
+
+
+def network_policy_name(fleet: str) -> str:
+    return f"{fleet}-network"
 
 
 def selector_labels(fleet: str, component: str) -> dict[str, str]:
@@ -326,8 +337,68 @@ def _app_pod_spec(fleet: SensorFleet, container: dict[str, Any], with_data: bool
     }
 
 
+def _cpu(millis: float) -> str:
+    """In the API server's canonical form (whole cores as "2"), so an apply changes nothing."""
+    m = math.ceil(millis)
+    return str(m // 1000) if m % 1000 == 0 else f"{m}m"
+
+
+def _memory(mebibytes: float) -> str:
+    mi = math.ceil(mebibytes)
+    return f"{mi // 1024}Gi" if mi % 1024 == 0 else f"{mi}Mi"
+
+
+# Costs per unit of work a pod does, rounded up from docs/protocols.md and the bench figures: one
+# core carries ~10,000 QoS 1 messages/s through paho, a collector validates and writes ~5,000
+# readings/s per core; a device's state (address-space node, tracker entry, queue) costs KiBs.
+SIMULATOR_MILLICORES_PER_READING_S = 0.1
+COLLECTOR_MILLICORES_PER_READING_S = 0.2
+SIMULATOR_MIB_PER_DEVICE = 0.02
+COLLECTOR_MIB_PER_SERIES = 0.002
+COLLECTOR_MIB_PER_BATCH_ROW = 0.001
+MQTT_QUEUED_MESSAGE_MIB = 0.0003  # a simulator's publish queue holds up to maxQueued messages
+
+
+def pod_resources(fleet: SensorFleet, role: str, protocol: str | None = None) -> dict[str, dict[str, str]]:
+    """Requests/limits of one pod: the role's floor (RESOURCES), grown with the devices per replica
+    of simulators and collectors, so a 10,000-device fleet is not squeezed into a laptop's pod."""
+    if protocol is None or role not in ("simulator", "collector"):
+        return RESOURCES[role]
+    spec = fleet.spec.protocol(protocol)
+    pods = spec.replicas if role == "simulator" else collector_count(fleet, protocol)
+    devices = math.ceil(spec.devices / pods)
+    series = devices * len(fleet.spec.sensors)
+    readings_per_second = series / spec.interval
+    if role == "simulator":
+        cpu = 20 + readings_per_second * SIMULATOR_MILLICORES_PER_READING_S
+        memory = 64 + devices * SIMULATOR_MIB_PER_DEVICE
+        queue = fleet.spec.protocols.mqtt.max_queued * MQTT_QUEUED_MESSAGE_MIB if protocol == "mqtt" else 0
+    else:
+        cpu = 20 + readings_per_second * COLLECTOR_MILLICORES_PER_READING_S
+        memory = 96 + series * COLLECTOR_MIB_PER_SERIES + fleet.spec.collector.batch_size * COLLECTOR_MIB_PER_BATCH_ROW
+        queue = 0
+    floor = RESOURCES[role]
+    cpu_request = min(max(cpu, _millis(floor["requests"]["cpu"])), 4000)
+    memory_request = min(max(memory, _mebibytes(floor["requests"]["memory"])), 16384)
+    return {
+        "requests": {"cpu": _cpu(cpu_request), "memory": _memory(memory_request)},
+        "limits": {"cpu": _cpu(max(2 * cpu_request, _millis(floor["limits"]["cpu"]))),
+                   "memory": _memory(max(3 * memory_request + queue, _mebibytes(floor["limits"]["memory"])))},
+    }
+
+
+def _millis(quantity: str) -> float:
+    return float(quantity[:-1]) if quantity.endswith("m") else float(quantity) * 1000
+
+
+def _mebibytes(quantity: str) -> float:
+    units = {"Mi": 1.0, "Gi": 1024.0, "Ki": 1 / 1024}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
 def _app_container(name: str, args: list[str], role: str, options: BuildOptions, env: list[dict[str, Any]],
-                   ports: list[dict[str, Any]], fleet: SensorFleet, with_data: bool) -> dict[str, Any]:
+                   ports: list[dict[str, Any]], fleet: SensorFleet, with_data: bool,
+                   protocol: str | None = None) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": name,
         "image": options.image,
@@ -336,7 +407,7 @@ def _app_container(name: str, args: list[str], role: str, options: BuildOptions,
         "args": args,
         "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, *env],
         "ports": ports,
-        "resources": RESOURCES[role],
+        "resources": pod_resources(fleet, role, protocol),
         "securityContext": _container_security(),
         "volumeMounts": _app_mounts(with_data),
         **_probes(fleet),
@@ -367,12 +438,37 @@ def build_fleet_configmap(fleet: SensorFleet, owner: Owner, options: BuildOption
     }
 
 
+# A session that is not resumed within this time (a collector replica scaled away) is dropped by
+# the broker with its queue; a restarting collector pod is back within minutes.
+BROKER_SESSION_EXPIRY = "1h"
+
+
+def broker_queue_bytes(fleet: SensorFleet) -> int:
+    """Per-session queue bound: ten minutes of one collector's share of the traffic (~160 bytes a
+    reading on the wire), at least 16 MiB, at most 512 MiB. Readings beyond it are dropped by the
+    broker and show up as gaps (lost) in the collector's accounting."""
+    mqtt = fleet.spec.protocols.mqtt
+    readings_per_second = mqtt.devices * len(fleet.spec.sensors) / mqtt.interval / collector_count(fleet, "mqtt")
+    return int(min(max(readings_per_second * 600 * 160, 16 << 20), 512 << 20))
+
+
+def broker_resources(fleet: SensorFleet) -> tuple[dict[str, dict[str, str]], str]:
+    """The broker's requests/limits and its data volume's size limit, from the sessions it may hold
+    (each up to broker_queue_bytes, held in memory and in the persistence file)."""
+    queued_mib = collector_count(fleet, "mqtt") * broker_queue_bytes(fleet) / (1 << 20)
+    floor = RESOURCES["broker"]
+    memory_limit = max(_mebibytes(floor["limits"]["memory"]), 64 + 2 * queued_mib)
+    resources = {"requests": floor["requests"], "limits": {**floor["limits"], "memory": _memory(memory_limit)}}
+    return resources, _memory(64 + 2 * queued_mib)
+
+
 def mosquitto_conf(fleet: SensorFleet) -> str:
     """mosquitto.conf of the fleet's broker: the same renderer as local runs (sensorfleet.broker),
     listening on every interface, persistence on the pod's volume, the hashed password file that
-    the init container writes."""
+    the init container writes; sessions expire and queues are bounded (sized in broker_resources)."""
     password_file = "/mosquitto/auth/passwd" if fleet.spec.broker.authentication else None
-    return mosquitto_config(broker_port(fleet), None, "/mosquitto/data", password_file)
+    return mosquitto_config(broker_port(fleet), None, "/mosquitto/data", password_file,
+                            session_expiry=BROKER_SESSION_EXPIRY, max_queued_bytes=broker_queue_bytes(fleet))
 
 
 def build_broker_config(fleet: SensorFleet, owner: Owner, options: BuildOptions) -> dict[str, Any]:
@@ -424,6 +520,7 @@ def build_broker_deployment(fleet: SensorFleet, owner: Owner, options: BuildOpti
             "volumeMounts": [{"name": "auth", "mountPath": "/mosquitto/auth"}, {"name": "tmp", "mountPath": "/tmp"}],
         })
     port = broker_port(fleet)
+    resources, data_limit = broker_resources(fleet)
     pod_spec = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
@@ -435,7 +532,7 @@ def build_broker_deployment(fleet: SensorFleet, owner: Owner, options: BuildOpti
             "imagePullPolicy": options.image_pull_policy,
             "command": ["mosquitto", "-c", "/mosquitto/config/mosquitto.conf"],
             "ports": [{"name": "mqtt", "containerPort": port, "protocol": "TCP"}],
-            "resources": RESOURCES["broker"],
+            "resources": resources,
             "securityContext": _container_security(),
             "readinessProbe": {"tcpSocket": {"port": "mqtt"}, "periodSeconds": 5},
             "livenessProbe": {"tcpSocket": {"port": "mqtt"}, "initialDelaySeconds": 10, "periodSeconds": 20},
@@ -443,7 +540,7 @@ def build_broker_deployment(fleet: SensorFleet, owner: Owner, options: BuildOpti
         }],
         "volumes": [
             {"name": "config", "configMap": {"name": broker_config_name(fleet.name)}},
-            {"name": "data", "emptyDir": {}},
+            {"name": "data", "emptyDir": {"sizeLimit": data_limit}},
             {"name": "auth", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
             {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
         ],
@@ -492,7 +589,8 @@ def build_simulator_deployment(fleet: SensorFleet, owner: Owner, options: BuildO
         sections.append("broker")
     else:
         ports = [_server_port(fleet, protocol), *ports]
-    container = _app_container("simulator", simulator_args(fleet, protocol, replica), "simulator", options, env, ports, fleet, with_data=False)
+    container = _app_container("simulator", simulator_args(fleet, protocol, replica), "simulator", options, env, ports, fleet,
+                               with_data=False, protocol=protocol)
     template_hash = spec_hash(_section(fleet, *sections), fleet.spec.protocols.model_dump(mode="json", by_alias=True)[protocol])
     return _deployment(
         simulator_name(fleet.name, protocol, replica), owner, f"{protocol}-simulator",
@@ -551,8 +649,11 @@ def build_collector_deployment(fleet: SensorFleet, owner: Owner, options: BuildO
     env = _mqtt_env(fleet) if protocol == "mqtt" else []
     with_data = uses_claim(fleet)
     container = _app_container("collector", collector_args(fleet, protocol, replica), "collector", options, env,
-                               _metrics_port(fleet), fleet, with_data=with_data)
-    sections = ["sensors", "collector", "storage", "monitoring"] + (["broker"] if protocol == "mqtt" else [])
+                               _metrics_port(fleet), fleet, with_data=with_data, protocol=protocol)
+    # seed/epoch (with the protocol's interval and devices) define the sequence space and the values
+    # the collector expects: an edit must restart it, or it reads the new readings with old state.
+    sections = ["seed", "epoch", "sensors", "anomalies", "replay", "collector", "storage", "monitoring"] + (
+        ["broker"] if protocol == "mqtt" else [])
     template_hash = spec_hash(_section(fleet, *sections), fleet.spec.protocols.model_dump(mode="json", by_alias=True)[protocol])
     return _deployment(
         collector_name(fleet.name, protocol, replica), owner, f"{protocol}-collector",
@@ -645,6 +746,25 @@ def build_pod_monitor(fleet: SensorFleet, owner: Owner, options: BuildOptions) -
     }
 
 
+def build_network_policy(fleet: SensorFleet, owner: Owner, options: BuildOptions) -> dict[str, Any]:
+    """Ingress to the fleet's pods only from the fleet's own pods (simulators, broker, collectors
+    talk among themselves), plus the metrics port from `options.metrics_namespace` (any namespace
+    when empty) for Prometheus. Egress is left open: storage may be an S3 endpoint anywhere."""
+    fleet_pods = {"matchLabels": {"app.kubernetes.io/name": APP_NAME, INSTANCE: fleet.name}}
+    ingress: list[dict[str, Any]] = [{"from": [{"podSelector": fleet_pods}]}]
+    if fleet.spec.monitoring.enabled:
+        namespaces: dict[str, Any] = (
+            {"matchLabels": {"kubernetes.io/metadata.name": options.metrics_namespace}} if options.metrics_namespace else {})
+        ingress.append({"from": [{"namespaceSelector": namespaces}],
+                        "ports": [{"protocol": "TCP", "port": fleet.spec.monitoring.port}]})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(network_policy_name(fleet.name), owner, labels(fleet.name, "network", options)),
+        "spec": {"podSelector": fleet_pods, "policyTypes": ["Ingress"], "ingress": ingress},
+    }
+
+
 def build_children(fleet: SensorFleet, owner: Owner, options: BuildOptions,
                    credentials: BrokerCredentials | None) -> list[dict[str, Any]]:
     """Every child of the fleet, in apply order (config before the pods that mount it).
@@ -680,6 +800,8 @@ def build_children(fleet: SensorFleet, owner: Owner, options: BuildOptions,
         children.append(build_metrics_service(fleet, owner, options))
         if fleet.spec.monitoring.pod_monitor:
             children.append(build_pod_monitor(fleet, owner, options))
+    if options.network_policy:
+        children.append(build_network_policy(fleet, owner, options))
     return children
 
 

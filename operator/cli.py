@@ -28,6 +28,11 @@ def register(app: typer.Typer) -> None:
             envvar="KUBECONFIG", help="kubeconfig to use (default: in-cluster credentials).")] = None,
         workers: Annotated[int, typer.Option(help="Fleets reconciled concurrently.")] = 8,
         resync: Annotated[float, typer.Option(help="Seconds between full re-applies of every fleet.")] = 300.0,
+        network_policy: Annotated[bool, typer.Option(
+            help="Give every fleet a NetworkPolicy (its pods reachable only from each other).")] = True,
+        metrics_namespace: Annotated[str, typer.Option(
+            envvar="SENSORFLEET_METRICS_NAMESPACE",
+            help="Namespace allowed to scrape the fleets' metrics ports (default: any namespace).")] = "",
         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
     ) -> None:
         """Run the SensorFleet Kubernetes operator (what the operator pod runs)."""
@@ -45,6 +50,7 @@ def register(app: typer.Typer) -> None:
             namespaces=namespaces, image=image, image_pull_policy=image_pull_policy,
             metrics_host=metrics_host, metrics_port=metrics_port, leader_election=leader_election,
             lease_namespace=lease_namespace, kubeconfig=kubeconfig, workers=workers, resync_seconds=resync,
+            network_policy=network_policy, metrics_namespace=metrics_namespace,
         )
         raise typer.Exit(asyncio.run(run_operator(config)))
 

@@ -50,6 +50,7 @@ KINDS: dict[str, Kind] = {
     "Job": Kind("batch/v1", "jobs"),
     "PodMonitor": Kind("monitoring.coreos.com/v1", "podmonitors"),
     "Lease": Kind("coordination.k8s.io/v1", "leases"),
+    "NetworkPolicy": Kind("networking.k8s.io/v1", "networkpolicies"),
     "SensorFleet": Kind("sensorfleet.io/v1alpha1", "sensorfleets"),
 }
 

@@ -41,7 +41,7 @@ STATUS, FULL = 1, 2
 Key = tuple[str, str]  # (namespace, fleet name)
 
 # Kinds the operator may have created for a fleet and lists when pruning.
-PRUNED_KINDS = ("Deployment", "Service", "ConfigMap", "PersistentVolumeClaim", "CronJob")
+PRUNED_KINDS = ("Deployment", "Service", "ConfigMap", "PersistentVolumeClaim", "CronJob", "NetworkPolicy")
 # Kinds whose state the status is computed from (kept from the watch, see Reconciler.observed).
 STATUS_KINDS = ("Deployment", "Job")
 

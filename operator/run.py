@@ -37,6 +37,8 @@ class OperatorConfig:
     kubeconfig: str | None = None
     workers: int = 8
     resync_seconds: float = 300.0
+    network_policy: bool = True
+    metrics_namespace: str = ""
 
 
 def _own_namespace(kubeconfig: str | None) -> str:
@@ -64,7 +66,9 @@ async def run_operator(config: OperatorConfig) -> int:
     identity = config.identity or f"{socket.gethostname()}-{os.getpid()}"
     metrics = OperatorMetrics()
     client = KubeClient(config.kubeconfig)
-    reconciler = Reconciler(client, BuildOptions(config.image, config.image_pull_policy), metrics,
+    reconciler = Reconciler(client, BuildOptions(config.image, config.image_pull_policy,
+                                                      network_policy=config.network_policy,
+                                                      metrics_namespace=config.metrics_namespace), metrics,
                             workers=config.workers, resync_seconds=config.resync_seconds)
     stop = asyncio.Event()
     kopf_ready = asyncio.Event()

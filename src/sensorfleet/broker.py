@@ -18,8 +18,11 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def mosquitto_config(port: int, bind: str | None, data_dir: str | None, password_file: str | None) -> str:
-    """mosquitto.conf for a fleet broker. `bind=None` listens on every interface (pods)."""
+def mosquitto_config(port: int, bind: str | None, data_dir: str | None, password_file: str | None,
+                     session_expiry: str = "7d", max_queued_bytes: int = 0) -> str:
+    """mosquitto.conf for a fleet broker. `bind=None` listens on every interface (pods).
+    `session_expiry` and `max_queued_bytes` (per client, 0 = unbounded) bound what a session that
+    is never resumed (a removed collector replica) can hold."""
     lines = [
         "# Rendered by SensorFleet (sensorfleet.broker.mosquitto_config).",
         f"listener {port}{' ' + bind if bind else ''}",
@@ -30,8 +33,8 @@ def mosquitto_config(port: int, bind: str | None, data_dir: str | None, password
         "max_inflight_messages 60000",
         # A restarting collector's persistent session must hold everything published meanwhile.
         "max_queued_messages 0",
-        "max_queued_bytes 0",
-        "persistent_client_expiration 7d",
+        f"max_queued_bytes {max_queued_bytes}",
+        f"persistent_client_expiration {session_expiry}",
         "log_dest stderr",
         "log_type error",
         "log_type warning",
