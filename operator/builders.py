@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sensorfleet.broker import mosquitto_config
-from sensorfleet.spec import API_GROUP, API_VERSION, KIND, PROTOCOLS, SensorFleet, dump_fleet
+from sensorfleet.spec import API_GROUP, API_VERSION, KIND, PROTOCOLS, SecretKeyRef, SensorFleet, dump_fleet
 
 OPERATOR_NAME = "sensorfleet-operator"
 APP_NAME = "sensorfleet"
@@ -51,6 +51,21 @@ BROKER_USERNAME = "sensorfleet"
 MQTT_PORT = 1883
 MOSQUITTO_UID = 1883  # the `mosquitto` user of the eclipse-mosquitto image
 APP_UID = 10001  # the `sensorfleet` user of the project image (see Dockerfile)
+HOME_DIR = "/home/sensorfleet"  # its HOME; an emptyDir in pods, as the root filesystem is read-only
+# Environment variables the processes read their secrets from (simulators/opcua.py, runtime.py,
+# forecasting/models.py; tests/operator checks that the names agree).
+ENV_MQTT_USERNAME, ENV_MQTT_PASSWORD = "SENSORFLEET_MQTT_USERNAME", "SENSORFLEET_MQTT_PASSWORD"
+ENV_OPCUA_USERNAME, ENV_OPCUA_PASSWORD = "SENSORFLEET_OPCUA_USERNAME", "SENSORFLEET_OPCUA_PASSWORD"
+ENV_NIXTLA_API_KEY = "NIXTLA_API_KEY"
+# Every place the app writes to outside the dataset, on the pod's emptyDirs: the OPC UA PKI (a
+# self-signed certificate made on first start), numba's and other caches, matplotlib's config.
+WRITABLE_ENV = {
+    "HOME": HOME_DIR,
+    "XDG_CACHE_HOME": f"{HOME_DIR}/.cache",
+    "NUMBA_CACHE_DIR": f"{HOME_DIR}/.cache/numba",
+    "MPLCONFIGDIR": f"{HOME_DIR}/.config/matplotlib",
+    "SENSORFLEET_OPCUA_PKI": f"{HOME_DIR}/.local/share/sensorfleet/opcua-pki",
+}
 
 # Requests/limits per role: the floor of every pod, small enough for kind on a laptop. Simulators
 # and collectors grow from there with the devices they serve (see pod_resources).
@@ -221,10 +236,15 @@ def _tmp_volume() -> dict[str, Any]:
     return {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}}
 
 
+def _home_volume() -> dict[str, Any]:
+    return {"name": "home", "emptyDir": {"sizeLimit": "256Mi"}}
+
+
 def _app_mounts(with_data: bool) -> list[dict[str, Any]]:
     mounts = [
         {"name": "fleet", "mountPath": FLEET_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "home", "mountPath": HOME_DIR},
     ]
     if with_data:
         mounts.append({"name": "data", "mountPath": DATA_DIR})
@@ -261,14 +281,33 @@ def broker_url(fleet: SensorFleet) -> str:
     return f"mqtt://{broker_name(fleet.name)}:{broker_port(fleet)}"
 
 
+def secret_env(name: str, ref: SecretKeyRef) -> dict[str, Any]:
+    """An environment variable the kubelet fills from a Secret key (never a literal value)."""
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
 def _mqtt_env(fleet: SensorFleet) -> list[dict[str, Any]]:
-    if not uses_broker(fleet) or not fleet.spec.broker.authentication:
+    broker = fleet.spec.broker
+    if broker.mode == "external" and broker.credentials:
+        return [secret_env(ENV_MQTT_USERNAME, broker.credentials.username),
+                secret_env(ENV_MQTT_PASSWORD, broker.credentials.password)]
+    if not uses_broker(fleet) or not broker.authentication:
         return []
     secret = broker_secret_name(fleet.name)
-    return [
-        {"name": "SENSORFLEET_MQTT_USERNAME", "valueFrom": {"secretKeyRef": {"name": secret, "key": "username"}}},
-        {"name": "SENSORFLEET_MQTT_PASSWORD", "valueFrom": {"secretKeyRef": {"name": secret, "key": "password"}}},
-    ]
+    return [secret_env(ENV_MQTT_USERNAME, SecretKeyRef(name=secret, key="username")),
+            secret_env(ENV_MQTT_PASSWORD, SecretKeyRef(name=secret, key="password"))]
+
+
+def _opcua_env(fleet: SensorFleet) -> list[dict[str, Any]]:
+    opcua = fleet.spec.protocols.opcua
+    if opcua.authentication != "username" or not opcua.credentials:
+        return []
+    return [secret_env(ENV_OPCUA_USERNAME, opcua.credentials.username),
+            secret_env(ENV_OPCUA_PASSWORD, opcua.credentials.password)]
+
+
+def _protocol_env(fleet: SensorFleet, protocol: str) -> list[dict[str, Any]]:
+    return _mqtt_env(fleet) if protocol == "mqtt" else _opcua_env(fleet) if protocol == "opcua" else []
 
 
 def _metrics_args(fleet: SensorFleet) -> list[str]:
@@ -324,7 +363,7 @@ def _deployment(
 
 
 def _app_pod_spec(fleet: SensorFleet, container: dict[str, Any], with_data: bool) -> dict[str, Any]:
-    volumes = [_fleet_volume(fleet.name), _tmp_volume()]
+    volumes = [_fleet_volume(fleet.name), _tmp_volume(), _home_volume()]
     if with_data:
         volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": data_claim_name(fleet.name)}})
     return {
@@ -405,7 +444,8 @@ def _app_container(name: str, args: list[str], role: str, options: BuildOptions,
         "imagePullPolicy": options.image_pull_policy,
         "command": ["sensorfleet"],
         "args": args,
-        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, *env],
+        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"},
+                *({"name": k, "value": v} for k, v in WRITABLE_ENV.items()), *env],
         "ports": ports,
         "resources": pod_resources(fleet, role, protocol),
         "securityContext": _container_security(),
@@ -582,10 +622,9 @@ def _server_port(fleet: SensorFleet, protocol: str) -> dict[str, Any]:
 
 def build_simulator_deployment(fleet: SensorFleet, owner: Owner, options: BuildOptions, protocol: str, replica: int) -> dict[str, Any]:
     ports = _metrics_port(fleet)
-    env: list[dict[str, Any]] = []
+    env = _protocol_env(fleet, protocol)
     sections = ["seed", "epoch", "sensors", "anomalies", "replay", "monitoring"]
     if protocol == "mqtt":
-        env = _mqtt_env(fleet)
         sections.append("broker")
     else:
         ports = [_server_port(fleet, protocol), *ports]
@@ -646,7 +685,7 @@ def collector_args(fleet: SensorFleet, protocol: str, replica: int) -> list[str]
 
 
 def build_collector_deployment(fleet: SensorFleet, owner: Owner, options: BuildOptions, protocol: str, replica: int) -> dict[str, Any]:
-    env = _mqtt_env(fleet) if protocol == "mqtt" else []
+    env = _protocol_env(fleet, protocol)
     with_data = uses_claim(fleet)
     container = _app_container("collector", collector_args(fleet, protocol, replica), "collector", options, env,
                                _metrics_port(fleet), fleet, with_data=with_data, protocol=protocol)
@@ -686,6 +725,8 @@ def build_forecast_cronjob(fleet: SensorFleet, owner: Owner, options: BuildOptio
     # A batch job is gone before Prometheus could scrape it: it pushes its figures instead.
     push = fleet.spec.monitoring.pushgateway_url
     env = [{"name": "SENSORFLEET_PUSHGATEWAY_URL", "value": push}] if push else []
+    if fleet.spec.forecasting.api_key:
+        env.append(secret_env(ENV_NIXTLA_API_KEY, fleet.spec.forecasting.api_key))
     container = _app_container("forecast", forecast_args(fleet), "forecast", options, env, [], fleet, with_data=with_data)
     for probe in ("readinessProbe", "livenessProbe"):
         container.pop(probe, None)  # a batch job serves no metrics port

@@ -32,6 +32,9 @@ PROTOCOLS: tuple[str, ...] = ("mqtt", "coap", "opcua")
 # DNS-1123 label: Kubernetes object names built from these must stay valid.
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _SENSOR_NAME = r"^[a-z][a-z0-9_]{0,30}$"
+# A Secret's name (DNS subdomain) and one of its keys.
+_SECRET_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+_SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
 _CRON_FIELD = r"^(\*|\*/\d+|\d+(-\d+)?(/\d+)?)(,(\*|\*/\d+|\d+(-\d+)?(/\d+)?))*$"
 
 
@@ -44,6 +47,23 @@ class SpecModel(BaseModel):
         extra="forbid",
         validate_default=True,
     )
+
+
+class SecretKeyRef(SpecModel):
+    """One key of a Secret in the fleet's namespace. In Kubernetes the operator hands it to the pods
+    that need it as a `secretKeyRef` environment variable: the value is never in a manifest, an
+    argument or the fleet's status, and the operator itself never reads it. Local runs
+    (`sensorfleet run`) ignore the reference and read the same environment variable."""
+
+    name: Annotated[str, Field(pattern=_SECRET_NAME, max_length=253, description="Name of the Secret, in the fleet's namespace.")]
+    key: Annotated[str, Field(pattern=_SECRET_KEY, max_length=253, description="Key within the Secret's data.")]
+
+
+class CredentialsRef(SpecModel):
+    """A username and a password, each from a Secret key (often the same Secret)."""
+
+    username: Annotated[SecretKeyRef, Field(description="Secret key holding the username.")]
+    password: Annotated[SecretKeyRef, Field(description="Secret key holding the password.")]
 
 
 class SensorSpec(SpecModel):
@@ -111,8 +131,9 @@ class OpcuaSpec(ProtocolSpec):
     ]
     authentication: Annotated[
         Literal["anonymous", "username"],
-        Field(default="anonymous", description="`anonymous`, or `username` with the credentials from the environment (SENSORFLEET_OPCUA_USERNAME / _PASSWORD)."),
+        Field(default="anonymous", description="`anonymous`, or `username` with the credentials from the environment (SENSORFLEET_OPCUA_USERNAME / _PASSWORD); in Kubernetes from `credentials`."),
     ]
+    credentials: Annotated[CredentialsRef | None, Field(default=None, description="With `authentication: username` in Kubernetes: the Secret keys of the username and password, passed to the simulators (which accept exactly these) and collectors as SENSORFLEET_OPCUA_USERNAME / _PASSWORD.")]
     publishing_interval: Annotated[float, Field(default=0.5, ge=0.05, le=60, description="OPC UA subscription publishing interval of the collector, in seconds.")]
 
 
@@ -137,11 +158,14 @@ class BrokerSpec(SpecModel):
     port: Annotated[int, Field(default=1883, ge=0, le=65535, description="Port of the broker started locally or in the cluster; 0 picks a free port locally.")]
     authentication: Annotated[bool, Field(default=True, description="Require username and password (generated per fleet in Kubernetes; local embedded mode runs anonymously).")]
     image: Annotated[str, Field(default="eclipse-mosquitto:2.0.20", description="Broker container image used by the operator.")]
+    credentials: Annotated[CredentialsRef | None, Field(default=None, description="Username and password of an `external` broker, from Secret keys; in Kubernetes the simulators and collectors get them as SENSORFLEET_MQTT_USERNAME / _PASSWORD. The broker the operator runs gets generated credentials instead.")]
 
     @model_validator(mode="after")
     def _external_needs_url(self) -> BrokerSpec:
         if self.mode == "external" and not self.url:
             raise ValueError("mode 'external' needs url (e.g. mqtt://host:1883)")
+        if self.credentials and self.mode != "external":
+            raise ValueError("credentials are for mode 'external' only (a broker SensorFleet runs gets generated credentials)")
         return self
 
 
@@ -169,8 +193,9 @@ class ForecastingSpec(SpecModel):
     frequency: Annotated[str, Field(default="1min", pattern=r"^[0-9]*(s|min|h|D)$", description="Resampling frequency of the series (pandas offset alias: `s`, `min`, `h`, `D`, with an optional multiple).")]
     model: Annotated[
         Literal["auto", "harmonic", "mstl", "autoets", "seasonalnaive", "timegpt"],
-        Field(default="auto", description="Forecasting model; `auto` is the fast harmonic regression, `timegpt` needs NIXTLA_API_KEY."),
+        Field(default="auto", description="Forecasting model; `auto` is the fast harmonic regression, `timegpt` needs NIXTLA_API_KEY (in Kubernetes: `apiKey`)."),
     ]
+    api_key: Annotated[SecretKeyRef | None, Field(default=None, description="Secret key of the Nixtla API key for `model: timegpt`; the forecast job gets it as NIXTLA_API_KEY.")]
     level: Annotated[int, Field(default=95, ge=50, le=99, description="Prediction-interval level in percent; readings outside it are flagged as anomalies.")]
     window_days: Annotated[float, Field(default=7.0, gt=0, le=365, description="Days of history read for training.")]
 

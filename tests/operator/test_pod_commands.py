@@ -75,6 +75,7 @@ class Pods:
     def localize(self, value: str) -> str:
         """Cluster addresses and mount paths -> this machine."""
         value = value.replace(builders.FLEET_FILE, str(self.fleet_file))
+        value = value.replace(builders.HOME_DIR, str(self.tmp / "home"))  # the pod's home emptyDir
         for name, path in self.mosquitto.items():
             value = value.replace(f"/mosquitto/{name}", str(path))
         value = value.replace(f"{builders.broker_name(FLEET)}:{builders.MQTT_PORT}", f"127.0.0.1:{self.ports['broker']}")
@@ -101,7 +102,7 @@ class Pods:
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
         for item in container.get("env", []):
             if "value" in item:
-                env[item["name"]] = item["value"]
+                env[item["name"]] = self.localize(item["value"])
             else:
                 ref = item["valueFrom"]["secretKeyRef"]
                 secret = self.children[("Secret", ref["name"])]
