@@ -30,7 +30,7 @@ run: install
 
 # Every bench/bench_*.py, then one HTML report of all results (bench/results/report.html).
 bench: install
-	set -e; for script in bench/bench_*.py; do echo "== $$script"; $(BIN)/python $$script; done
+	set -e; for script in bench/bench_*.py; do echo "== $$script"; PYTHONPATH=. $(BIN)/python $$script; done
 	$(BIN)/python bench/report.py
 
 clean:
@@ -38,6 +38,7 @@ clean:
 
 # --- local Kubernetes control plane (issue 5) ---
 # A real control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok) on 127.0.0.1,
+# run by the devcluster/ package (dev tooling beside src/, not in the wheel),
 # built from pinned Go modules into ~/.cache/sensorfleet (see docs/kubernetes-testing.md).
 # kind-up/kind-down are for machines with Docker; tests use either via KUBECONFIG.
 CLUSTER_DIR ?= .cluster
@@ -50,10 +51,10 @@ cluster-build:
 	hack/build-k8s.sh
 
 cluster-up: install cluster-build
-	CLUSTER_DIR=$(CLUSTER_DIR) $(BIN)/python -m sensorfleet.devcluster up
+	CLUSTER_DIR=$(CLUSTER_DIR) PYTHONPATH=. $(BIN)/python -m devcluster up
 
 cluster-down:
-	CLUSTER_DIR=$(CLUSTER_DIR) $(BIN)/python -m sensorfleet.devcluster down
+	CLUSTER_DIR=$(CLUSTER_DIR) PYTHONPATH=. $(BIN)/python -m devcluster down
 
 kind-up:
 	mkdir -p $(CLUSTER_DIR)
@@ -87,10 +88,10 @@ kind-load: image
 	$(KIND) load docker-image $(IMAGE) --name $(KIND_CLUSTER)
 
 deploy-local: install
-	CLUSTER_DIR=$(CLUSTER_DIR) $(BIN)/python -m sensorfleet.operator.devdeploy up
+	CLUSTER_DIR=$(CLUSTER_DIR) PYTHONPATH=. $(BIN)/python -m devcluster deploy
 
 undeploy-local: install
-	CLUSTER_DIR=$(CLUSTER_DIR) $(BIN)/python -m sensorfleet.operator.devdeploy down
+	CLUSTER_DIR=$(CLUSTER_DIR) PYTHONPATH=. $(BIN)/python -m devcluster undeploy
 
 bench-operator: install
-	$(BIN)/python bench/bench_operator.py
+	PYTHONPATH=. $(BIN)/python bench/bench_operator.py

@@ -23,8 +23,9 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from sensorfleet import devcluster
-from sensorfleet.operator import builders, devdeploy
+import devcluster
+from devcluster import deploy
+from sensorfleet.operator import builders
 from sensorfleet.spec import SensorFleet
 
 RESULTS = Path(__file__).resolve().parent / "results" / "operator.json"
@@ -90,8 +91,8 @@ def main() -> int:
 
     load_at_start = [round(x, 2) for x in psutil.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="sf-bench-") as tmp, devcluster.running_cluster(Path(tmp) / "cluster") as cluster:
-        devdeploy.install_chart(cluster)
-        operator = devdeploy.start_operator(cluster, Path(tmp) / "operator", args=["--workers", "16"])
+        deploy.install_chart(cluster)
+        operator = deploy.start_operator(cluster, Path(tmp) / "operator", args=["--workers", "16"])
         sampler = RssSampler(operator.pid)
         sampler.start()
         try:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from sensorfleet import devcluster
+import devcluster
 
 # --- local Kubernetes control plane (issue 5) ---
 # `k8s_cluster` is a real control plane (etcd, kube-apiserver, controller-manager, scheduler,
-# kwok with 3 fake Nodes) started once per session from sensorfleet.devcluster and always
+# kwok with 3 fake Nodes) started once per session from devcluster and always
 # stopped at the end. With SENSORFLEET_USE_KUBECONFIG=1 and KUBECONFIG naming an existing file,
 # the tests use that cluster instead (kind, or one from `make cluster-up`) and leave it running.
 

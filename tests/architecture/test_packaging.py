@@ -1,5 +1,5 @@
-"""The wheel (what the Dockerfile installs) carries every feature under `sensorfleet.`, and
-nothing importable as a bare `operator`."""
+"""The wheel (what the Dockerfile installs) carries every feature under `sensorfleet.`, nothing
+importable as a bare `operator`, and none of the dev tooling (the dev cluster in `devcluster/`)."""
 
 from __future__ import annotations
 
@@ -19,3 +19,23 @@ def test_wheel_maps_every_folder_under_sensorfleet(tmp_path):
         assert module in names, module
     top_level = {n.split("/")[0] for n in names if not n.startswith("sensorfleet-")}
     assert top_level == {"sensorfleet"}, top_level
+    dev_tooling = [n for n in names if "devcluster" in n or "devdeploy" in n]
+    assert dev_tooling == [], dev_tooling
+
+
+def test_runtime_code_never_imports_the_dev_cluster():
+    """The dev cluster is not in the wheel, so an import of it from runtime code would fail in a pod."""
+    import ast
+    import os
+
+    package = REPO / "src" / "sensorfleet"  # operator/, simulators/... are symlinked in: follow them
+    files = [Path(d) / f for d, _, fs in os.walk(package, followlinks=True) for f in fs if f.endswith(".py")]
+    assert len(files) > 40, files
+    offenders = []
+    for path in sorted(files):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "devcluster" or n.startswith("devcluster.") for n in names):
+                offenders.append(str(path.relative_to(package)))
+    assert offenders == []

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from sensorfleet import devcluster
-from sensorfleet.devcluster import Cluster, CommandError, wait_for
+import devcluster
+from devcluster import Cluster, CommandError, wait_for
 
 pytestmark = pytest.mark.cluster
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sensorfleet import devcluster
+import devcluster
 
 pytestmark = pytest.mark.cluster
 
@@ -31,8 +31,9 @@ def _our_processes(marker: str) -> list[psutil.Process]:
 
 def test_up_then_down_leaves_no_process_or_port(k8s_binaries: Path, tmp_path: Path) -> None:
     cluster_dir = tmp_path / "cluster"
-    cli = [sys.executable, "-m", "sensorfleet.devcluster"]
-    env = {**os.environ, "CLUSTER_DIR": str(cluster_dir)}
+    cli = [sys.executable, "-m", "devcluster"]
+    # the Makefile's way: devcluster/ is importable from the repository root only (not in the wheel)
+    env = {**os.environ, "CLUSTER_DIR": str(cluster_dir), "PYTHONPATH": str(Path(devcluster.__file__).parents[1])}
     up = subprocess.run([*cli, "up"], env=env, capture_output=True, text=True, timeout=300)
     state_file = cluster_dir / devcluster.STATE_FILE
     try:

@@ -30,8 +30,8 @@ from typing import Any
 import pytest
 import yaml
 
-from sensorfleet import devcluster
-from sensorfleet.operator import devdeploy
+import devcluster
+from devcluster import deploy
 from sensorfleet.runtime import free_port, port_is_free
 from sensorfleet.testing import Component, component, wait_for_port, wait_until
 
@@ -158,7 +158,7 @@ def stack(k8s_cluster: devcluster.Cluster, tmp_path_factory: pytest.TempPathFact
     spare_file = write_fleet(work / "spare.yaml", SPARE_FLEET, {"coap": 2})
     processes: list[Process] = []
     spare: Component | None = None
-    operator: devdeploy.OperatorProcess | None = None
+    operator: deploy.OperatorProcess | None = None
     try:
         # A real forecast report: a generated dataset through the forecasting pipeline (in the
         # background while the rest starts).
@@ -177,8 +177,8 @@ def stack(k8s_cluster: devcluster.Cluster, tmp_path_factory: pytest.TempPathFact
         # The operator: the chart installed in the harness cluster, the operator running locally
         # with the chart's ServiceAccount, one fleet applied so that it reconciles.
         k8s_cluster.kubectl("create", "namespace", FLEETS_NAMESPACE, check=False)
-        devdeploy.install_chart(k8s_cluster, namespace=OPERATOR_NAMESPACE, release=RELEASE, extra=["--set", f"watchNamespaces={{{FLEETS_NAMESPACE}}}"])
-        operator = devdeploy.start_operator(k8s_cluster, work / "operator", namespace=OPERATOR_NAMESPACE, service_account=f"{RELEASE}-operator", args=["--namespace", FLEETS_NAMESPACE])
+        deploy.install_chart(k8s_cluster, namespace=OPERATOR_NAMESPACE, release=RELEASE, extra=["--set", f"watchNamespaces={{{FLEETS_NAMESPACE}}}"])
+        operator = deploy.start_operator(k8s_cluster, work / "operator", namespace=OPERATOR_NAMESPACE, service_account=f"{RELEASE}-operator", args=["--namespace", FLEETS_NAMESPACE])
         operator.wait_leading()
 
         # The forecast exporter, started before the report exists: it reads at every scrape.

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from sensorfleet import devcluster
-from sensorfleet.operator import devdeploy
+import devcluster
+from devcluster import deploy
 
 
 def wait_for(what: str, condition: Callable[[], Any], timeout: float = 60.0, interval: float = 0.5) -> Any:
@@ -29,13 +29,13 @@ def wait_for(what: str, condition: Callable[[], Any], timeout: float = 60.0, int
 @pytest.fixture(scope="session")
 def deployed(k8s_cluster: devcluster.Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """`make deploy-local` in a fixture: yields the cluster, the operator process and its state dir."""
-    devdeploy.install_chart(k8s_cluster)
+    deploy.install_chart(k8s_cluster)
     state = tmp_path_factory.mktemp("operator")
-    operator = devdeploy.start_operator(k8s_cluster, state)
+    operator = deploy.start_operator(k8s_cluster, state)
     env: dict[str, Any] = {"cluster": k8s_cluster, "operator": operator, "state": state}
     try:
         operator.wait_leading()
         yield env
     finally:
         env["operator"].stop()
-        k8s_cluster.helm("uninstall", devdeploy.RELEASE, "--namespace", devdeploy.NAMESPACE, check=False)
+        k8s_cluster.helm("uninstall", deploy.RELEASE, "--namespace", deploy.NAMESPACE, check=False)

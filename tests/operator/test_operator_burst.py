@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from sensorfleet import devcluster
+import devcluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
-from sensorfleet import devcluster
-from sensorfleet.operator import builders, devdeploy
+import devcluster
+from devcluster import deploy
+from sensorfleet.operator import builders
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -260,7 +261,7 @@ def test_operator_restart_makes_no_duplicates_and_no_churn(env: dict[str, Any]) 
     before = children_of(cluster)
     fleet_rv = fleet_body(cluster)["metadata"]["resourceVersion"]
     assert env["operator"].stop() == 0
-    env["operator"] = devdeploy.start_operator(cluster, env["state"])
+    env["operator"] = deploy.start_operator(cluster, env["state"])
     env["operator"].wait_leading()
     wait_for("the restarted operator reconciled the fleet", lambda: 'kind="full",result="success"' in env["operator"].get("/metrics")[1], 30)
     time.sleep(3)
@@ -274,7 +275,7 @@ def test_operator_restart_makes_no_duplicates_and_no_churn(env: dict[str, Any]) 
 
 def test_a_second_replica_stands_by(env: dict[str, Any]) -> None:
     cluster = env["cluster"]
-    standby = devdeploy.start_operator(cluster, env["state"])
+    standby = deploy.start_operator(cluster, env["state"])
     try:
         def answering() -> bool:
             try:
@@ -287,7 +288,7 @@ def test_a_second_replica_stands_by(env: dict[str, Any]) -> None:
         assert "sensorfleet_operator_leader 0.0" in text
         assert 'sensorfleet_operator_reconciles_total{' not in text
         assert standby.get("/healthz")[0] == 200 and standby.get("/readyz")[0] == 200
-        lease = kjson(cluster, "get", "lease", "sensorfleet-operator", "-n", devdeploy.NAMESPACE)
+        lease = kjson(cluster, "get", "lease", "sensorfleet-operator", "-n", deploy.NAMESPACE)
         assert lease["spec"]["holderIdentity"].endswith(str(env["operator"].pid))
     finally:
         standby.stop()

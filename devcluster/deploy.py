@@ -2,8 +2,8 @@
 local process that authenticates with the chart's own ServiceAccount (a TokenRequest token), so a
 missing RBAC rule fails here exactly as it would in a cluster.
 
-    python -m sensorfleet.operator.devdeploy up      # helm upgrade --install + start the operator
-    python -m sensorfleet.operator.devdeploy down    # stop the operator + helm uninstall
+    python -m devcluster deploy      # helm upgrade --install + start the operator
+    python -m devcluster undeploy    # stop the operator + helm uninstall
 
 The chart is installed with replicaCount=0: kwok only pretends to run pods, so the operator that
 really acts is this local process. State (pid, port, kubeconfig, log) is kept in
@@ -12,7 +12,6 @@ $CLUSTER_DIR/operator/.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -24,7 +23,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from sensorfleet import devcluster
+from devcluster.cluster import Cluster, default_cluster_dir, service_account_kubeconfig
+from devcluster.processes import free_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHART = REPO_ROOT / "charts" / "sensorfleet"
@@ -106,20 +106,20 @@ def _tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
-def install_chart(cluster: devcluster.Cluster, namespace: str = NAMESPACE, release: str = RELEASE,
+def install_chart(cluster: Cluster, namespace: str = NAMESPACE, release: str = RELEASE,
                   extra: list[str] | None = None) -> None:
     cluster.helm("upgrade", "--install", release, str(CHART), "--namespace", namespace, "--create-namespace",
                  "--set", "replicaCount=0", *(extra or []))
 
 
-def start_operator(cluster: devcluster.Cluster, state_dir: Path, *, namespace: str = NAMESPACE,
+def start_operator(cluster: Cluster, state_dir: Path, *, namespace: str = NAMESPACE,
                    service_account: str = SERVICE_ACCOUNT, port: int | None = None,
                    args: list[str] | None = None, image: str = "sensorfleet:0.1.0") -> OperatorProcess:
     """Start `sensorfleet operator` with a token of the chart's ServiceAccount."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    kubeconfig = devcluster.service_account_kubeconfig(
+    kubeconfig = service_account_kubeconfig(
         cluster, namespace, service_account, state_dir / "operator.kubeconfig", create=False, expiration_seconds=24 * 3600)
-    port = port or devcluster._free_ports(1)[0]
+    port = port or free_ports(1)[0]
     log = state_dir / f"operator-{port}.log"
     env = dict(os.environ)
     env.pop("KUBECONFIG", None)
@@ -131,26 +131,23 @@ def start_operator(cluster: devcluster.Cluster, state_dir: Path, *, namespace: s
     return OperatorProcess(popen, popen.pid, port, log, kubeconfig)
 
 
-def _cluster() -> devcluster.Cluster:
-    cluster_dir = devcluster.default_cluster_dir()
-    cluster = devcluster.Cluster.load_state(cluster_dir)
+def _cluster() -> Cluster:
+    cluster_dir = default_cluster_dir()
+    cluster = Cluster.load_state(cluster_dir)
     if cluster is not None:
         return cluster
     kubeconfig = Path(os.environ.get("KUBECONFIG") or cluster_dir / "kubeconfig")
     if not kubeconfig.is_file():
         raise SystemExit(f"no cluster: run `make cluster-up` first (looked for {kubeconfig})")
-    return devcluster.Cluster.external(kubeconfig)
+    return Cluster.external(kubeconfig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sensorfleet.operator.devdeploy", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["up", "down"])
-    args = parser.parse_args(argv)
+def deploy(command: str) -> int:
+    """`deploy` (command "up") or `undeploy` ("down")."""
     cluster = _cluster()
-    state_dir = devcluster.default_cluster_dir() / "operator"
+    state_dir = default_cluster_dir() / "operator"
     state_file = state_dir / "operator.json"
-    if args.command == "up":
+    if command == "up":
         if state_file.is_file():
             old = json.loads(state_file.read_text())
             previous = OperatorProcess(None, old["pid"], old["port"], Path(old["log"]), Path(old["kubeconfig"]))
@@ -175,6 +172,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[undeploy-local] {result.stdout.strip() or result.stderr.strip()}")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
