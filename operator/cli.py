@@ -33,6 +33,10 @@ def register(app: typer.Typer) -> None:
         metrics_namespace: Annotated[str, typer.Option(
             envvar="SENSORFLEET_METRICS_NAMESPACE",
             help="Namespace allowed to scrape the fleets' metrics ports (default: any namespace).")] = "",
+        lease_duration: Annotated[float, typer.Option(
+            help="Seconds a standby waits, after the Lease last changed, before taking over.")] = 15,
+        write_log: Annotated[Optional[str], typer.Option(
+            help="Append one JSON line per write this replica sends to the API server (an audit log).")] = None,
         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
     ) -> None:
         """Run the SensorFleet Kubernetes operator (what the operator pod runs)."""
@@ -51,6 +55,7 @@ def register(app: typer.Typer) -> None:
             metrics_host=metrics_host, metrics_port=metrics_port, leader_election=leader_election,
             lease_namespace=lease_namespace, kubeconfig=kubeconfig, workers=workers, resync_seconds=resync,
             network_policy=network_policy, metrics_namespace=metrics_namespace,
+            lease_duration=lease_duration, write_log=write_log,
         )
         raise typer.Exit(asyncio.run(run_operator(config)))
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -18,6 +20,14 @@ from urllib.parse import quote, urlencode
 import aiohttp
 
 FIELD_MANAGER = "sensorfleet-operator"
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Every call gives up after this long: shorter than the leader Lease, so a reconcile stuck on a
+# slow API server cannot outlive the leadership it started under.
+REQUEST_TIMEOUT = 10.0
+
+
+class NotLeading(Exception):
+    """A write refused because this replica is not (or no longer) the leader."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,12 @@ class ApiError(Exception):
 class KubeClient:
     """Async REST client bound to one set of credentials (kubeconfig or in-cluster)."""
 
-    def __init__(self, kubeconfig: str | None = None, context: str | None = None) -> None:
+    def __init__(self, kubeconfig: str | None = None, context: str | None = None, *,
+                 connections: int = 32, timeout: float = REQUEST_TIMEOUT,
+                 may_write: Callable[[], bool] | None = None,
+                 on_write: Callable[[str, str, float], None] | None = None) -> None:
+        """`may_write` is asked right before every write (the leader Lease's fence: False refuses
+        it with NotLeading); `on_write(method, path, wall_time)` is told of every write sent."""
         from kubernetes import client as k8s_client
         from kubernetes import config as k8s_config
 
@@ -81,6 +96,10 @@ class KubeClient:
         self._configuration = configuration
         self.host = configuration.host.rstrip("/")
         self._session: aiohttp.ClientSession | None = None
+        self._connections = connections
+        self._timeout = timeout
+        self.may_write = may_write
+        self.on_write = on_write
 
     def _ssl(self) -> ssl.SSLContext | bool:
         cfg = self._configuration
@@ -124,8 +143,8 @@ class KubeClient:
 
     async def open(self) -> None:
         if self._session is None:
-            connector = aiohttp.TCPConnector(ssl=self._ssl(), limit=32)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60))
+            connector = aiohttp.TCPConnector(ssl=self._ssl(), limit=self._connections)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=self._timeout))
 
     async def close(self) -> None:
         if self._session is not None:
@@ -133,7 +152,7 @@ class KubeClient:
             self._session = None
 
     async def request(self, method: str, path: str, *, body: Any = None, params: dict[str, str] | None = None,
-                      content_type: str = "application/json") -> Any:
+                      content_type: str = "application/json", timeout: float | None = None) -> Any:
         await self.open()
         assert self._session is not None
         url = self.host + path + (f"?{urlencode(params)}" if params else "")
@@ -142,7 +161,13 @@ class KubeClient:
         if body is not None:
             headers["Content-Type"] = content_type
             data = json.dumps(body)
-        async with self._session.request(method, url, data=data, headers=headers) as response:
+        if method in WRITE_METHODS:
+            if self.may_write is not None and not self.may_write():
+                raise NotLeading(f"{method} {path}: refused, this replica does not hold the leader lease")
+            if self.on_write is not None:
+                self.on_write(method, path, time.time())
+        extra = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout else {}
+        async with self._session.request(method, url, data=data, headers=headers, **extra) as response:
             text = await response.text()
             try:
                 payload = json.loads(text) if text else {}
@@ -162,9 +187,9 @@ class KubeClient:
         return await self.request("PATCH", path, body=manifest, content_type="application/apply-patch+yaml",
                                   params={"fieldManager": field_manager, "force": "true"})
 
-    async def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+    async def get(self, kind: str, namespace: str | None, name: str, *, timeout: float | None = None) -> dict[str, Any] | None:
         try:
-            return await self.request("GET", KINDS[kind].path(namespace, name))
+            return await self.request("GET", KINDS[kind].path(namespace, name), timeout=timeout)
         except ApiError as error:
             if error.status == 404:
                 return None
@@ -193,11 +218,11 @@ class KubeClient:
         return await self.request("PATCH", KINDS[kind].path(namespace, name, "status"), body={"status": status},
                                   content_type="application/merge-patch+json")
 
-    async def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+    async def create(self, manifest: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
         kind = KINDS[manifest["kind"]]
-        return await self.request("POST", kind.path(manifest["metadata"].get("namespace")), body=manifest)
+        return await self.request("POST", kind.path(manifest["metadata"].get("namespace")), body=manifest, timeout=timeout)
 
-    async def replace(self, manifest: dict[str, Any]) -> dict[str, Any]:
+    async def replace(self, manifest: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
         kind = KINDS[manifest["kind"]]
         meta = manifest["metadata"]
-        return await self.request("PUT", kind.path(meta.get("namespace"), meta["name"]), body=manifest)
+        return await self.request("PUT", kind.path(meta.get("namespace"), meta["name"]), body=manifest, timeout=timeout)

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from sensorfleet.operator import builders
 from sensorfleet.operator.builders import BrokerCredentials, BuildOptions
-from sensorfleet.operator.kube import ApiError, KubeClient
+from sensorfleet.operator.kube import ApiError, KubeClient, NotLeading
 from sensorfleet.operator.metrics import OperatorMetrics
 from sensorfleet.operator.status import Failure, compute_status, ready_condition
 from sensorfleet.spec import API_GROUP, API_VERSION, KIND, SensorFleet
@@ -117,6 +117,8 @@ class Reconciler:
                 await self.reconcile(key, work)
             except asyncio.CancelledError:
                 raise
+            except NotLeading as error:  # leadership lapsed mid-pass; the process is stopping
+                log.warning("reconcile of %s/%s stopped: %s", *key, error)
             except Exception:  # a bug must not kill the worker; the resync retries
                 log.exception("reconcile of %s/%s crashed", *key)
                 self.metrics.errors.labels("Crash").inc()

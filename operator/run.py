@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import kopf
@@ -32,13 +35,14 @@ class OperatorConfig:
     leader_election: bool = True
     lease_name: str = "sensorfleet-operator"
     lease_namespace: str | None = None
-    lease_duration: int = 15
+    lease_duration: float = 15
     identity: str = ""
     kubeconfig: str | None = None
     workers: int = 8
     resync_seconds: float = 300.0
     network_policy: bool = True
     metrics_namespace: str = ""
+    write_log: str | None = None  # one JSON line per write to the API server (an audit of what this replica did)
 
 
 def _own_namespace(kubeconfig: str | None) -> str:
@@ -65,7 +69,13 @@ async def run_operator(config: OperatorConfig) -> int:
         os.environ["KUBECONFIG"] = config.kubeconfig  # kopf's login and our client read the same file
     identity = config.identity or f"{socket.gethostname()}-{os.getpid()}"
     metrics = OperatorMetrics()
-    client = KubeClient(config.kubeconfig)
+    record = _write_recorder(config.write_log, identity)
+    lease_client = KubeClient(config.kubeconfig, connections=2, on_write=record)  # never queued behind applies
+    lease = LeaderLease(lease_client, config.lease_namespace or _own_namespace(config.kubeconfig), config.lease_name,
+                        identity, config.lease_duration)
+    # Every write of the reconciler is fenced by the lease: refused once leadership has lapsed.
+    client = KubeClient(config.kubeconfig, may_write=lease.is_leading if config.leader_election else None,
+                        on_write=record)
     reconciler = Reconciler(client, BuildOptions(config.image, config.image_pull_policy,
                                                       network_policy=config.network_policy,
                                                       metrics_namespace=config.metrics_namespace), metrics,
@@ -87,8 +97,6 @@ async def run_operator(config: OperatorConfig) -> int:
 
     runner = await start_http(make_app(metrics, healthy, ready), config.metrics_host, config.metrics_port)
     log.info("metrics and health on http://%s:%d/metrics /healthz", config.metrics_host, config.metrics_port)
-    lease = LeaderLease(client, config.lease_namespace or _own_namespace(config.kubeconfig), config.lease_name,
-                        identity, config.lease_duration)
     exit_code = 0
     try:
         if config.leader_election:
@@ -101,6 +109,8 @@ async def run_operator(config: OperatorConfig) -> int:
             stopping.cancel()
         leading.set()
         metrics.leader.set(1)
+        if record is not None:
+            record("LEADING", "", time.time())
         reconciler.start()
         memo = kopf.Memo(reconciler=reconciler)
         kopf_task = asyncio.create_task(kopf.operator(
@@ -132,5 +142,17 @@ async def run_operator(config: OperatorConfig) -> int:
         if config.leader_election:
             await lease.release()
         await client.close()
+        await lease_client.close()
         await runner.cleanup()
     return exit_code
+
+
+def _write_recorder(path: str | None, identity: str) -> Callable[[str, str, float], None] | None:
+    if not path:
+        return None
+    out = open(path, "a", buffering=1)  # line-buffered: each line is on disk before the request goes
+
+    def record(method: str, request_path: str, at: float) -> None:
+        out.write(json.dumps({"identity": identity, "pid": os.getpid(), "method": method, "path": request_path,
+                              "time": at}) + "\n")
+    return record

@@ -43,7 +43,7 @@ def kjson(cluster: devcluster.Cluster, *args: str) -> Any:
 
 
 def children_of(cluster: devcluster.Cluster, fleet: str = FLEET, namespace: str = NS) -> dict[tuple[str, str], dict[str, Any]]:
-    kinds = "deployments,services,configmaps,secrets,persistentvolumeclaims,cronjobs"
+    kinds = "deployments,services,configmaps,secrets,persistentvolumeclaims,cronjobs,networkpolicies"
     items = kjson(cluster, "get", kinds, "-n", namespace, "-l", f"sensorfleet.io/fleet={fleet}")["items"]
     return {(i["kind"], i["metadata"]["name"]): i for i in items}
 
