@@ -481,20 +481,21 @@ def build_fleet_configmap(fleet: SensorFleet, owner: Owner, options: BuildOption
 # A session that is not resumed within this time (a collector replica scaled away) is dropped by
 # the broker with its queue; a restarting collector pod is back within minutes.
 BROKER_SESSION_EXPIRY = "1h"
+BROKER_QUEUE_BYTES = 64 << 20
 
 
 def broker_queue_bytes(fleet: SensorFleet) -> int:
-    """Per-session queue bound: ten minutes of one collector's share of the traffic (~160 bytes a
-    reading on the wire), at least 16 MiB, at most 512 MiB. Readings beyond it are dropped by the
-    broker and show up as gaps (lost) in the collector's accounting."""
-    mqtt = fleet.spec.protocols.mqtt
-    readings_per_second = mqtt.devices * len(fleet.spec.sensors) / mqtt.interval / collector_count(fleet, "mqtt")
-    return int(min(max(readings_per_second * 600 * 160, 16 << 20), 512 << 20))
+    """Per-session queue bound: ~400,000 readings on the wire, minutes of a collector's share at
+    the rates one broker carries. Fixed, so that a device-count edit never restarts the broker.
+    Readings beyond it are dropped by the broker and show up as gaps (lost) in the collector's
+    accounting."""
+    return BROKER_QUEUE_BYTES
 
 
 def broker_resources(fleet: SensorFleet) -> tuple[dict[str, dict[str, str]], str]:
     """The broker's requests/limits and its data volume's size limit, from the sessions it may hold
-    (each up to broker_queue_bytes, held in memory and in the persistence file)."""
+    (each up to broker_queue_bytes, held in memory and in the persistence file): scaling the
+    collectors resizes (and so restarts) the broker; its persistent sessions survive that."""
     queued_mib = collector_count(fleet, "mqtt") * broker_queue_bytes(fleet) / (1 << 20)
     floor = RESOURCES["broker"]
     memory_limit = max(_mebibytes(floor["limits"]["memory"]), 64 + 2 * queued_mib)

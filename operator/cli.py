@@ -33,6 +33,8 @@ def register(app: typer.Typer) -> None:
         metrics_namespace: Annotated[str, typer.Option(
             envvar="SENSORFLEET_METRICS_NAMESPACE",
             help="Namespace allowed to scrape the fleets' metrics ports (default: any namespace).")] = "",
+        lease_name: Annotated[str, typer.Option(
+            help="Name of the leader Lease (the chart passes its release's full name).")] = "sensorfleet-operator",
         lease_duration: Annotated[float, typer.Option(
             help="Seconds a standby waits, after the Lease last changed, before taking over.")] = 15,
         write_log: Annotated[Optional[str], typer.Option(
@@ -55,7 +57,7 @@ def register(app: typer.Typer) -> None:
             metrics_host=metrics_host, metrics_port=metrics_port, leader_election=leader_election,
             lease_namespace=lease_namespace, kubeconfig=kubeconfig, workers=workers, resync_seconds=resync,
             network_policy=network_policy, metrics_namespace=metrics_namespace,
-            lease_duration=lease_duration, write_log=write_log,
+            lease_name=lease_name, lease_duration=lease_duration, write_log=write_log,
         )
         raise typer.Exit(asyncio.run(run_operator(config)))
 

@@ -17,9 +17,10 @@ from sensorfleet.operator.crd import PLURAL
 from sensorfleet.operator.kube import KubeClient
 from sensorfleet.spec import API_GROUP, API_VERSION
 
-# Children the operator watches to restore hand edits/deletions and follow their status.
-# Secrets are deliberately not watched (no cluster-wide list/watch on Secrets); a deleted broker
-# Secret comes back on the periodic resync.
+# Children the operator watches to restore hand edits/deletions and follow their status, each
+# through a label-selector watch (the API server sends only the operator's children, see
+# operator_settings). Secrets are deliberately not watched (no list/watch on Secrets at all); a
+# deleted broker Secret comes back on the periodic resync.
 WATCHED_CHILDREN: tuple[tuple[str, str, str], ...] = (
     ("apps", "v1", "deployments"),
     ("", "v1", "configmaps"),
@@ -29,6 +30,7 @@ WATCHED_CHILDREN: tuple[tuple[str, str, str], ...] = (
     ("batch", "v1", "jobs"),
 )
 CHILD_LABELS = {builders.MANAGED_BY: builders.OPERATOR_NAME}
+CHILD_SELECTOR = ",".join(f"{k}={v}" for k, v in CHILD_LABELS.items())
 
 
 def make_registry(client: KubeClient) -> kopf.OperatorRegistry:
@@ -78,6 +80,10 @@ def operator_settings(settings: kopf.OperatorSettings | None = None) -> kopf.Ope
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
+    # Server-side filtering: without it kopf lists and watches every Deployment, ConfigMap, Job...
+    # in scope and drops the unlabelled ones itself (the handlers' `labels=` filter is client-side).
+    for group, version, plural in WATCHED_CHILDREN:
+        settings.watching.label_selectors[group, version, plural] = CHILD_SELECTOR
     # Events of one object are coalesced for this long before a handler runs (kopf's default 0.1 s
     # is a tenth of the apply -> children budget); the Reconciler's queue coalesces anyway.
     settings.batching.batch_window = 0.02

@@ -1,6 +1,10 @@
 """The reconcile loop: a work queue of fleets and the small ordered steps run for each.
 
-    load fleet -> credentials -> apply children -> prune -> status (+ Events on transitions)
+    load fleet -> credentials -> check ownership -> apply children -> prune -> status (+ Events)
+
+A pass that failed is retried with exponential backoff (1 s, 2 s, 4 s ... at most the resync
+period), without waiting for an event. An object of a child's name that this fleet did not create
+is never adopted: the pass fails with a Warning Event naming it, and retries until it is gone.
 
 kopf's watch handlers (handlers.py) only enqueue keys; workers here take one fleet at a time (a
 fleet is never reconciled twice concurrently), coalescing bursts of events into one pass. Two kinds
@@ -56,11 +60,14 @@ class FleetState:
     reconciled_generation: int | None = None
     applied: dict[tuple[str, str], tuple[str, int | None]] = field(default_factory=dict)  # (kind, name) -> (rv, generation)
     desired: set[tuple[str, str]] = field(default_factory=set)  # (kind, name) of the last apply
+    refused: set[tuple[str, str]] = field(default_factory=set)  # (kind, name) left alone: not ours
+    failures: list[Failure] = field(default_factory=list)  # of the last FULL pass, until the next one
 
 
 class Reconciler:
     def __init__(self, client: KubeClient, options: BuildOptions, metrics: OperatorMetrics,
-                 workers: int = 8, resync_seconds: float = 300.0, apply_concurrency: int = 8) -> None:
+                 workers: int = 8, resync_seconds: float = 300.0, apply_concurrency: int = 8,
+                 backoff_seconds: float = 1.0) -> None:
         self.client = client
         self.options = options
         self.metrics = metrics
@@ -76,6 +83,11 @@ class Reconciler:
         # What the watch (and our applies) last showed of each fleet's Deployments and Jobs:
         # key -> (kind, name) -> body. Status is computed from it without a request.
         self.observed: dict[Key, dict[tuple[str, str], dict[str, Any]]] = {}
+        # Controller owner uid of every labelled child the watch showed: (namespace, kind, name) -> uid.
+        self.owners: dict[tuple[str, str, str], str | None] = {}
+        self.backoff_seconds = backoff_seconds
+        self._retries: dict[Key, int] = {}
+        self._retry_timers: dict[Key, asyncio.TimerHandle] = {}
 
     # --- queue -----------------------------------------------------------------------------
 
@@ -91,6 +103,9 @@ class Reconciler:
         self._tasks.append(asyncio.create_task(self._resync(), name="resync"))
 
     async def stop(self) -> None:
+        for timer in self._retry_timers.values():
+            timer.cancel()
+        self._retry_timers.clear()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -119,14 +134,35 @@ class Reconciler:
                 raise
             except NotLeading as error:  # leadership lapsed mid-pass; the process is stopping
                 log.warning("reconcile of %s/%s stopped: %s", *key, error)
-            except Exception:  # a bug must not kill the worker; the resync retries
+            except Exception:  # a bug must not kill the worker; retried with backoff
                 log.exception("reconcile of %s/%s crashed", *key)
                 self.metrics.errors.labels("Crash").inc()
+                self._retry_later(key, "Crash")
                 self.metrics.reconciles.labels("full" if work == FULL else "status", "error").inc()
             finally:
                 self._active.discard(key)
                 if key in self._pending:  # events arrived while we worked: go again
                     self._queue.put_nowait(key)
+
+    def _retry_later(self, key: Key, reason: str) -> None:
+        """Requeue a failed fleet after 1, 2, 4 ... backoff periods, at most the resync period."""
+        attempt = self._retries.get(key, 0) + 1
+        self._retries[key] = attempt
+        delay = min(self.backoff_seconds * 2 ** (attempt - 1), self.resync_seconds)
+        if (timer := self._retry_timers.pop(key, None)) is not None:
+            timer.cancel()
+        log.info("reconcile of %s/%s failed (%s); retry %d in %.0fs", *key, reason, attempt, delay)
+        self._retry_timers[key] = asyncio.get_running_loop().call_later(delay, self._retry, key)
+
+    def _retry(self, key: Key) -> None:
+        self._retry_timers.pop(key, None)
+        if key in self.fleets:
+            self.enqueue(key, FULL)
+
+    def _succeeded(self, key: Key) -> None:
+        self._retries.pop(key, None)
+        if (timer := self._retry_timers.pop(key, None)) is not None:
+            timer.cancel()
 
     # --- watch inputs (called by the kopf handlers) ---------------------------------------------
 
@@ -134,7 +170,7 @@ class Reconciler:
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
         state = self.fleets.get(key)
-        if state is None:
+        if state is None or state.body["metadata"].get("uid") != meta.get("uid"):  # new, or recreated
             self.fleets[key] = FleetState(body=body)
             self.enqueue(key, FULL)
             return
@@ -143,6 +179,7 @@ class Reconciler:
             self.enqueue(key, FULL)
 
     def fleet_gone(self, namespace: str, name: str) -> None:
+        self._succeeded((namespace, name))
         self.fleets.pop((namespace, name), None)
         self.last_status.pop((namespace, name), None)
         self.observed.pop((namespace, name), None)
@@ -154,6 +191,11 @@ class Reconciler:
         fleet = (meta.get("labels") or {}).get(builders.FLEET_LABEL)
         key = (meta.get("namespace", ""), fleet or "")
         kind = body.get("kind", "")
+        ident = (meta.get("namespace", ""), kind, meta.get("name", ""))
+        if event == "DELETED":
+            self.owners.pop(ident, None)
+        else:
+            self.owners[ident] = _controller_uid(meta)
         if kind in STATUS_KINDS and fleet:
             self._observe(key, body, gone=event == "DELETED")
         state = self.fleets.get(key)
@@ -220,24 +262,40 @@ class Reconciler:
             failures += await self._apply_all(fleet, state)
             if not failures and state.reconciled_generation != body["metadata"].get("generation"):
                 failures += await self._prune(fleet, state)
+            state.failures = list(failures)
+        # A STATUS pass shows what the last FULL pass failed at (it must not clear Degraded), but
+        # counts only its own failures.
+        carried = state.failures if fleet is not None and work != FULL else []
         try:
-            await self._update_status(key, state, fleet, failures)
+            await self._update_status(key, state, fleet, failures + carried)
         except ApiError as error:
             if error.status != 404:
                 failures.append(Failure("StatusFailed", str(error)))
         if fleet is not None and work == FULL and not failures:
             state.reconciled_generation = body["metadata"].get("generation")
+        retried = [f for f in failures if f.reason != "InvalidSpec"]  # an invalid spec waits for an edit
+        if retried and work == FULL:
+            self._retry_later(key, retried[0].reason)
+        elif work == FULL:
+            self._succeeded(key)
         result = "error" if failures else "success"
         for failure in failures:
             self.metrics.errors.labels(failure.reason).inc()
         self.metrics.reconciles.labels(kind, result).inc()
         self.metrics.duration.labels(kind).observe(time.perf_counter() - started)
 
-    async def _credentials(self, fleet: SensorFleet) -> BrokerCredentials | None:
-        """Existing broker credentials are kept for ever; new ones are generated once."""
+    async def _credentials(self, fleet: SensorFleet, state: FleetState) -> BrokerCredentials | Failure | None:
+        """Existing broker credentials are kept for ever; new ones are generated once. A Secret of
+        that name that the fleet did not create is neither read nor adopted."""
         if not builders.uses_broker(fleet):
             return None
-        secret = await self.client.get("Secret", fleet.metadata.namespace, builders.broker_secret_name(fleet.name))
+        name = builders.broker_secret_name(fleet.name)
+        secret = await self.client.get("Secret", fleet.metadata.namespace, name)
+        if secret is not None:
+            owner = _controller_uid(secret["metadata"])
+            self.owners[(fleet.metadata.namespace, "Secret", name)] = owner
+            if owner != state.body["metadata"]["uid"]:
+                return self._refuse(state, "Secret", name, owner)
         data = (secret or {}).get("data") or {}
         if data.get("username") and data.get("password"):
             return BrokerCredentials(base64.b64decode(data["username"]).decode(), base64.b64decode(data["password"]).decode())
@@ -255,6 +313,8 @@ class Reconciler:
             name, kind = manifest["metadata"]["name"], manifest["kind"]
             async with self._apply_limit:
                 try:
+                    if (refusal := await self._check_owned(state, kind, name)) is not None:
+                        return refusal
                     live = await self.client.apply(manifest)
                 except ApiError as error:
                     return Failure("ApplyFailed", f"{kind} {name}: {error.reason or error.status}: "
@@ -275,7 +335,7 @@ class Reconciler:
             independent = [c for c, o in zip(probe, other) if c == o]
         else:
             independent = builders.build_children(fleet, owner, self.options, None)
-        reading = asyncio.ensure_future(self._credentials(fleet))
+        reading = asyncio.ensure_future(self._credentials(fleet, state))
         first = asyncio.ensure_future(asyncio.gather(*(apply(c) for c in independent)))
         try:
             credentials = await reading
@@ -287,12 +347,43 @@ class Reconciler:
             await asyncio.gather(first, return_exceptions=True)
             raise
         failures = [f for f in await first if f]
+        if isinstance(credentials, Failure):
+            return [*failures, credentials]
         children = builders.build_children(fleet, owner, self.options, credentials)
         keys = {(c["kind"], c["metadata"]["name"]) for c in independent}
         dependent = [c for c in children if (c["kind"], c["metadata"]["name"]) not in keys]
         failures += [f for f in await asyncio.gather(*(apply(c) for c in dependent)) if f]
         state.desired = {(c["kind"], c["metadata"]["name"]) for c in children}
         return failures
+
+    async def _check_owned(self, state: FleetState, kind: str, name: str) -> Failure | None:
+        """None when (kind, name) is absent or controlled by this fleet; else a refusal. Children
+        this process applied, or the watch showed, are known without a request."""
+        namespace, uid = state.body["metadata"]["namespace"], state.body["metadata"]["uid"]
+        if (kind, name) in state.applied:
+            return None
+        ident = (namespace, kind, name)
+        if ident in self.owners:
+            owner = self.owners[ident]
+        else:
+            live = await self.client.get(kind, namespace, name)
+            if live is None:
+                return None
+            owner = _controller_uid(live["metadata"])
+        if owner == uid:
+            state.refused.discard((kind, name))
+            return None
+        return self._refuse(state, kind, name, owner)
+
+    def _refuse(self, state: FleetState, kind: str, name: str, owner: str | None) -> Failure:
+        meta = state.body["metadata"]
+        message = (f"{kind} {meta['namespace']}/{name} already exists and was not created by {KIND} "
+                   f"{meta['name']} ({'owned by ' + owner if owner else 'no controller'}): left alone; "
+                   f"delete or rename it and the fleet creates its own")
+        if (kind, name) not in state.refused:  # the Warning Event comes with the Degraded condition
+            state.refused.add((kind, name))
+            log.warning("%s", message)
+        return Failure("NotOwned", message)
 
     async def _prune(self, fleet: SensorFleet, state: FleetState) -> list[Failure]:
         """Delete children the spec no longer asks for (fewer replicas, a protocol switched off)."""
@@ -408,6 +499,10 @@ class Reconciler:
 
     def ready_fleets(self) -> int:
         return sum(1 for s in self.last_status.values() if ready_condition(s) == "True")
+
+
+def _controller_uid(meta: dict[str, Any]) -> str | None:
+    return next((ref.get("uid") for ref in meta.get("ownerReferences") or [] if ref.get("controller")), None)
 
 
 def _rv(body: dict[str, Any]) -> int:

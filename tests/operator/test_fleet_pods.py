@@ -132,3 +132,11 @@ def test_network_policy_admits_only_the_fleets_pods_and_metrics_from_the_configu
     assert ("NetworkPolicy", "plant-network") not in children(f, BuildOptions(network_policy=False))
     unmonitored = fleet(monitoring={"enabled": False})
     assert len(children(unmonitored)[("NetworkPolicy", "plant-network")]["spec"]["ingress"]) == 1
+
+
+def test_a_device_count_edit_never_restarts_the_broker() -> None:
+    # The broker's queues and memory depend on its sessions (collectors), not on the traffic:
+    # growing the fleet must not drop every connection.
+    before, after = children(fleet()), children(fleet(protocols={"mqtt": {"devices": 50_000, "interval": 0.1}}))
+    for key in (("Deployment", "plant-broker"), ("ConfigMap", "plant-broker-config")):
+        assert before[key] == after[key], key

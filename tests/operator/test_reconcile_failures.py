@@ -1,0 +1,77 @@
+"""A failed reconcile on the real API server: an object of a child's name that the fleet did not
+create is left alone (a Warning Event names it, the fleet is Degraded), and once it is gone the
+fleet recovers by itself — the backoff retry, not an event or the 5-minute resync, brings it back."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+from sensorfleet.operator import builders
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+NS = "sf-adopt"
+FLEET = "adopt"
+
+
+def wait_for(what: str, condition: Any, timeout: float, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if last := condition():
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+
+
+def kjson(cluster: Any, *args: str) -> Any:
+    result = cluster.kubectl(*args, "-o", "json", check=False)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def condition(body: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next((c for c in (body.get("status") or {}).get("conditions", []) if c["type"] == kind), {})
+
+
+def test_a_foreign_object_is_never_adopted_and_the_fleet_recovers_once_it_is_gone(deployed: dict[str, Any]) -> None:
+    cluster = deployed["cluster"]
+    cluster.kubectl("create", "namespace", NS, check=False)
+    try:
+        theirs = builders.fleet_configmap_name(FLEET)
+        cluster.kubectl("create", "configmap", theirs, "-n", NS, "--from-literal=owner=someone-else")
+        fleet = {"apiVersion": "sensorfleet.io/v1alpha1", "kind": "SensorFleet",
+                 "metadata": {"name": FLEET, "namespace": NS},
+                 "spec": {"protocols": {"mqtt": {"devices": 3}}, "storage": {"url": "memory://adopt"}}}
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(fleet))
+
+        def refused() -> list[dict[str, Any]]:
+            events = kjson(cluster, "get", "events", "-n", NS, "--field-selector", "reason=NotOwned") or {"items": []}
+            return events["items"]
+        events = wait_for("a NotOwned Warning Event", refused, 60)
+        assert events[0]["type"] == "Warning" and events[0]["involvedObject"]["name"] == FLEET
+        assert f"ConfigMap {NS}/{theirs}" in events[0]["message"]
+        body = wait_for("Degraded NotOwned", lambda: (lambda b: b if condition(b, "Degraded").get("reason") == "NotOwned"
+                                                      else None)(kjson(cluster, "get", "sensorfleet", FLEET, "-n", NS)), 60)
+        assert condition(body, "Ready")["status"] == "False"
+        time.sleep(3)  # several retries have run meanwhile: the object is still untouched
+        cm = kjson(cluster, "get", "configmap", theirs, "-n", NS)
+        assert cm["data"] == {"owner": "someone-else"}
+        assert not cm["metadata"].get("ownerReferences") and not cm["metadata"].get("labels")
+        assert len(refused()) == 1  # one Event, not one per retry
+
+        # Deleting an unlabelled object sends the operator no event; the backoff retry finds it gone.
+        cluster.kubectl("delete", "configmap", theirs, "-n", NS)
+
+        def ready() -> dict[str, Any] | None:
+            b = kjson(cluster, "get", "sensorfleet", FLEET, "-n", NS)
+            return b if condition(b, "Ready").get("status") == "True" else None
+        wait_for("the fleet Ready by itself", ready, 90)
+        ours = kjson(cluster, "get", "configmap", theirs, "-n", NS)
+        assert ours["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"]
+        assert "fleet.yaml" in ours["data"]
+    finally:
+        cluster.kubectl("delete", "namespace", NS, "--wait=false", check=False)
