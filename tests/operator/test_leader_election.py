@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from sensorfleet.operator import devdeploy
+from devcluster import deploy
 
 
 def wait_for(what: str, condition: Any, timeout: float, interval: float = 0.5) -> Any:
@@ -48,8 +48,8 @@ def leading_since(log: Path, pid: int) -> float | None:
     return next((w["time"] for w in writes(log) if w["pid"] == pid and w["method"] == "LEADING"), None)
 
 
-def start(cluster: Any, state: Path, log: Path) -> devdeploy.OperatorProcess:
-    return devdeploy.start_operator(cluster, state, args=[
+def start(cluster: Any, state: Path, log: Path) -> deploy.OperatorProcess:
+    return deploy.start_operator(cluster, state, args=[
         "--namespace", NS, "--resync", "1", "--lease-duration", str(LEASE_SECONDS), "--write-log", str(log)])
 
 
@@ -60,7 +60,7 @@ def replicas(deployed: dict[str, Any], tmp_path: Path) -> Any:
     deployed["operator"].stop()
     cluster.kubectl("create", "namespace", NS, check=False)
     cluster.kubectl("apply", "-f", "-", input=json.dumps(FLEET))
-    started: list[devdeploy.OperatorProcess] = []
+    started: list[deploy.OperatorProcess] = []
     try:
         yield cluster, started, tmp_path / "writes.jsonl"
     finally:
@@ -69,18 +69,18 @@ def replicas(deployed: dict[str, Any], tmp_path: Path) -> Any:
                 os.kill(process.pid, signal.SIGCONT)  # a frozen process cannot handle SIGTERM
                 process.stop()
         cluster.kubectl("delete", "namespace", NS, "--wait=false", check=False)
-        deployed["operator"] = devdeploy.start_operator(cluster, deployed["state"])
+        deployed["operator"] = deploy.start_operator(cluster, deployed["state"])
         deployed["operator"].wait_leading()
 
 
-def is_leader(process: devdeploy.OperatorProcess) -> bool:
+def is_leader(process: deploy.OperatorProcess) -> bool:
     try:
         return "sensorfleet_operator_leader 1.0" in process.get("/metrics")[1]
     except OSError:
         return False
 
 
-def answering(process: devdeploy.OperatorProcess) -> bool:
+def answering(process: deploy.OperatorProcess) -> bool:
     try:
         return process.alive() and process.get("/metrics")[0] == 200
     except OSError:
