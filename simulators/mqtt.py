@@ -1,9 +1,10 @@
-"""MQTT simulator: one process publishes the readings of many devices through a broker (paho-mqtt).
+"""MQTT simulator: one process publishes the readings of many devices through a broker (MQTT 5
+through `mqtt_session.Mqtt5Publisher`; paho at MQTT 3.1.1 for a broker that refuses MQTT 5).
 
 Schedule: device d's tick k is due at `epoch + (k + phase_d) * interval` (see signals.py), so the
 fleet's messages are spread evenly over each interval. A simulator that falls behind publishes
 every tick late rather than skipping it (the lag is a metric); a broker that goes away is retried
-with back-off while QoS 1 messages wait in paho's queue, bounded by `maxQueued`; what does not fit
+with back-off while QoS 1 messages wait in the publisher's queue, bounded by `maxQueued`; what does not fit
 is dropped and counted, never blocked on.
 
 Topics (`topicPrefix` defaults to `sensorfleet`):
@@ -15,6 +16,7 @@ Topics (`topicPrefix` defaults to `sensorfleet`):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -28,6 +30,7 @@ from sensorfleet.metrics import FleetMetrics
 from sensorfleet.reading import Reading
 from sensorfleet.replay import ReplaySource
 from sensorfleet.runtime import BrokerAddress, SimulatorOptions, mqtt_client, parse_broker_url
+from sensorfleet.simulators.mqtt_session import Mqtt5Publisher
 from sensorfleet.signals import ANOMALY_NAMES, QUALITY_BAD, QUALITY_NAMES, SignalModel, TickBlock, device_id, shard_devices
 
 log = logging.getLogger(__name__)
@@ -92,6 +95,65 @@ class PayloadEncoder:
         return out
 
 
+class PahoPublisher:
+    """MQTT 3.1.1 through paho, for brokers that do not speak MQTT 5 (the embedded amqtt broker).
+    The same face as `Mqtt5Publisher`: publish, backlog, drain, close."""
+
+    def __init__(self, broker: BrokerAddress, client_id: str, metrics: FleetMetrics, *, qos: int, max_inflight: int, max_queued: int):
+        self.broker = broker
+        self.metrics = metrics
+        self.qos = qos
+        self.dropped = 0
+        self.client = mqtt_client(broker, client_id, clean_session=True)
+        self.client.max_inflight_messages_set(max_inflight)
+        self.client.max_queued_messages_set(max_queued)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+
+    def start(self) -> None:
+        self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
+        self.client.loop_start()
+
+    def _on_connect(self, _client, _userdata, _flags, reason_code, _props) -> None:
+        if reason_code.is_failure:
+            log.error("broker %s refused the connection: %s", self.broker.url, reason_code)
+            self.metrics.error("connect_refused").inc()
+            return
+        log.info("connected to broker %s (MQTT 3.1.1 through paho)", self.broker.url)
+        self.metrics.connected.set(1)
+
+    def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
+        self.metrics.connected.set(0)
+        if reason_code != 0:
+            log.warning("lost the broker %s (%s); reconnecting with back-off", self.broker.url, reason_code)
+            self.metrics.error("connection_lost").inc()
+
+    def publish(self, messages: list[tuple[str, bytes, int]]) -> int:
+        handed = 0
+        for topic, payload, count in messages:
+            info = self.client.publish(topic, payload, qos=self.qos)
+            if info.rc == mqtt.MQTT_ERR_SUCCESS or (self.qos > 0 and info.rc == mqtt.MQTT_ERR_NO_CONN):
+                handed += count  # QoS 1 while disconnected: queued in paho, resent on reconnect
+            else:
+                reason = "queue_full" if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE else "disconnected"
+                self.metrics.dropped(reason).inc(count)
+                self.dropped += count
+        return handed
+
+    def backlog(self) -> int:
+        return len(self.client._out_messages)  # paho exposes no public getter
+
+    async def drain(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.backlog() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.backlog()
+
+    async def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
 class MqttSimulator:
     def __init__(self, opts: SimulatorOptions, broker: BrokerAddress, metrics: FleetMetrics):
         fleet = opts.fleet
@@ -104,31 +166,27 @@ class MqttSimulator:
         self.metrics = metrics
         self.broker = broker
         self.published = 0
-        self.dropped = 0
-        self._connected = threading.Event()
-        client_id = f"{fleet.name}-mqtt-sim-{opts.replica}-{uuid.uuid4().hex[:6]}"
-        self.client = mqtt_client(broker, client_id, clean_session=True)
-        self.client.max_inflight_messages_set(self.spec.max_inflight)
-        self.client.max_queued_messages_set(self.spec.max_queued)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
+        self._dropped_before_fallback = 0
+        self.client_id = f"{fleet.name}-mqtt-sim-{opts.replica}-{uuid.uuid4().hex[:6]}"
+        self.publisher: Mqtt5Publisher | PahoPublisher = Mqtt5Publisher(broker, self.client_id, metrics, **self._limits())
         metrics.devices.set(len(self.devices))
 
-    def _on_connect(self, _client, _userdata, _flags, reason_code, _props) -> None:
-        if reason_code.is_failure:
-            log.error("broker %s refused the connection: %s", self.broker.url, reason_code)
-            self.metrics.error("connect_refused").inc()
-            return
-        log.info("connected to broker %s", self.broker.url)
-        self._connected.set()
-        self.metrics.connected.set(1)
+    def _limits(self) -> dict[str, int]:
+        return {"qos": self.spec.qos, "max_inflight": self.spec.max_inflight, "max_queued": self.spec.max_queued}
 
-    def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
-        self._connected.clear()
-        self.metrics.connected.set(0)
-        if reason_code != 0:
-            log.warning("lost the broker %s (%s); reconnecting with back-off", self.broker.url, reason_code)
-            self.metrics.error("connection_lost").inc()
+    @property
+    def dropped(self) -> int:
+        return self.publisher.dropped + self._dropped_before_fallback
+
+    def _fall_back_to_paho(self) -> None:
+        """The broker refused MQTT 5: carry on at MQTT 3.1.1 through paho, with the backlog."""
+        assert isinstance(self.publisher, Mqtt5Publisher)
+        log.warning("%s; publishing through paho at MQTT 3.1.1 instead", self.publisher.refused)
+        backlog = self.publisher.take_backlog()
+        self._dropped_before_fallback = self.publisher.dropped
+        self.publisher = PahoPublisher(self.broker, self.client_id, self.metrics, **self._limits())
+        self.publisher.start()
+        self.publisher.publish(backlog)  # already counted as published when first handed over
 
     def publish_due(self, next_tick: np.ndarray, now: float) -> int:
         """Publish every device whose next tick is due; returns how many readings were handed over."""
@@ -143,20 +201,11 @@ class MqttSimulator:
         return handed
 
     def _publish_messages(self, messages: list[tuple[str, bytes, int]], now: float) -> int:
-        qos = self.spec.qos
-        handed = 0
-        for topic, payload, count in messages:
-            info = self.client.publish(topic, payload, qos=qos)
-            if info.rc == mqtt.MQTT_ERR_SUCCESS or (qos > 0 and info.rc == mqtt.MQTT_ERR_NO_CONN):
-                handed += count  # QoS 1 while disconnected: queued in paho, resent on reconnect
-            else:
-                reason = "queue_full" if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE else "disconnected"
-                self.metrics.dropped(reason).inc(count)
-                self.dropped += count
+        handed = self.publisher.publish(messages)
         self.published += handed
         self.metrics.published.inc(handed)
         self.metrics.last_activity.set(now)
-        self.metrics.queue.set(len(self.client._out_messages))  # paho exposes no public getter
+        self.metrics.queue.set(self.publisher.backlog())
         return handed
 
     def publish_readings(self, readings: list[Reading]) -> int:
@@ -177,8 +226,11 @@ class MqttSimulator:
         return self._publish_messages(messages, time.time())
 
     def run(self, stop: threading.Event, duration: float | None, pause: threading.Event | None = None) -> None:
-        self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
-        self.client.loop_start()
+        asyncio.run(self.run_async(stop, duration, pause))
+
+    async def run_async(self, stop: threading.Event, duration: float | None, pause: threading.Event | None = None) -> None:
+        """The schedule and the network share one event loop: a pass's messages go out as one write."""
+        self.publisher.start()
         try:
             # Start with the tick after now: ticks before the process existed were never "due".
             next_tick = self.model.current_tick(self.devices, time.time()) + 1
@@ -187,17 +239,22 @@ class MqttSimulator:
             log.info("simulating %d MQTT devices (%s, QoS %d)", len(self.devices), self.spec.message_mode, self.spec.qos)
             while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
                 started = time.monotonic()
+                if isinstance(self.publisher, Mqtt5Publisher) and self.publisher.refused is not None:
+                    self._fall_back_to_paho()
                 if pause is not None and pause.is_set():
-                    self.metrics.queue.set(len(self.client._out_messages))
+                    self.metrics.queue.set(self.publisher.backlog())
                 elif replay is not None:
                     self.publish_readings([r for r in replay.due(time.time()) if r.device in self._replay_devices])
                 else:
                     self.publish_due(next_tick, time.time())
-                stop.wait(max(0.0, SCHEDULER_PERIOD - (time.monotonic() - started)))
-            self._drain(timeout=10.0)
+                await asyncio.sleep(max(0.0, SCHEDULER_PERIOD - (time.monotonic() - started)))
+            if isinstance(self.publisher, Mqtt5Publisher) and self.publisher.refused is not None:
+                self._fall_back_to_paho()
+            left = await self.publisher.drain(timeout=10.0)
+            if left:
+                log.warning("%d messages still unacknowledged at shutdown", left)
         finally:
-            self.client.disconnect()
-            self.client.loop_stop()
+            await self.publisher.close()
             log.info("published %d readings, dropped %d", self.published, self.dropped)
 
     def _replay_source(self) -> ReplaySource | None:
@@ -208,15 +265,6 @@ class MqttSimulator:
         self._replay_devices = {source.devices[i] for i in mine}
         self.metrics.devices.set(len(self._replay_devices))
         return source
-
-    def _drain(self, timeout: float) -> None:
-        """Give in-flight QoS 1 messages a chance to be acknowledged before disconnecting."""
-        deadline = time.monotonic() + timeout
-        while self.client._out_messages and time.monotonic() < deadline:
-            time.sleep(0.05)
-        left = len(self.client._out_messages)
-        if left:
-            log.warning("%d messages still unacknowledged at shutdown", left)
 
 
 def run(opts: SimulatorOptions) -> int:

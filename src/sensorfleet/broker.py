@@ -19,13 +19,16 @@ log = logging.getLogger(__name__)
 
 
 def mosquitto_config(port: int, bind: str | None, data_dir: str | None, password_file: str | None,
-                     session_expiry: str = "7d", max_queued_bytes: int = 0) -> str:
+                     session_expiry: str = "7d", max_queued_bytes: int = 0, user: str | None = None) -> str:
     """mosquitto.conf for a fleet broker. `bind=None` listens on every interface (pods).
     `session_expiry` and `max_queued_bytes` (per client, 0 = unbounded) bound what a session that
-    is never resumed (a removed collector replica) can hold."""
+    is never resumed (a removed collector replica) can hold.
+    `user`: who the broker runs as; a broker started as root otherwise switches to `mosquitto`,
+    which cannot write the persistence file in a directory of ours (sessions then die with it)."""
     lines = [
         "# Rendered by SensorFleet (sensorfleet.broker.mosquitto_config).",
         f"listener {port}{' ' + bind if bind else ''}",
+        *([f"user {user}"] if user else []),
         "protocol mqtt",
         # Collectors acknowledge a message only once it is written to Parquet, so many QoS 1
         # messages are in flight per collector; Mosquitto's default of 20 would throttle them.
@@ -51,6 +54,14 @@ def mosquitto_config(port: int, bind: str | None, data_dir: str | None, password
     else:
         lines += ["allow_anonymous true"]
     return "\n".join(lines) + "\n"
+
+
+def current_user() -> str:
+    """The name of the user running this process: a local broker runs as the same user."""
+    import os
+    import pwd
+
+    return pwd.getpwuid(os.geteuid()).pw_name
 
 
 def find_mosquitto() -> str | None:

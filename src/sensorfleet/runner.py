@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from sensorfleet.broker import find_mosquitto, mosquitto_config
+from sensorfleet.broker import current_user, find_mosquitto, mosquitto_config
 from sensorfleet.runtime import free_port, parse_broker_url, port_is_free
 from sensorfleet.spec import SensorFleet
 
@@ -112,7 +112,7 @@ def plan_run(fleet: SensorFleet, fleet_path: Path, data_url: str, broker_url: st
                 raise FleetRunError("spec.broker.mode is 'mosquitto' but no mosquitto binary is on PATH (apt-get install mosquitto), or use mode 'auto'")
             if mode in ("auto", "mosquitto") and mosquitto:
                 persistence = log_dir / "broker"
-                conf = mosquitto_config(port, "127.0.0.1", str(persistence), None)
+                conf = mosquitto_config(port, "127.0.0.1", str(persistence), None, user=current_user())
                 children.append(ChildSpec("broker", "broker", "mqtt", [mosquitto, "-c", str(log_dir / "mosquitto.conf")], ready_port=port))
             else:
                 children.append(ChildSpec("broker", "broker", "mqtt", [*_sensorfleet(), "broker", "--port", str(port)], ready_port=port))

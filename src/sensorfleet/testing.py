@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from sensorfleet.broker import find_mosquitto, mosquitto_config
+from sensorfleet.broker import current_user, find_mosquitto, mosquitto_config
 from sensorfleet.runner import scrape
 from sensorfleet.runtime import free_port
 
@@ -78,7 +78,7 @@ def mosquitto_broker(workdir: Path | None = None, persistence: bool = True) -> I
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = workdir / "mosquitto.conf"
-    conf.write_text(mosquitto_config(port, "127.0.0.1", str(workdir) if persistence else None, None))
+    conf.write_text(mosquitto_config(port, "127.0.0.1", str(workdir) if persistence else None, None, user=current_user()))
     server = ServerProcess([binary, "-c", str(conf)], port, workdir / "mosquitto.log")
     server.start()
     try:
