@@ -81,6 +81,7 @@ def reference_mosquitto_clients(workdir: Path, messages: int, payload: bytes) ->
     return {
         "streamed_messages_offered": messages, "received": count, "seconds": round(elapsed, 2), "messages_per_s": round(count / elapsed),
         "sequential_publish_messages_per_s": round(n_seq / seq_elapsed), "payload_bytes": len(payload), "readings_per_message": 3,
+        "load_average_1m_after": round(os.getloadavg()[0], 2),
     }
 
 
@@ -93,13 +94,26 @@ def sensorfleet_throughput(workdir: Path, devices: int, interval: float, seconds
         collector = component("collect", "mqtt", fleet, workdir, "--data", str(workdir / "tp-data"), "--broker", broker.url, "--client-id", "bench").start()
         wait_until(lambda: collector.metric("sensorfleet_connected") == 1, 20, message="collector connected")
         simulator = component("simulate", "mqtt", fleet, workdir, "--broker", broker.url, "--duration", str(seconds)).start()
+        load_before = os.getloadavg()
+        processes = {"simulator": psutil.Process(simulator.process.pid), "collector": psutil.Process(collector.process.pid), "broker": psutil.Process(broker.process.pid)}
+        cpu_before = {k: sum(p.cpu_times()[:2]) for k, p in processes.items()}
+        peak_rss = dict.fromkeys(processes, 0)
+        cpu_used = dict.fromkeys(processes, 0.0)
+        started = time.monotonic()
         lag, dropped = 0.0, 0.0
         while simulator.process.poll() is None:
             samples = scrape(simulator.metrics_port) or {}
             lag = max(lag, samples.get("sensorfleet_simulator_lag_seconds", 0.0))
-            # Readings paho could not queue (broker slower than the offered load): counted, not hidden.
+            # Readings the simulator could not queue (broker slower than the offered load): counted, not hidden.
             dropped = max(dropped, samples.get("sensorfleet_readings_dropped_total", 0.0))
+            for name, process in processes.items():
+                try:
+                    peak_rss[name] = max(peak_rss[name], process.memory_info().rss)
+                    cpu_used[name] = sum(process.cpu_times()[:2]) - cpu_before[name]
+                except psutil.Error:
+                    pass
             time.sleep(0.5)
+        wall = time.monotonic() - started
         published = int(simulator.log().split("published ")[1].split(" readings")[0])
         drained_at = time.monotonic()
         try:
@@ -117,6 +131,10 @@ def sensorfleet_throughput(workdir: Path, devices: int, interval: float, seconds
         "mode": mode, "devices": devices, "interval_s": interval, "offered_readings_per_s": round(offered), "seconds": seconds,
         "published": published, "dropped_by_simulator": int(dropped), "stored": int(stored), "lost": int(lost), "reordered": int(late), "max_simulator_lag_s": round(lag, 2), "drain_s": round(drain, 2),
         "stored_readings_per_s": round(stored / (seconds + drain)),
+        # Cores each process used while the simulator ran (CPU seconds / wall seconds), and peak RSS.
+        "cores_used": {name: round(cpu / wall, 2) for name, cpu in cpu_used.items()},
+        "peak_rss_mib": {name: round(rss / 2**20) for name, rss in peak_rss.items()},
+        "load_average_1m": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
         "messages_per_s": round(published / (3 if mode == "perDevice" else 500) / (seconds + drain)),
         "zero_loss": stored == published and lost == 0 and dropped == 0,
     }
@@ -165,12 +183,21 @@ def main(argv: list[str] | None = None) -> dict:
         reference = reference_mosquitto_clients(workdir, 20_000 if quick else 100_000, payload)
     console.print(f"reference: {reference}")
     throughput = []
-    cases = [("perDevice", 500, 0.1), ("gateway", 500, 0.1)] if quick else [("perDevice", 1000, 0.25), ("perDevice", 1500, 0.25), ("perDevice", 2000, 0.25), ("gateway", 1000, 0.1), ("gateway", 2000, 0.1), ("gateway", 3000, 0.1)]
+    # Offered load steps up per mode; a mode stops at its first step with a loss (the next is higher).
+    cases = [("perDevice", 500, 0.1), ("gateway", 500, 0.1)] if quick else [
+        ("perDevice", 1500, 0.25), ("perDevice", 2500, 0.25), ("perDevice", 3500, 0.25), ("perDevice", 4500, 0.25), ("perDevice", 5500, 0.25),
+        ("gateway", 2000, 0.1), ("gateway", 3500, 0.1), ("gateway", 5000, 0.1),
+    ]
+    failed: set[str] = set()
     for mode, devices, interval in cases:
+        if mode in failed:
+            continue
         with console.status(f"throughput: {mode}, {devices} devices every {interval} s"):
             result = sensorfleet_throughput(workdir, devices, interval, 5 if quick else 20, mode)
         console.print(f"throughput: {result}")
         throughput.append(result)
+        if not result["zero_loss"]:
+            failed.add(mode)
     capacity = []
     for devices in ([1000] if quick else [5000, 10000, 15000, 20000]):
         with console.status(f"capacity: sensorfleet run with {devices} devices at 1 Hz"):
@@ -181,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
             break
     best = max((t for t in throughput if t["zero_loss"]), key=lambda t: t["stored_readings_per_s"], default=None)
     best_per_device = max((t for t in throughput if t["zero_loss"] and t["mode"] == "perDevice"), key=lambda t: t["stored_readings_per_s"], default=None)
+    best_gateway = max((t for t in throughput if t["zero_loss"] and t["mode"] == "gateway"), key=lambda t: t["stored_readings_per_s"], default=None)
     best_capacity = max((c for c in capacity if c["sustained"]), key=lambda c: c["devices"], default=None)
     summary = {
         "machine": machine(),
@@ -193,6 +221,11 @@ def main(argv: list[str] | None = None) -> dict:
             "per_device_stored_readings_per_s": best_per_device and best_per_device["stored_readings_per_s"],
             "per_device_messages_per_s": best_per_device and best_per_device["messages_per_s"],
             "ratio_per_device_messages_vs_mosquitto_clients": best_per_device and round(best_per_device["messages_per_s"] / reference["messages_per_s"], 3),
+            "per_device_peak_rss_mib": best_per_device and best_per_device["peak_rss_mib"],
+            "per_device_cores_used": best_per_device and best_per_device["cores_used"],
+            "per_device_load_average_1m": best_per_device and best_per_device["load_average_1m"],
+            "gateway_stored_readings_per_s_zero_loss": best_gateway and best_gateway["stored_readings_per_s"],
+            "gateway_peak_rss_mib": best_gateway and best_gateway["peak_rss_mib"],
             "max_devices_at_1hz": best_capacity and best_capacity["devices"],
             "peak_rss_mib_at_max": best_capacity and best_capacity["peak_rss_mib"],
         },
@@ -206,7 +239,11 @@ def main(argv: list[str] | None = None) -> dict:
     table.add_row("mosquitto_pub→sub QoS 1 (reference)", f"{reference['messages_per_s']:,} msg/s", "")
     table.add_row(f"SensorFleet stored, zero loss ({h['mode']})", f"{h['stored_readings_per_s_zero_loss'] or 0:,} readings/s", "≥ 25,000 readings/s")
     table.add_row("SensorFleet perDevice messages", f"{h['per_device_stored_readings_per_s'] or 0:,} readings/s ({h['per_device_messages_per_s'] or 0:,} msg/s)", "")
-    table.add_row("ratio (perDevice msg/s / reference msg/s)", f"{h['ratio_per_device_messages_vs_mosquitto_clients'] or 0:.2f}", "")
+    table.add_row("ratio (perDevice msg/s / reference msg/s)", f"{h['ratio_per_device_messages_vs_mosquitto_clients'] or 0:.2f}", "≥ 0.8")
+    table.add_row("  simulator / collector peak RSS (perDevice)", " / ".join(f"{(h['per_device_peak_rss_mib'] or {}).get(k, 0)} MiB" for k in ("simulator", "collector")), "< 300 MiB each")
+    table.add_row("  cores used: simulator / collector / broker", " / ".join(str((h['per_device_cores_used'] or {}).get(k, 0)) for k in ("simulator", "collector", "broker")), "")
+    table.add_row("  load average (1 min) before / after", " / ".join(str((h['per_device_load_average_1m'] or {}).get(k, 0)) for k in ("before", "after")), "")
+    table.add_row("SensorFleet gateway, zero loss", f"{h['gateway_stored_readings_per_s_zero_loss'] or 0:,} readings/s", "≥ 100,000 readings/s")
     table.add_row("most devices at 1 Hz (sensorfleet run)", f"{h['max_devices_at_1hz'] or 0:,}", "≥ 10,000")
     table.add_row("peak RSS at that size", f"{h['peak_rss_mib_at_max'] or 0:,} MiB", "< 1,024 MiB")
     console.print(table)

@@ -88,8 +88,10 @@ def test_a_child_dying_mid_run_stops_the_fleet_cleanly(write_fleet, tmp_path):
     def simulator():
         return next((p for p in runner.children(recursive=True) if "simulate" in p.cmdline()), None)
 
-    wait_until(lambda: simulator() is not None and (tmp_path / "logs" / "mqtt-simulator-0.log").exists(), 60, message="simulator running")
-    time.sleep(3)
+    log = tmp_path / "logs" / "mqtt-simulator-0.log"
+    # Past start-up (a loaded machine may take seconds to import): the simulator is publishing.
+    wait_until(lambda: simulator() is not None and log.exists() and "simulating" in log.read_text(), 120, message="simulator running")
+    time.sleep(1)
     simulator().kill()
     output, _ = run.communicate(timeout=90)
     assert run.returncode == 1, output
