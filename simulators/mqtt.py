@@ -178,15 +178,25 @@ class MqttSimulator:
     def dropped(self) -> int:
         return self.publisher.dropped + self._dropped_before_fallback
 
-    def _fall_back_to_paho(self) -> None:
+    def _fall_back_if_refused(self) -> None:
         """The broker refused MQTT 5: carry on at MQTT 3.1.1 through paho, with the backlog."""
-        assert isinstance(self.publisher, Mqtt5Publisher)
+        if not isinstance(self.publisher, Mqtt5Publisher) or self.publisher.refused is None:
+            return
         log.warning("%s; publishing through paho at MQTT 3.1.1 instead", self.publisher.refused)
         backlog = self.publisher.take_backlog()
         self._dropped_before_fallback = self.publisher.dropped
         self.publisher = PahoPublisher(self.broker, self.client_id, self.metrics, **self._limits())
         self.publisher.start()
         self.publisher.publish(backlog)  # already counted as published when first handed over
+
+    async def _drain(self, timeout: float) -> int:
+        """Wait for the backlog to be acknowledged, falling back to paho if the refusal comes late."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._fall_back_if_refused()
+            left = await self.publisher.drain(max(0.0, deadline - time.monotonic()))
+            if not left or time.monotonic() >= deadline or not isinstance(self.publisher, Mqtt5Publisher) or self.publisher.refused is None:
+                return left
 
     def publish_due(self, next_tick: np.ndarray, now: float) -> int:
         """Publish every device whose next tick is due; returns how many readings were handed over."""
@@ -239,8 +249,7 @@ class MqttSimulator:
             log.info("simulating %d MQTT devices (%s, QoS %d)", len(self.devices), self.spec.message_mode, self.spec.qos)
             while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
                 started = time.monotonic()
-                if isinstance(self.publisher, Mqtt5Publisher) and self.publisher.refused is not None:
-                    self._fall_back_to_paho()
+                self._fall_back_if_refused()
                 if pause is not None and pause.is_set():
                     self.metrics.queue.set(self.publisher.backlog())
                 elif replay is not None:
@@ -248,9 +257,7 @@ class MqttSimulator:
                 else:
                     self.publish_due(next_tick, time.time())
                 await asyncio.sleep(max(0.0, SCHEDULER_PERIOD - (time.monotonic() - started)))
-            if isinstance(self.publisher, Mqtt5Publisher) and self.publisher.refused is not None:
-                self._fall_back_to_paho()
-            left = await self.publisher.drain(timeout=10.0)
+            left = await self._drain(timeout=10.0)
             if left:
                 log.warning("%d messages still unacknowledged at shutdown", left)
         finally:
