@@ -1,14 +1,24 @@
-"""The dataset: Parquet files under one directory or fsspec URL, hive-partitioned by protocol and date.
+"""The dataset: Parquet files under one directory or fsspec URL, hive-partitioned by protocol,
+date and hour (UTC):
 
-    DIR/protocol=mqtt/date=2026-11-25/part-<writer>-<time>-<n>.parquet
+    DIR/protocol=mqtt/date=2026-11-25/hour=13/part-<writer>-<time>-<n>.parquet
+    DIR/protocol=mqtt/date=2026-11-25/hour=12/compacted-<token>.parquet   (see compaction.py)
 
-Any pandas user reads it with `pandas.read_parquet(DIR)`; `protocol` and `date` come back as
-columns from the partition names (so they are not stored again inside the files).
-Files are written under a dot-name and renamed into place, so readers never see half a file.
+Any pandas user reads it with `pandas.read_parquet(DIR)` (or `"s3://bucket/prefix"`);
+`protocol`, `date` and `hour` come back as columns from the partition names (so they are not
+stored again inside the files). Datasets written before the hour level (files directly under
+`date=`) read the same way, with no hour.
+
+On a local filesystem files are written under a dot-name and renamed into place, so readers never
+see half a file; on an object store one PUT is already all-or-nothing, so the object is written
+under its final key. `s3://` URLs honour the standard AWS variables (`AWS_ENDPOINT_URL`,
+`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`, profiles) through botocore,
+and the bucket is created when missing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -40,13 +50,25 @@ FILE_SCHEMA = pa.schema(
         pa.field("received_at", pa.timestamp("us", tz="UTC")),
     ]
 )
-PARTITIONING = pads.partitioning(pa.schema([("protocol", pa.string()), ("date", pa.string())]), flavor="hive")
+PARTITIONING = pads.partitioning(pa.schema([("protocol", pa.string()), ("date", pa.string()), ("hour", pa.string())]), flavor="hive")
+DATASET_SCHEMA = FILE_SCHEMA.append(pa.field("protocol", pa.string())).append(pa.field("date", pa.string())).append(pa.field("hour", pa.string()))
 COLUMNS = ["fleet", "protocol", "device", "sensor", "value", "unit", "ts", "seq", "quality", "anomaly", "received_at"]
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(url)
+    # Object stores: no cached listings, or a reader in the process that also writes (a collector
+    # resuming, the runner's summary, compaction) would miss the newest files.
+    options = {"use_listings_cache": False} if url.startswith(("s3://", "s3a://")) else {}
+    fs, path = fsspec.core.url_to_fs(url, **options)
     return fs, path.rstrip("/") or "/"
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def partition_dir(root: str, protocol: str, day: str, hour: int) -> str:
+    return f"{root}/protocol={protocol}/date={day}/hour={hour:02d}"
 
 
 @dataclass
@@ -88,33 +110,45 @@ class DatasetWriter:
         self.fs, self.root = filesystem(url)
         self.writer_id = writer_id or uuid.uuid4().hex[:8]
         self.files_written = 0
-        self.fs.makedirs(self.root, exist_ok=True)
+        self.local = is_local(self.fs)
+        self.fs.makedirs(self.root, exist_ok=True)  # on S3: creates the bucket when missing
 
     def write_table(self, table: pa.Table) -> list[str]:
         if table.num_rows == 0:
             return []
-        # UTC day number per row (integer arithmetic; formatting a string per row is slow).
+        # UTC hour number per row (integer arithmetic; formatting a string per row is slow).
         micros = pc.cast(table["ts"], pa.int64()).to_numpy(zero_copy_only=False)
-        days = micros // 86_400_000_000
-        unique_days = np.unique(days)
+        hours = micros // 3_600_000_000
+        unique_hours = np.unique(hours)
         paths = []
-        for day in unique_days.tolist():
-            part = table.filter(pa.array(days == day)) if len(unique_days) > 1 else table
+        for hour in unique_hours.tolist():
+            part = table.filter(pa.array(hours == hour)) if len(unique_hours) > 1 else table
+            day, hour_of_day = divmod(hour, 24)
             label = (date(1970, 1, 1) + timedelta(days=day)).isoformat()
-            paths.append(self._write_one(part, label))
+            paths.append(self._write_one(part, label, hour_of_day))
         return paths
 
     def write(self, batch: ReadingBatch) -> list[str]:
         return self.write_table(batch.to_table())
 
-    def _write_one(self, table: pa.Table, day: str) -> str:
-        directory = f"{self.root}/protocol={self.protocol}/date={day}"
-        self.fs.makedirs(directory, exist_ok=True)
+    def _write_one(self, table: pa.Table, day: str, hour: int) -> str:
+        directory = partition_dir(self.root, self.protocol, day, hour)
         self.files_written += 1
         name = f"part-{self.writer_id}-{time.time_ns()}-{self.files_written:06d}.parquet"
-        final, temporary = f"{directory}/{name}", f"{directory}/.{name}.tmp"
-        pq.write_table(table, temporary, filesystem=self.fs, compression="zstd")
-        self.fs.mv(temporary, final)
+        final = f"{directory}/{name}"
+        if not self.local:
+            pq.write_table(table, final, filesystem=self.fs, compression="zstd")
+            return final
+        self.fs.makedirs(directory, exist_ok=True)
+        temporary = f"{directory}/.{name}.tmp"
+        try:
+            pq.write_table(table, temporary, filesystem=self.fs, compression="zstd")
+            os.rename(temporary, final)
+        except BaseException:
+            # A full disk leaves a partial temporary behind: remove it, the caller keeps the batch.
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
         return final
 
 
@@ -129,7 +163,7 @@ def read_dataset(
     fs, root = filesystem(url)
     if not fs.exists(root):
         return pd.DataFrame({c: pd.Series(dtype="object") for c in (columns or COLUMNS)})
-    ds = pads.dataset(root, filesystem=fs, format="parquet", partitioning=PARTITIONING, schema=FILE_SCHEMA.append(pa.field("protocol", pa.string())).append(pa.field("date", pa.string())), exclude_invalid_files=False, ignore_prefixes=[".", "_"])
+    ds = pads.dataset(root, filesystem=fs, format="parquet", partitioning=PARTITIONING, schema=DATASET_SCHEMA, exclude_invalid_files=False, ignore_prefixes=[".", "_"])
     expr = None
 
     def both(e):
@@ -155,4 +189,9 @@ def dataset_files(url: str) -> list[str]:
     fs, root = filesystem(url)
     if not fs.exists(root):
         return []
-    return sorted(p for p in fs.find(root) if p.endswith(".parquet") and not os.path.basename(p).startswith("."))
+    # Like pyarrow's discovery: nothing under a "." or "_" name (temporaries, compaction staging,
+    # reports) at any level below the root.
+    return sorted(
+        p for p in fs.find(root)
+        if p.endswith(".parquet") and not any(part.startswith((".", "_")) for part in p[len(root):].split("/"))
+    )

@@ -122,7 +122,7 @@ def test_user_errors_are_one_clear_line_and_exit_2(case: str, args: list[str], m
         # Two good days of the 6 series, and one reading of a seventh.
         for day in ("2026-11-01", "2026-11-02"):
             shutil.copytree(dataset / "protocol=mqtt" / f"date={day}", data / "protocol=mqtt" / f"date={day}")
-        one = pq.read_table(next((dataset / "protocol=mqtt" / "date=2026-11-02").glob("*.parquet"))).slice(0, 1)
+        one = pq.read_table(next((dataset / "protocol=mqtt" / "date=2026-11-02").glob("*/*.parquet"))).slice(0, 1)
         DatasetWriter(str(data), "mqtt").write_table(one.set_column(one.schema.get_field_index("device"), "device", pa.array(["mqtt-09999"])))
     result = runner.invoke(app, ["forecast", "--data", str(data), "--out", str(tmp_path / "out"), "--quiet", *args])
     output = result.output  # stdout and stderr together, as a terminal shows them

@@ -17,7 +17,7 @@ from sensorfleet.spec import parse_fleet
 
 def test_layout_schema_and_row_count(dataset: Path, start: datetime) -> None:
     files = dataset_files(str(dataset))
-    days = sorted({Path(f).parent.name for f in files})
+    days = sorted({Path(f).parent.parent.name for f in files})  # protocol=P/date=D/hour=HH/file
     assert days == [f"date=2026-11-0{d}" for d in range(1, 5)]
     assert all("protocol=mqtt" in f for f in files)
     assert pq.read_schema(files[0]).remove_metadata() == FILE_SCHEMA
