@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import pandas as pd
+
 from sensorfleet.dataset import DatasetWriter, ReadingBatch, read_dataset
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.reading import MalformedReading, Reading, reading_from_wire
@@ -77,6 +79,32 @@ class SequenceTracker:
         return SeqVerdict(False)
 
 
+# Slack of the (ts, seq) consistency check, in ticks: microsecond timestamps at a 1 ms interval.
+_SEQUENCE_SPACE_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class SequenceSpace:
+    """Where seqs lie in time: a device's tick k is taken at epoch + (k + phase) * interval with
+    0 <= phase < 1 (README, "The signal model"). Stored rows outside it were written under another
+    `spec.epoch` or `interval`; their seqs say nothing about the ones that arrive now."""
+
+    epoch: datetime
+    interval: float
+
+    @classmethod
+    def of(cls, spec: object, protocol: str) -> SequenceSpace | None:
+        """The space of a fleet spec's protocol; None for a replayed recording (its seqs count rows)."""
+        if getattr(spec, "replay", None) is not None:
+            return None
+        return cls(spec.epoch, spec.protocol(protocol).interval)  # type: ignore[attr-defined]
+
+    def holds(self, ts: pd.Series, seq: pd.Series) -> pd.Series:
+        ticks = (pd.to_datetime(ts, utc=True) - pd.Timestamp(self.epoch)).dt.total_seconds() / self.interval
+        offset = ticks - seq.astype("float64")
+        return (offset > -_SEQUENCE_SPACE_TOLERANCE) & (offset < 1 + _SEQUENCE_SPACE_TOLERANCE)
+
+
 class CollectorSink:
     """Thread-safe: adapters may call `accept_*` from a network thread and `flush` from a timer."""
 
@@ -107,13 +135,18 @@ class CollectorSink:
         self.totals = {"received": 0, "stored": 0, "lost": 0, "duplicates": 0, "malformed": 0}
 
     # --- start-up -------------------------------------------------------------------------------
-    def resume_from_dataset(self, days: int = 2) -> int:
+    def resume_from_dataset(self, days: int = 2, space: SequenceSpace | None = None) -> int:
         """Seed the tracker with the last stored seq of each series, so a restarted collector
-        neither stores again what it already wrote nor counts the restart as a gap."""
+        neither stores again what it already wrote nor counts the restart as a gap. With `space`,
+        only rows of that sequence space count: after an edit of epoch or interval the new seqs
+        start elsewhere, and old ones would make them look like duplicates or a gap."""
         since = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
         since = since.fromtimestamp(since.timestamp() - (days - 1) * 86400, tz=timezone.utc)
-        df = read_dataset(self.writer.url, columns=["fleet", "device", "sensor", "seq"], start=since, protocols=[self.protocol])
+        columns = ["fleet", "device", "sensor", "seq"] + (["ts"] if space is not None else [])
+        df = read_dataset(self.writer.url, columns=columns, start=since, protocols=[self.protocol])
         df = df[df["fleet"] == self.fleet]
+        if space is not None and not df.empty:
+            df = df[space.holds(df["ts"], df["seq"])]
         if df.empty:
             return 0
         last = df.groupby(["device", "sensor"], observed=True)["seq"].max()

@@ -31,7 +31,7 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import NON
 from aiocoap.util import linkformat
 
-from sensorfleet.collectors.base import CollectorSink, drain_into_sink
+from sensorfleet.collectors.base import CollectorSink, SequenceSpace, drain_into_sink
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.reading import MalformedReading, decode_json_payload
 from sensorfleet.runtime import CollectorOptions, stop_event_on_signals
@@ -317,7 +317,7 @@ def run(opts: CollectorOptions) -> int:
     except OSError as exc:
         log.error("%s", exc)
         return 1
-    resumed = sink.resume_from_dataset()
+    resumed = sink.resume_from_dataset(space=SequenceSpace.of(fleet.spec, PROTOCOL))
     if resumed:
         log.info("resuming %d series from the dataset", resumed)
     intake: collections.deque = collections.deque()

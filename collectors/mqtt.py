@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 
 import paho.mqtt.client as mqtt
 
-from sensorfleet.collectors.base import CollectorSink
+from sensorfleet.collectors.base import CollectorSink, SequenceSpace
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.reading import MalformedReading, decode_json_payload
 from sensorfleet.runtime import BrokerAddress, CollectorOptions, mqtt_client, parse_broker_url, stop_event_on_signals
@@ -47,6 +47,7 @@ class MqttCollector:
             batch_size=spec.collector.batch_size, flush_interval=spec.collector.flush_interval,
             writer_id=self.client_id, count_gaps=not shared,
         )
+        self.sequence_space = SequenceSpace.of(spec, "mqtt")
         self._unacked: list[tuple[int, int]] = []  # (mid, qos) of messages in the current batch
         self._lock = threading.Lock()
         self.client = mqtt_client(broker, self.client_id, clean_session=False, manual_ack=True)
@@ -103,7 +104,7 @@ class MqttCollector:
                 self.client.ack(mid, qos)
 
     def run(self, stop: threading.Event, duration: float | None) -> None:
-        resumed = self.sink.resume_from_dataset()
+        resumed = self.sink.resume_from_dataset(space=self.sequence_space)
         if resumed:
             log.info("resuming %d series from the dataset", resumed)
         self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)

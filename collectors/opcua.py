@@ -34,7 +34,7 @@ import numpy as np
 from asyncua import Client, ua
 from asyncua.common.subscription import Subscription
 
-from sensorfleet.collectors.base import CollectorSink, drain_into_sink
+from sensorfleet.collectors.base import CollectorSink, SequenceSpace, drain_into_sink
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.reading import Reading
 from sensorfleet.runtime import CollectorOptions, stop_event_on_signals
@@ -358,7 +358,7 @@ def run(opts: CollectorOptions) -> int:
     except (ValueError, OSError) as exc:
         log.error("%s", exc)
         return 2 if isinstance(exc, ValueError) else 1
-    resumed = sink.resume_from_dataset()
+    resumed = sink.resume_from_dataset(space=SequenceSpace.of(fleet.spec, PROTOCOL))
     if resumed:
         log.info("resuming %d series from the dataset", resumed)
     done = threading.Event()
