@@ -84,7 +84,6 @@ def operator_settings(settings: kopf.OperatorSettings | None = None) -> kopf.Ope
     # in scope and drops the unlabelled ones itself (the handlers' `labels=` filter is client-side).
     for group, version, plural in WATCHED_CHILDREN:
         settings.watching.label_selectors[group, version, plural] = CHILD_SELECTOR
-    # Events of one object are coalesced for this long before a handler runs (kopf's default 0.1 s
-    # is a tenth of the apply -> children budget); the Reconciler's queue coalesces anyway.
-    settings.batching.batch_window = 0.02
+    # No batching setting: kopf >= 1.45 removed time-based event batching (configuring it only
+    # warns); the Reconciler's queue coalesces bursts of events itself.
     return settings
