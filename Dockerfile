@@ -2,7 +2,11 @@
 # (`sensorfleet operator | simulate | collect | forecast`). Non-root, read-only-rootfs friendly.
 #   make image            # docker build -t sensorfleet:0.1.0 .
 #   make kind-load        # kind load docker-image sensorfleet:0.1.0 --name sensorfleet
-FROM python:3.11-slim-bookworm AS build
+# BASE_IMAGE: any Debian-like image with Python >= 3.11 and its venv module. The public slim image
+# by default; `make images` builds this same file with podman from a debootstrap-made Debian
+# (which has `python3`, not `python`) for the dev cluster, which has no registry.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -13,12 +17,12 @@ COPY collectors ./collectors
 COPY forecasting ./forecasting
 # src/sensorfleet/{operator,simulators,...} are symlinks to the top-level folders: build a wheel
 # that contains their files, then install it into a clean virtualenv.
-RUN python -m venv /opt/sensorfleet \
+RUN python3 -m venv /opt/sensorfleet \
  && /opt/sensorfleet/bin/pip install --upgrade pip wheel \
  && /opt/sensorfleet/bin/pip wheel --no-deps -w /wheels . \
  && /opt/sensorfleet/bin/pip install /wheels/*.whl
 
-FROM python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="sensorfleet" \
       org.opencontainers.image.description="Simulate, collect and forecast industrial IoT sensor fleets (MQTT, CoAP, OPC UA)" \
       org.opencontainers.image.licenses="Apache-2.0"

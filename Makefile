@@ -93,5 +93,18 @@ deploy-local: install
 undeploy-local: install
 	CLUSTER_DIR=$(CLUSTER_DIR) PYTHONPATH=. $(BIN)/python -m devcluster undeploy
 
+# --- images and Prometheus with no registry (issue 10) ---
+# images: the Dockerfile built with podman from a debootstrap base (BASE_IMAGE), and Mosquitto from
+# Debian's package, as OCI archives in ~/.cache/sensorfleet/images named by the hash of their inputs
+# (devcluster/images.py); a second run builds nothing. prometheus-build: Prometheus with
+# kubernetes_sd_configs from the Go module proxy into ~/.cache/sensorfleet/prometheus-<version>.
+.PHONY: images prometheus-build
+
+images: install
+	PYTHONPATH=. $(BIN)/python -m devcluster.images
+
+prometheus-build:
+	hack/build-prometheus.sh
+
 bench-operator: install
 	PYTHONPATH=. $(BIN)/python bench/bench_operator.py

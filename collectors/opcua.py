@@ -124,7 +124,7 @@ class TargetCollector:
         if self.cfg.authentication == "username":
             username, password = os.environ.get(ENV_USERNAME), os.environ.get(ENV_PASSWORD)
             if not username or not password:
-                raise ValueError(f"spec.protocols.opcua.authentication is 'username' but {ENV_USERNAME} / {ENV_PASSWORD} are not set")
+                raise ValueError(f"spec.protocols.opcua.authentication is 'username' but {ENV_USERNAME} / {ENV_PASSWORD} are not set (in Kubernetes: set spec.protocols.opcua.credentials)")
             client.set_user(username)
             client.set_password(password)
         if self.cfg.security == "Basic256Sha256":

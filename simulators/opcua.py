@@ -189,7 +189,7 @@ async def build_server(fleet_name: str, cfg: Any, host: str, port: int) -> tuple
     if cfg.authentication == "username":
         username, password = os.environ.get(ENV_USERNAME), os.environ.get(ENV_PASSWORD)
         if not username or not password:
-            raise ValueError(f"spec.protocols.opcua.authentication is 'username' but {ENV_USERNAME} / {ENV_PASSWORD} are not set")
+            raise ValueError(f"spec.protocols.opcua.authentication is 'username' but {ENV_USERNAME} / {ENV_PASSWORD} are not set (in Kubernetes: set spec.protocols.opcua.credentials)")
         user_manager = EnvUserManager(username, password)
     server = Server(user_manager=user_manager)
     await server.init()
