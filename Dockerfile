@@ -10,17 +10,21 @@ FROM ${BASE_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# The dependencies first, from pyproject.toml alone: a layer that a code edit does not invalidate.
+RUN python3 -m venv /opt/sensorfleet \
+ && /opt/sensorfleet/bin/pip install --upgrade pip wheel \
+ && python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+ && /opt/sensorfleet/bin/pip install -r /tmp/requirements.txt
 COPY src ./src
 COPY operator ./operator
 COPY simulators ./simulators
 COPY collectors ./collectors
 COPY forecasting ./forecasting
 # src/sensorfleet/{operator,simulators,...} are symlinks to the top-level folders: build a wheel
-# that contains their files, then install it into a clean virtualenv.
-RUN python3 -m venv /opt/sensorfleet \
- && /opt/sensorfleet/bin/pip install --upgrade pip wheel \
- && /opt/sensorfleet/bin/pip wheel --no-deps -w /wheels . \
- && /opt/sensorfleet/bin/pip install /wheels/*.whl
+# that contains their files, then install it into the virtualenv (its dependencies are there).
+RUN /opt/sensorfleet/bin/pip wheel --no-deps -w /wheels . \
+ && /opt/sensorfleet/bin/pip install --no-deps /wheels/*.whl \
+ && /opt/sensorfleet/bin/pip check
 
 FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="sensorfleet" \
