@@ -8,6 +8,7 @@ host aliases of 127.0.0.1)."""
 
 from __future__ import annotations
 
+import getpass
 import json
 import subprocess
 from pathlib import Path
@@ -90,7 +91,9 @@ def test_external_broker_credentials_come_from_the_users_secret(pods, tmp_path):
     port = free_port()
     (tmp_path / "passwd").write_text("")
     subprocess.run(["mosquitto_passwd", "-b", str(tmp_path / "passwd"), "plant-user", "plant-secret-42"], check=True)
-    (tmp_path / "mosquitto.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {tmp_path / 'passwd'}\n")
+    # `user`: as root Mosquitto would drop to `mosquitto`, who cannot read pytest's private tmp_path
+    (tmp_path / "mosquitto.conf").write_text(f"listener {port} 127.0.0.1\nuser {getpass.getuser()}\nallow_anonymous false\n"
+                                             f"password_file {tmp_path / 'passwd'}\n")
     broker = subprocess.Popen(["mosquitto", "-c", str(tmp_path / "mosquitto.conf")], stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, timeout=30)

@@ -56,7 +56,7 @@ def test_app_image_runs_as_non_root_on_a_read_only_root(built_images):
 
 def test_broker_image_is_debian_mosquitto_laid_out_like_eclipse_mosquitto(built_images):
     broker = built_images[1]
-    result = _podman_run(broker.ref, "sh", "-c", "command -v mosquitto mosquitto_passwd; id -u mosquitto; ls -nd /mosquitto/data",
+    result = _podman_run(broker.ref, "sh", "-c", "command -v mosquitto; command -v mosquitto_passwd; id -u mosquitto; ls -nd /mosquitto/data",
                          user="1883")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.split("\n")
