@@ -20,7 +20,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 QUALITIES = ("good", "uncertain", "bad")
-ANOMALIES = ("spike", "stuck", "dropout")
+# The simulator's fault kinds (sensorfleet.signals.ANOMALY_NAMES checks it agrees).
+ANOMALIES = ("spike", "stuck", "dropout", "drift", "level_shift", "noise_burst", "oscillation")
 WIRE_FIELDS = ("fleet", "protocol", "device", "sensor", "value", "unit", "ts", "seq", "quality", "anomaly")
 MAX_NAME = 128
 

@@ -76,6 +76,7 @@ class SensorSpec(SpecModel):
     drift_per_day: Annotated[float, Field(default=0.0, description="Slow linear drift in `unit` per day since `spec.epoch`, scaled per device between 0.5x and 1.5x.")]
     device_spread: Annotated[float, Field(default=0.0, ge=0, description="Standard deviation of a fixed per-device offset of the baseline, in `unit`.")]
     noise_coupling: Annotated[float, Field(default=0.0, ge=-1, le=1, description="Correlation of this sensor's noise with the first sensor's noise (e.g. -0.7 for relative humidity against temperature).")]
+    resolution: Annotated[float | None, Field(default=None, ge=0, description="Reading resolution in `unit` (values are rounded to a multiple of it) when `spec.realism` is enabled; unset: `noise x spec.realism.quantization`.")]
     min: Annotated[float, Field(description="Physical lower bound; readings are clamped to it.")]
     max: Annotated[float, Field(description="Physical upper bound; readings are clamped to it.")]
 
@@ -95,6 +96,41 @@ class AnomalySpec(SpecModel):
     stuck_duration: Annotated[int, Field(default=30, ge=2, le=100000, description="Length of a stuck-at run, in readings.")]
     dropout_probability: Annotated[float, Field(default=0.001, ge=0, le=0.5, description="Fraction of readings inside a dropout (no value, quality `bad`).")]
     dropout_duration: Annotated[int, Field(default=10, ge=1, le=100000, description="Length of a dropout, in readings.")]
+    # Faults that last a window of readings, each labelled with its kind on every reading of the window.
+    drift_fault_probability: Annotated[float, Field(default=0.002, ge=0, le=0.5, description="Fraction of readings inside a drift fault (the sensor walks off linearly, anomaly `drift`).")]
+    drift_fault_duration: Annotated[int, Field(default=120, ge=2, le=100000, description="Length of a drift fault, in readings.")]
+    drift_fault_magnitude: Annotated[float, Field(default=10.0, gt=0, le=1000, description="Offset reached at the end of a drift fault, in multiples of the sensor's noise.")]
+    level_shift_probability: Annotated[float, Field(default=0.002, ge=0, le=0.5, description="Fraction of readings inside a level shift (a constant offset, anomaly `level_shift`).")]
+    level_shift_duration: Annotated[int, Field(default=60, ge=2, le=100000, description="Length of a level shift, in readings.")]
+    level_shift_magnitude: Annotated[float, Field(default=6.0, gt=0, le=1000, description="Offset of a level shift, in multiples of the sensor's noise (sign drawn per fault).")]
+    noise_burst_probability: Annotated[float, Field(default=0.002, ge=0, le=0.5, description="Fraction of readings inside a noise burst (noise multiplied, anomaly `noise_burst`).")]
+    noise_burst_duration: Annotated[int, Field(default=40, ge=2, le=100000, description="Length of a noise burst, in readings.")]
+    noise_burst_magnitude: Annotated[float, Field(default=5.0, gt=1, le=1000, description="Noise standard deviation during a burst, in multiples of the sensor's noise.")]
+    oscillation_probability: Annotated[float, Field(default=0.002, ge=0, le=0.5, description="Fraction of readings inside an oscillation (a control loop hunting, anomaly `oscillation`).")]
+    oscillation_duration: Annotated[int, Field(default=60, ge=4, le=100000, description="Length of an oscillation, in readings.")]
+    oscillation_magnitude: Annotated[float, Field(default=4.0, gt=0, le=1000, description="Amplitude of an oscillation, in multiples of the sensor's noise.")]
+    oscillation_period: Annotated[float, Field(default=8.0, ge=2, le=10000, description="Period of an oscillation, in readings.")]
+
+
+class RealismSpec(SpecModel):
+    """What makes the signal more than a daily cosine: the parts a forecaster has to earn.
+
+    Amplitudes are in multiples of each sensor's scale (its `dailyAmplitude`, or 10x its `noise`
+    when it has no daily cycle), so every sensor, built-in or yours, gets them by default."""
+
+    enabled: Annotated[bool, Field(default=True, description="Add the components below; `false` gives the plain model (baseline + daily cosine + drift + noise).")]
+    devices_per_site: Annotated[int, Field(default=10, ge=1, le=1_000_000, description="Devices of one site (consecutive device numbers): they share the weather and the outages.")]
+    weather_amplitude: Annotated[float, Field(default=0.6, ge=0, le=100, description="Standard deviation of the slow weather-like component a site's devices share, in sensor scales.")]
+    weather_hours: Annotated[float, Field(default=30.0, gt=0, le=10000, description="Typical time scale of the weather component in hours (its periods spread from a fifth to five times this).")]
+    weekly_amplitude: Annotated[float, Field(default=0.4, ge=0, le=100, description="Weekday occupancy effect (08-18 UTC, Monday to Friday against nights and weekends), in sensor scales.")]
+    regime_hours: Annotated[float, Field(default=36.0, gt=0, le=100000, description="Mean hours between setpoint/regime changes of a device; the level steps to a new value at each.")]
+    regime_amplitude: Annotated[float, Field(default=0.3, ge=0, le=100, description="Standard deviation of the setpoint level, in sensor scales.")]
+    regime_ramp_hours: Annotated[float, Field(default=1.0, ge=0, le=1000, description="Hours the level takes to settle on a new setpoint (0 = an instant step).")]
+    ageing_noise_per_day: Annotated[float, Field(default=0.002, ge=0, le=10, description="Growth of the noise with the sensor's age: noise x (1 + this x age in days); devices were installed up to 180 days before `epoch`.")]
+    calibration_gain_spread: Annotated[float, Field(default=0.03, ge=0, le=1, description="Standard deviation of a per-device gain error around the baseline (0.03 = 3 %).")]
+    quantization: Annotated[float, Field(default=0.3, ge=0, le=100, description="Reading resolution of sensors without their own `resolution`, as a fraction of their noise (0 = full precision).")]
+    site_outage_probability: Annotated[float, Field(default=0.001, ge=0, le=0.5, description="Fraction of time a site is off the network: every device of the site drops out together (anomaly `dropout`).")]
+    site_outage_duration: Annotated[int, Field(default=30, ge=1, le=100000, description="Length of a site outage, in readings.")]
 
 
 class ProtocolSpec(SpecModel):
@@ -229,6 +265,7 @@ class FleetSpec(SpecModel):
         Field(default_factory=lambda: [SensorSpec(**s) for s in DEFAULT_SENSORS], min_length=1, max_length=32, description="Sensors every device carries."),
     ]
     anomalies: Annotated[AnomalySpec, Field(default_factory=AnomalySpec, description="Injected anomalies; their ground truth is stored with each reading.")]
+    realism: Annotated[RealismSpec, Field(default_factory=RealismSpec, description="Weather, weekly pattern, setpoint steps, ageing, calibration, quantization and site outages on top of the daily cycle.")]
     replay: Annotated[ReplaySpec | None, Field(default=None, description="Play back recorded data instead of the signal model.")]
     protocols: Annotated[ProtocolsSpec, Field(default_factory=ProtocolsSpec, description="Per-protocol device counts, intervals and replicas.")]
     broker: Annotated[BrokerSpec, Field(default_factory=BrokerSpec, description="The MQTT broker.")]
@@ -258,9 +295,9 @@ class FleetSpec(SpecModel):
 
 
 DEFAULT_SENSORS: list[dict[str, Any]] = [
-    {"name": "temperature", "unit": "degC", "baseline": 21.0, "daily_amplitude": 4.0, "peak_hour": 15, "noise": 0.3, "drift_per_day": 0.01, "device_spread": 1.5, "min": -40, "max": 125},
-    {"name": "humidity", "unit": "%RH", "baseline": 45.0, "daily_amplitude": 8.0, "peak_hour": 3, "noise": 1.0, "noise_coupling": -0.7, "device_spread": 4.0, "min": 0, "max": 100},
-    {"name": "pressure", "unit": "hPa", "baseline": 1013.0, "daily_amplitude": 1.0, "peak_hour": 10, "noise": 0.2, "drift_per_day": -0.05, "device_spread": 2.0, "min": 870, "max": 1085},
+    {"name": "temperature", "unit": "degC", "baseline": 21.0, "daily_amplitude": 4.0, "peak_hour": 15, "noise": 0.3, "drift_per_day": 0.01, "device_spread": 1.5, "resolution": 0.1, "min": -40, "max": 125},
+    {"name": "humidity", "unit": "%RH", "baseline": 45.0, "daily_amplitude": 8.0, "peak_hour": 3, "noise": 1.0, "noise_coupling": -0.7, "device_spread": 4.0, "resolution": 0.5, "min": 0, "max": 100},
+    {"name": "pressure", "unit": "hPa", "baseline": 1013.0, "daily_amplitude": 1.0, "peak_hour": 10, "noise": 0.2, "drift_per_day": -0.05, "device_spread": 2.0, "resolution": 0.1, "min": 870, "max": 1085},
 ]
 
 

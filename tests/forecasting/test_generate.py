@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from sensorfleet.dataset import FILE_SCHEMA, dataset_files, read_dataset
 from sensorfleet.forecasting.generate import generate_dataset
+from sensorfleet.reading import ANOMALIES
 from sensorfleet.signals import SignalModel, device_index
 from sensorfleet.spec import parse_fleet
 
@@ -45,7 +46,7 @@ def test_readings_are_the_signal_models(dataset: Path, start: datetime, fleet_do
 def test_anomalies_are_marked(dataset: Path) -> None:
     frame = read_dataset(str(dataset), columns=["value", "quality", "anomaly"])
     counts = frame["anomaly"].value_counts()
-    assert set(counts.index) <= {"spike", "stuck", "dropout"}
+    assert set(counts.index) <= set(ANOMALIES)
     assert counts.get("spike", 0) > 0 and counts.get("stuck", 0) > 0 and counts.get("dropout", 0) > 0
     dropouts = frame["anomaly"] == "dropout"
     assert frame.loc[dropouts, "value"].isna().all() and (frame.loc[dropouts, "quality"] == "bad").all()

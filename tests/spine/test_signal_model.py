@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from sensorfleet.reading import reading_from_wire
-from sensorfleet.signals import ANOMALY_DROPOUT, ANOMALY_SPIKE, ANOMALY_STUCK, QUALITY_BAD, QUALITY_UNCERTAIN, SignalModel, shard_devices
+from sensorfleet.signals import (
+    ANOMALY_DRIFT, ANOMALY_DROPOUT, ANOMALY_LEVEL_SHIFT, ANOMALY_NOISE_BURST, ANOMALY_OSCILLATION, ANOMALY_SPIKE, ANOMALY_STUCK,
+)
+from sensorfleet.signals import QUALITY_BAD, QUALITY_UNCERTAIN, SignalModel, shard_devices
 from sensorfleet.spec import SensorFleet
 
 
@@ -27,7 +30,11 @@ def week(m: SignalModel, devices: int = 20, days: int = 7):
     return m.block(d, k)
 
 
-NO_ANOMALIES = {"anomalies": {"spikeProbability": 0, "stuckProbability": 0, "dropoutProbability": 0}}
+NO_FAULTS = {"spikeProbability": 0, "stuckProbability": 0, "dropoutProbability": 0, "driftFaultProbability": 0,
+             "levelShiftProbability": 0, "noiseBurstProbability": 0, "oscillationProbability": 0}
+# The plain model (no weather, weekly pattern, steps, ageing, quantization, outages) and no faults:
+# its statistics are exactly the sensor spec's.
+NO_ANOMALIES = {"anomalies": NO_FAULTS, "realism": {"enabled": False}}
 
 
 def test_same_seed_and_time_give_the_same_reading():
@@ -73,17 +80,21 @@ def test_temperature_and_humidity_are_anti_correlated():
     assert correlation < -0.5
 
 
-@pytest.mark.parametrize(("field", "code"), [("spikeProbability", ANOMALY_SPIKE), ("stuckProbability", ANOMALY_STUCK), ("dropoutProbability", ANOMALY_DROPOUT)])
+@pytest.mark.parametrize(("field", "code"), [
+    ("spikeProbability", ANOMALY_SPIKE), ("stuckProbability", ANOMALY_STUCK), ("dropoutProbability", ANOMALY_DROPOUT),
+    ("driftFaultProbability", ANOMALY_DRIFT), ("levelShiftProbability", ANOMALY_LEVEL_SHIFT),
+    ("noiseBurstProbability", ANOMALY_NOISE_BURST), ("oscillationProbability", ANOMALY_OSCILLATION),
+])
 def test_anomaly_rates_match_the_spec(field, code):
     rate = 0.02
-    spec = {"anomalies": {"spikeProbability": 0, "stuckProbability": 0, "dropoutProbability": 0, field: rate}}
+    spec = {"anomalies": {**NO_FAULTS, field: rate}, "realism": {"siteOutageProbability": 0}}
     b = week(model(spec), devices=20, days=7)
     observed = (b.anomaly == code).mean()
     assert observed == pytest.approx(rate, rel=0.15)
 
 
 def test_stuck_runs_freeze_the_value_and_dropouts_have_no_value():
-    spec = {"anomalies": {"spikeProbability": 0, "stuckProbability": 0.05, "stuckDuration": 10, "dropoutProbability": 0.02}}
+    spec = {"anomalies": {**NO_FAULTS, "stuckProbability": 0.05, "stuckDuration": 10, "dropoutProbability": 0.02}}
     b = week(model(spec), devices=3, days=2)
     temperature_stuck = (b.anomaly[:, 0] == ANOMALY_STUCK) & (b.anomaly[:, 0] != ANOMALY_DROPOUT)
     assert (b.quality[temperature_stuck, 0] == QUALITY_UNCERTAIN).all()
