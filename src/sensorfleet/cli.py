@@ -145,7 +145,7 @@ def _guarded(function, opts) -> int:
 
 def _register_plugins() -> None:
     """Subcommands that live with their feature (forecast, generate, operator, ...)."""
-    for module_name in ("sensorfleet.forecasting.cli", "sensorfleet.operator.cli", "sensorfleet.forecast_metrics", "sensorfleet.compaction_cli"):
+    for module_name in ("sensorfleet.forecasting.cli", "sensorfleet.detection.cli", "sensorfleet.operator.cli", "sensorfleet.forecast_metrics", "sensorfleet.compaction_cli"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
