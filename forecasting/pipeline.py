@@ -7,6 +7,7 @@ module only orders them, shows progress and writes the outputs:
     OUT/metrics.json             headline, per-model aggregates (hold-out and CV), cleaning, anomalies
     OUT/metrics_by_series.csv    per-series metrics
     OUT/*.png, OUT/report.html   plots and the offline report that shows them
+    OUT/animation.gif (.mp4)     one series played forward with the rolling forecast cone
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sensorfleet.forecasting import anomalies, evaluate, plots, report
+from sensorfleet.forecasting import anomalies, animation, evaluate, plots, report
 from sensorfleet.forecasting.errors import ForecastInputError
 from sensorfleet.forecasting.models import BASELINE, MODEL_CHOICES, TIMEGPT_KEY_MISSING, ForecastBlock, SeasonalNaiveBaseline, make_model
 from sensorfleet.forecasting.prepare import TRUTH_NAMES, Panel, finish_prepare, min_steps, read_readings, resample
@@ -249,6 +250,8 @@ def run_forecast(options: ForecastOptions, progress: Progress | None = None) -> 
         with progress.stage("plots", 1) as advance:
             rows = choose_plot_rows(panel, options.plot_series, options.seed)
             drawn = plots.draw_all(out, panel, table, rows, model.name, BASELINE, options.level, labels, on_plot=advance)
+        with progress.stage("animation", 1):
+            film = animation.write_animation(out, panel, animation.pick_series(panel, options.horizon), options.horizon, options.level)
         holdout = scores.get("holdout", {}).get("models", {})
         cv = scores.get("cv", {}).get("models", {})
         metrics = {
@@ -279,6 +282,7 @@ def run_forecast(options: ForecastOptions, progress: Progress | None = None) -> 
             "cv": {k: v for k, v in scores.get("cv", {}).items()},
             "anomalies": flagged,
             "cleaning": cleaning.as_dict(),
+            "animation": film,
             "timings_s": {},
         }
         per_series = [df.drop(columns=["sid"]).assign(split=split) for split, df in scores["per_series"].items()]

@@ -86,6 +86,13 @@ horizon {{ options.horizon }} steps, {{ options.cv_windows }} rolling-origin CV 
 <figure><img src="{{ plot.file }}" alt="{{ plot.title }}"><figcaption>{{ plot.title }}</figcaption></figure>
 {% endfor %}
 
+{% if animation %}
+<h2>Animation</h2>
+<p>One series played forward: live values, the forecast cone from each moment (fitted on data before it), the streaming detector's flags (×) and injected faults (○).</p>
+<figure><img src="{{ animation.gif }}" alt="animation: live values with the rolling forecast cone"><figcaption>{{ animation.frames }} frames, GIF</figcaption></figure>
+{% if animation.mp4 %}<figure><video src="{{ animation.mp4 }}" controls loop muted width="640"></video><figcaption>the same as MP4</figcaption></figure>{% endif %}
+{% endif %}
+
 <h2>Stage timings (s)</h2>
 <table>{% for name, seconds in timings.items() %}<tr><td>{{ name }}</td><td>{{ seconds }}</td></tr>{% endfor %}</table>
 <p>Files: <a href="metrics.json">metrics.json</a>, <a href="metrics_by_series.csv">metrics_by_series.csv</a>, <code>forecasts.parquet</code>.</p>
@@ -114,6 +121,7 @@ def render(metrics: dict[str, Any], plots: list[dict[str, str]]) -> str:
         cleaning=metrics["cleaning"],
         timings=metrics.get("timings_s", {}),
         plots=plots,
+        animation=metrics.get("animation"),
         fmt=_fmt,
     )
 
