@@ -80,7 +80,7 @@ def test_plots_are_png_and_the_report_shows_them(forecast_out: Path) -> None:
         assert width >= 400 and height >= 200 and path.stat().st_size > 5_000, name
     html = (forecast_out / "report.html").read_text()
     referenced = re.findall(r'<img src="([^"]+)"', html)
-    assert sorted(referenced) == pngs
+    assert sorted(referenced) == sorted([*pngs, "animation.gif"])  # the animation: tests/forecasting/test_animation.py
     assert "http://" not in html and "https://" not in html and "<script" not in html  # offline
     assert "Harmonic" in html and "SeasonalNaive" in html and "mase_vs_baseline" in html
 
