@@ -49,6 +49,7 @@ KIND_CLUSTER ?= sensorfleet
 
 cluster-build:
 	hack/build-k8s.sh
+	hack/build-node.sh
 
 cluster-up: install cluster-build
 	CLUSTER_DIR=$(CLUSTER_DIR) PYTHONPATH=. $(BIN)/python -m devcluster up

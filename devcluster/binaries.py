@@ -14,6 +14,7 @@ from devcluster.errors import ClusterError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HACK_DIR = REPO_ROOT / "hack"
 BUILD_SCRIPT = HACK_DIR / "build-k8s.sh"
+NODE_BUILD_SCRIPT = HACK_DIR / "build-node.sh"  # the real node: containerd, CoreDNS, provisioner, images
 VERSIONS_FILE = HACK_DIR / "k8s-versions.env"
 KWOK_STAGES_FILE = HACK_DIR / "kwok-stages.yaml"
 
@@ -42,20 +43,15 @@ def bin_dir() -> Path:
     return Path(out.stdout.strip())
 
 
-def ensure_binaries(progress: IO[str] | None = None) -> Path:
-    """Build the pinned binaries unless the cache already holds them; return the bin folder.
+def node_bin_dir() -> Path:
+    """Where hack/build-node.sh puts containerd, CoreDNS, local-path-provisioner and the node images."""
+    out = subprocess.run(["bash", str(NODE_BUILD_SCRIPT), "--bin-dir"], check=True, capture_output=True, text=True)
+    return Path(out.stdout.strip())
 
-    A cold build takes tens of minutes on 2 cores; the script's progress lines go to ``progress``
-    (default stderr) as they come.
-    """
-    progress = progress or sys.stderr
-    proc = subprocess.Popen(
-        ["bash", str(BUILD_SCRIPT)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-    )
+
+def _run_build(script: Path, progress: IO[str]) -> None:
+    proc = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1)
     assert proc.stdout is not None
     lines: list[str] = []
     for line in proc.stdout:
@@ -63,9 +59,19 @@ def ensure_binaries(progress: IO[str] | None = None) -> Path:
         progress.write(line)
         progress.flush()
     if proc.wait() != 0:
-        raise ClusterError(
-            f"{BUILD_SCRIPT} failed (exit {proc.returncode}); last lines:\n" + "".join(lines[-30:])
-        )
+        raise ClusterError(f"{script} failed (exit {proc.returncode}); last lines:\n" + "".join(lines[-30:]))
+
+
+def ensure_binaries(progress: IO[str] | None = None, *, node: bool = True) -> Path:
+    """Build the pinned binaries unless the cache already holds them; return the bin folder.
+
+    With ``node`` also what the real node needs (hack/build-node.sh). A cold build takes tens of
+    minutes on 2 cores; the scripts' progress lines go to ``progress`` (default stderr) as they come.
+    """
+    progress = progress or sys.stderr
+    _run_build(BUILD_SCRIPT, progress)
+    if node:
+        _run_build(NODE_BUILD_SCRIPT, progress)
     return bin_dir()
 
 

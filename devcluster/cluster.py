@@ -20,9 +20,11 @@ from typing import IO, Any
 
 import yaml
 
-from devcluster.binaries import REPO_ROOT, bin_dir, kubectl_binary
+from devcluster import node_config
+from devcluster.binaries import REPO_ROOT, bin_dir, kubectl_binary, node_bin_dir
 from devcluster.components import COMPONENTS, NODE_COUNT, PORT_NAMES, component_argv, kwok_node_manifest
 from devcluster.errors import ClusterError, CommandError
+from devcluster.node import NodeState, start_node, stop_node
 from devcluster.pki import make_control_plane_pki, write_kubeconfig
 from devcluster.processes import Component, free_ports, http_get, stop_group, wait_port_free, wait_until
 
@@ -44,6 +46,7 @@ class Cluster:
     components: list[Component] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
     owned: bool = True
+    node: NodeState | None = None  # the real node sf-node-0, when started
 
     @classmethod
     def external(cls, kubeconfig: Path) -> Cluster:
@@ -108,6 +111,8 @@ class Cluster:
                 stop_group(component.pid, component.started_at, component.popen)
             except ClusterError as error:
                 errors.append(f"{component.name}: {error}")
+        if self.node is not None:
+            errors += [f"{node_config.NODE_NAME}: {problem}" for problem in stop_node(self.node)]
         busy = [f"{name}={port}" for name, port in self.ports.items() if not wait_port_free(port)]
         if self.state_dir is not None:
             shutil.rmtree(self.state_dir, ignore_errors=True)
@@ -127,6 +132,7 @@ class Cluster:
             "bin_dir": str(self.bin_dir),
             "state_dir": str(self.state_dir),
             "ports": self.ports,
+            "node": self.node.to_json() if self.node else None,
             "components": [
                 {"name": c.name, "pid": c.pid, "started_at": c.started_at, "log": str(c.log)}
                 for c in self.components
@@ -152,6 +158,7 @@ class Cluster:
             state_dir=Path(state["state_dir"]),
             components=components,
             ports={k: int(v) for k, v in state["ports"].items()},
+            node=NodeState.from_json(state["node"]) if state.get("node") else None,
         )
 
 
@@ -172,11 +179,15 @@ def start_cluster(
     *,
     binaries: Path | None = None,
     nodes: int = NODE_COUNT,
+    real_node: bool = True,
     tie_to_parent: bool = True,
     timeout: float = 120.0,
     progress: IO[str] | None = None,
 ) -> Cluster:
     """Start etcd, kube-apiserver, controller-manager, scheduler and kwok; wait until usable.
+
+    With ``real_node`` also the real node sf-node-0 (devcluster/node.py): Ready, with CoreDNS
+    answering and the default StorageClass in place.
 
     Usable means: /readyz is ok, every controller is healthy, ``nodes`` kwok Nodes are Ready and
     the ``default`` ServiceAccount exists (so Pods can be created). On any failure everything
@@ -256,6 +267,9 @@ def start_cluster(
         wait_until(controller_manager, "serving ServiceAccounts",
                     lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", "default",
                                             check=False).returncode == 0, timeout, progress)
+        if real_node:
+            start_node(cluster, k8s_bin=binaries, node_bin=node_bin_dir(), tie_to_parent=tie_to_parent,
+                       timeout=max(timeout, 180.0), progress=progress)
     except BaseException:
         progress.write("[devcluster] start-up failed; stopping what was started\n")
         with contextlib.suppress(ClusterError):

@@ -31,6 +31,7 @@ def kwok_node_manifest(name: str) -> dict[str, Any]:
                 "kubernetes.io/os": "linux",
                 "kubernetes.io/arch": "amd64",
                 "type": "kwok",
+                "sensorfleet.dev/node": "kwok",  # node_config.REAL_NODE_LABEL
             },
         },
         "status": {"allocatable": resources, "capacity": resources},
@@ -76,7 +77,14 @@ def component_argv(binaries: Path, state_dir: Path, pki: Path, ports: dict[str, 
             f"--tls-cert-file={pki / 'apiserver.crt'}",
             f"--tls-private-key-file={pki / 'apiserver.key'}",
             f"--client-ca-file={pki / 'ca.crt'}",
-            "--authorization-mode=RBAC",
+            # Node: the real node's kubelet (system:node:sf-node-0) gets what its pods need, no more
+            "--authorization-mode=Node,RBAC",
+            # act only on namespaces annotated for them: the real node's placement defaults
+            # (devcluster/node_config.py); no effect anywhere else
+            "--enable-admission-plugins=PodNodeSelector,PodTolerationRestriction",
+            f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+            "--kubelet-preferred-address-types=InternalIP",
             "--allow-privileged=true",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",

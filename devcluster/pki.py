@@ -133,6 +133,7 @@ def write_kubeconfig(
     token: str | None = None,
     namespace: str | None = None,
     cluster_name: str = "sensorfleet-dev",
+    tls_server_name: str | None = None,
 ) -> Path:
     """A self-contained kubeconfig (everything embedded) with one context, made current."""
     credentials: dict[str, str] = {}
@@ -150,7 +151,8 @@ def write_kubeconfig(
         "clusters": [
             {
                 "name": cluster_name,
-                "cluster": {"server": server, "certificate-authority-data": b64(ca_pem)},
+                "cluster": {"server": server, "certificate-authority-data": b64(ca_pem),
+                            **({"tls-server-name": tls_server_name} if tls_server_name else {})},
             }
         ],
         "users": [{"name": user, "user": credentials}],
@@ -195,11 +197,25 @@ def make_control_plane_pki(pki: Path, server: str, admin_kubeconfig: Path) -> No
         "kube-scheduler": issue_certificate(ca_cert, ca_key, "system:kube-scheduler"),
         # kwok plays every kubelet (node and pod status, leases); an admin identity keeps it simple.
         "kwok": issue_certificate(ca_cert, ca_key, "kwok-controller", groups=["system:masters"]),
+        # the API server's identity towards kubelets (logs, exec, port-forward on the real node)
+        "apiserver-kubelet-client": issue_certificate(ca_cert, ca_key, "kube-apiserver-kubelet-client",
+                                                      groups=["system:masters"]),
     }
     write_private(pki / "admin.crt", clients["admin"].cert_pem)
     write_private(pki / "admin.key", clients["admin"].key_pem)
+    write_private(pki / "apiserver-kubelet-client.crt", clients["apiserver-kubelet-client"].cert_pem)
+    write_private(pki / "apiserver-kubelet-client.key", clients["apiserver-kubelet-client"].key_pem)
     for name, pair in clients.items():
-        if name != "admin":
+        if name not in ("admin", "apiserver-kubelet-client"):
             write_kubeconfig(pki / f"{name}.kubeconfig", server, ca.cert_pem, name, client=pair)
     write_kubeconfig(admin_kubeconfig, server, ca.cert_pem, "sensorfleet-admin", client=clients["admin"])
 
+
+
+def load_ca(pki: Path) -> tuple[bytes, Any, Any]:
+    """The cluster CA made by make_control_plane_pki: (PEM, certificate, key), to sign more leaves."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    pem = (pki / "ca.crt").read_bytes()
+    return pem, x509.load_pem_x509_certificate(pem), serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)

@@ -1,4 +1,6 @@
-"""`make cluster-up` / `make cluster-down` leave nothing behind, and a broken component says why.
+"""`make cluster-up` / `make cluster-down` leave nothing behind (no process, port, mount, interface,
+iptables rule or cgroup, also after the real node's kubelet and containerd crashed), and a broken
+component says why.
 
 These start their own small clusters from the local binaries (the `k8s_binaries` fixture), so
 they also run when the other cluster tests point at kind.
@@ -9,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +32,15 @@ def _our_processes(marker: str) -> list[psutil.Process]:
     return found
 
 
-def test_up_then_down_leaves_no_process_or_port(k8s_binaries: Path, tmp_path: Path) -> None:
+def _host_iptables() -> set[str]:
+    """The host's rules (counters dropped); the node's own live in its network namespace."""
+    out = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
+    return {line.split(" [")[0] for line in out.splitlines() if line and not line.startswith("#")}
+
+
+def test_up_then_crash_then_down_leaves_nothing_behind(k8s_binaries: Path, tmp_path: Path) -> None:
     cluster_dir = tmp_path / "cluster"
+    iptables_before = _host_iptables()
     cli = [sys.executable, "-m", "devcluster"]
     # the Makefile's way: devcluster/ is importable from the repository root only (not in the wheel)
     env = {**os.environ, "CLUSTER_DIR": str(cluster_dir), "PYTHONPATH": str(Path(devcluster.__file__).parents[1])}
@@ -44,11 +54,20 @@ def test_up_then_down_leaves_no_process_or_port(k8s_binaries: Path, tmp_path: Pa
         nodes = subprocess.run([str(devcluster.kubectl_binary()), "get", "nodes", "-o", "name"],
                                env={**os.environ, "KUBECONFIG": str(cluster_dir / "kubeconfig")},
                                capture_output=True, text=True, check=True).stdout.split()
-        assert len(nodes) == devcluster.NODE_COUNT
+        assert sorted(n.split("/")[-1] for n in nodes) == sorted(
+            [devcluster.NODE_NAME, *(f"kwok-node-{i}" for i in range(devcluster.NODE_COUNT))])
         pids = {c["name"]: c["pid"] for c in state["components"]}
-        assert sorted(pids) == sorted(devcluster.COMPONENTS)
+        assert sorted(pids) == sorted((*devcluster.COMPONENTS, *devcluster.NODE_COMPONENTS))
         assert all(psutil.pid_exists(pid) for pid in pids.values())
         assert not any(devcluster.port_is_free(port) for port in state["ports"].values() if port)
+        node = state["node"]
+        assert Path(f"/sys/class/net/{node['host_interface']}").exists()
+        containers = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "coredns"
+                      and f"{node['cgroup_root']}/" in Path(f"/proc/{p.pid}/cgroup").read_text()]
+        assert containers, "CoreDNS runs as a container on the node"
+        # a crash: the kubelet and containerd die, their shims and containers stay orphaned
+        for name in ("kubelet", "containerd"):
+            os.kill(pids[name], signal.SIGKILL)
     finally:
         down = subprocess.run([*cli, "down"], env=env, capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stderr
@@ -59,6 +78,11 @@ def test_up_then_down_leaves_no_process_or_port(k8s_binaries: Path, tmp_path: Pa
     assert not state_file.exists()
     assert not Path(state["state_dir"]).exists()  # certificates, keys and etcd data are gone
     assert not _our_processes(state["state_dir"])
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in containers)
+    assert not Path(f"/sys/class/net/{node['host_interface']}").exists()  # the veth pair went with the netns
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/{node['cgroup_root'].lstrip('/')}"))
+    assert state["state_dir"] not in Path("/proc/self/mountinfo").read_text()
+    assert _host_iptables() - iptables_before == set()
 
 
 def test_a_component_that_fails_is_named_with_its_log_and_the_rest_is_stopped(

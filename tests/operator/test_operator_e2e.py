@@ -78,9 +78,12 @@ def versions(children: dict[tuple[str, str], dict[str, Any]]) -> dict[tuple[str,
 def env(deployed: dict[str, Any]) -> dict[str, Any]:
     cluster: devcluster.Cluster = deployed["cluster"]
     cluster.kubectl("create", "namespace", NS, check=False)
-    # A static volume for the example's 5Gi claim (the harness has no provisioner).
+    # A static volume for the example's 5Gi claim: its pods land on kwok's nodes, where the
+    # default StorageClass's provisioner (the real node's) cannot make one. Same class as the
+    # claim gets by default, else the two never bind.
     pv = {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "sf-e2e-demo-data"},
           "spec": {"capacity": {"storage": "5Gi"}, "accessModes": ["ReadWriteOnce"], "hostPath": {"path": "/tmp/sf-e2e"},
+                   "storageClassName": devcluster.STORAGE_CLASS,
                    "claimRef": {"namespace": NS, "name": builders.data_claim_name(FLEET)}}}
     cluster.kubectl("apply", "-f", "-", input=json.dumps(pv))
     return deployed
