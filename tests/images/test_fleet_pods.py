@@ -11,6 +11,7 @@ from __future__ import annotations
 import getpass
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,46 @@ def test_coap_fleet_in_containers(pods):
     fleet = _fleet({"coap": {"port": free_port()}})
     children = builders.build_children(fleet, OWNER, builders.BuildOptions(), None)
     _no_duplicates(_run_fleet(pods, children, "coap"))
+
+
+def _stub_nixtla():
+    """The TimeGPT stub of tests/forecasting (the one faked service: TimeGPT is paid SaaS)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "forecasting" / "test_timegpt.py"
+    spec = importlib.util.spec_from_file_location("timegpt_stub", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.StubNixtla()
+
+
+def test_forecast_job_gets_the_timegpt_key_from_its_secret_and_writes_its_report(pods, tmp_path):
+    import threading
+
+    fleet = _fleet({"mqtt": {}}, forecasting={"enabled": True, "model": "timegpt", "horizon": 30,
+                                             "apiKey": {"name": "nixtla", "key": "api-key"}})
+    children = builders.build_children(fleet, OWNER, builders.BuildOptions(), builders.BrokerCredentials("u", "p"))
+    assert "test-key" not in json.dumps(children)
+    pods.add_objects(children)
+    pods.secrets["nixtla"] = {"api-key": "test-key"}  # the key the stub accepts
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(pods.configmaps[builders.fleet_configmap_name("pods")]["fleet.yaml"])
+    data = pods.claim_dir(builders.data_claim_name("pods"))
+    subprocess.run([sys.executable, "-m", "sensorfleet.cli", "generate", str(fleet_file), "--days", "2", "--interval", "60", "--data", str(data), "--quiet"],
+                   check=True, capture_output=True, timeout=300)
+    subprocess.run(["chmod", "-R", "a+rwX", str(data)], check=True)
+    stub = _stub_nixtla()
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    try:
+        job = pods.pod_spec_of(_by_name(children)[f"CronJob/{builders.forecast_name('pods')}"])
+        # NIXTLA_BASE_URL: where the stub listens instead of Nixtla's service
+        run = pods.run_pod(job, extra_env={"NIXTLA_BASE_URL": stub.url})
+        code = run.exit_code(timeout=900)
+        assert code == 0, run.logs()
+    finally:
+        stub.shutdown()
+        stub.server_close()
+    posts = [r for r in stub.requests if r["method"] == "POST"]
+    assert posts and all(r["headers"]["Authorization"] == "Bearer test-key" for r in posts)
+    metrics = [json.loads(p.read_text()) for p in data.rglob("metrics.json")]
+    assert metrics and metrics[0]["headline"]["model"] == "TimeGPT"

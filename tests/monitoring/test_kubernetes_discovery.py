@@ -170,6 +170,14 @@ def stack(k8s_cluster, prometheus_with_k8s_sd: Path, tmp_path_factory: pytest.Te
                                    f"--storage.tsdb.path={tmp / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"])
             s.prometheus_url = f"http://127.0.0.1:{port}"
             wait_for_port(port, timeout=120)
+
+            def ready() -> bool:  # the API answers 503 until the TSDB is open
+                try:
+                    return urllib.request.urlopen(f"{s.prometheus_url}/-/ready", timeout=5).status == 200
+                except OSError:
+                    return False
+
+            wait_until(ready, timeout=120, interval=0.5, message="Prometheus ready")
             s.ips = ips
             yield s
         finally:
