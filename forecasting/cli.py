@@ -92,6 +92,7 @@ def forecast(
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Processes for statsforecast models.")] = 1,
     protocol: Annotated[Optional[list[str]], typer.Option("--protocol", "-p", help="Only these protocols (repeatable).", show_default=False)] = None,
     drop_short: Annotated[bool, typer.Option("--drop-short", help="Skip series too short for the horizon instead of failing.")] = False,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="Only the hash shard i/N of the series (crc32 of protocol/device/sensor mod N), e.g. 0/4.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Forecast every series of the dataset, score the forecasts (hold-out and rolling-origin CV
@@ -102,7 +103,7 @@ def forecast(
     spec_fleet = _load_fleet(fleet) if fleet else None
     options = ForecastOptions.from_fleet(
         spec_fleet, data=data, out=out_dir, horizon=horizon, model=model, level=level, frequency=frequency, window_days=window_days,
-        cv_windows=cv_windows, seed=seed, n_jobs=jobs, protocols=protocol, drop_short=drop_short,
+        cv_windows=cv_windows, seed=seed, n_jobs=jobs, protocols=protocol, drop_short=drop_short, shard=shard,
     )
     from sensorfleet.forecast_metrics import push_from_env
 

@@ -54,6 +54,7 @@ class ForecastOptions:
     drop_short: bool = False
     plot_series: int = 4
     fleet: str | None = None
+    shard: str | None = None  # "i/N": only the series whose crc32(unique_id) % N == i
 
     @classmethod
     def from_fleet(cls, fleet: SensorFleet | None, **given: Any) -> ForecastOptions:
@@ -78,6 +79,39 @@ class ForecastOptions:
             raise ForecastInputError(TIMEGPT_KEY_MISSING)  # before reading days of data
         if self.n_jobs < 1:
             raise ForecastInputError(f"--jobs: must be >= 1, got {self.n_jobs}")
+        if self.shard is not None:
+            parse_shard(self.shard)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`i/N` -> (i, N) with 0 <= i < N."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ForecastInputError(f"--shard: expected i/N like 0/4, got {text!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise ForecastInputError(f"--shard: index must be in 0..N-1 and N >= 1, got {text!r}")
+    return index, count
+
+
+def shard_of(unique_ids: Sequence[str], count: int) -> np.ndarray:
+    """The shard of each series: crc32 of its unique_id (protocol/device/sensor) modulo N, the
+    same in every process and on every run (str hash() is salted per process)."""
+    import zlib
+
+    return np.array([zlib.crc32(u.encode()) % count for u in unique_ids], dtype=np.int64)
+
+
+def select_shard(readings: pd.DataFrame, shard: str) -> pd.DataFrame:
+    """The readings of the series of shard `i/N`; fails if the shard holds no series."""
+    index, count = parse_shard(shard)
+    keys = readings[["protocol", "device", "sensor"]].drop_duplicates()
+    ids = keys["protocol"].astype(str) + "/" + keys["device"].astype(str) + "/" + keys["sensor"].astype(str)
+    chosen = keys[shard_of(ids.tolist(), count) == index]
+    if chosen.empty:
+        raise ForecastInputError(f"--shard {shard}: no series of the dataset hashes to shard {index} of {count}")
+    mask = pd.MultiIndex.from_frame(readings[["protocol", "device", "sensor"]].astype(str)).isin(pd.MultiIndex.from_frame(chosen.astype(str)))
+    return readings[mask].reset_index(drop=True)
 
 
 StageCallback = Callable[[int, int], None]
@@ -218,6 +252,8 @@ def run_forecast(options: ForecastOptions, progress: Progress | None = None) -> 
     with progress.running():
         with progress.stage("read dataset", 1) as advance:
             readings = read_readings(options.data, options.window_days, options.protocols, on_day=advance)
+            if options.shard is not None:
+                readings = select_shard(readings, options.shard)
         with progress.stage("prepare (resample, clean)") as advance:
             # The window must hold the origins the CV needs: fail early with what to change.
             n_readings = len(readings)
