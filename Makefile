@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-packages test run bench lint clean
+.PHONY: install system-packages test run bench lint clean s3-build s3-up s3-down
 
 install: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 
 # Everything the tests need is installed or built here when missing: Debian packages, the
 # virtualenv, the Kubernetes binaries (cached in ~/.cache/sensorfleet).
-test: system-packages install cluster-build
+test: system-packages install cluster-build s3-build
 	$(BIN)/pytest
 
 run: install
@@ -109,3 +109,18 @@ prometheus-build:
 
 bench-operator: install
 	PYTHONPATH=. $(BIN)/python bench/bench_operator.py
+
+# --- object storage (issue 11) ---
+# SeaweedFS (`weed server -s3`, Apache-2.0) on 127.0.0.1, built from the Go module proxy into
+# ~/.cache/sensorfleet/seaweedfs-<version>/ the first time. `eval "$(make -s s3-up)"` exports
+# AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for `sensorfleet run --data s3://…`.
+S3_DIR ?= .s3
+
+s3-build:
+	hack/build-seaweedfs.sh
+
+s3-up:
+	@hack/s3.sh up $(S3_DIR)
+
+s3-down:
+	@hack/s3.sh down $(S3_DIR)

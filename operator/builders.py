@@ -12,8 +12,10 @@ Per fleet:
     <fleet>-<proto>-simulator-<i>      Deployment (1 pod: its replica index picks its device shard)
                                        + Service for CoAP / OPC UA (they are servers)
     <fleet>-<proto>-collector-<i>      Deployment (1 pod: a stable MQTT client id / its own targets)
-    <fleet>-data                       PersistentVolumeClaim, unless spec.storage.url is set
+    <fleet>-data                       PersistentVolumeClaim, unless spec.storage.url is set; kept when
+                                       the fleet is deleted unless storage.claimRetention.whenDeleted: Delete
     <fleet>-forecast                   CronJob, when forecasting is enabled
+    <fleet>-compact                    CronJob: compaction of closed hours, retention (spec.storage)
     <fleet>-metrics                    headless Service over all metrics ports; PodMonitor on request
     <fleet>-network                    NetworkPolicy: the fleet's pods take traffic only from each
                                        other (metrics from the configured namespace)
@@ -47,6 +49,8 @@ COMPONENT = "app.kubernetes.io/component"
 FLEET_DIR = "/etc/sensorfleet"
 FLEET_FILE = f"{FLEET_DIR}/fleet.yaml"
 DATA_DIR = "/data"
+DATA_CLAIM_LABEL = f"{API_GROUP}/data-claim"
+CLAIM_RETENTION_LABEL = f"{API_GROUP}/on-fleet-delete"  # `kubectl get pvc -L sensorfleet.io/on-fleet-delete`
 BROKER_USERNAME = "sensorfleet"
 MQTT_PORT = 1883
 MOSQUITTO_UID = 1883  # the `mosquitto` user of the eclipse-mosquitto image
@@ -136,6 +140,10 @@ def collector_name(fleet: str, protocol: str, replica: int) -> str:
 
 def data_claim_name(fleet: str) -> str:
     return f"{fleet}-data"
+
+
+def compaction_name(fleet: str) -> str:
+    return f"{fleet}-compact"
 
 
 def forecast_name(fleet: str) -> str:
@@ -338,6 +346,7 @@ def _deployment(
     template_hash: str,
     options: BuildOptions,
     strategy: str = "RollingUpdate",
+    pod_labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     lbls = labels(owner.name, component, options, **extra_labels)
     selector = {**selector_labels(owner.name, component), **extra_labels}
@@ -355,7 +364,7 @@ def _deployment(
             "strategy": deployment_strategy,
             "selector": {"matchLabels": selector},
             "template": {
-                "metadata": {"labels": lbls, "annotations": {HASH_ANNOTATION: template_hash}},
+                "metadata": {"labels": {**lbls, **(pod_labels or {})}, "annotations": {HASH_ANNOTATION: template_hash}},
                 "spec": pod_spec,
             },
         },
@@ -366,7 +375,7 @@ def _app_pod_spec(fleet: SensorFleet, container: dict[str, Any], with_data: bool
     volumes = [_fleet_volume(fleet.name), _tmp_volume(), _home_volume()]
     if with_data:
         volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": data_claim_name(fleet.name)}})
-    return {
+    pod = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": _pod_security(APP_UID),
@@ -374,6 +383,45 @@ def _app_pod_spec(fleet: SensorFleet, container: dict[str, Any], with_data: bool
         "containers": [container],
         "volumes": volumes,
     }
+    if with_data and claim_is_single_node(fleet):
+        pod["affinity"] = _same_node_as_claim_users(fleet)
+    return pod
+
+
+def claim_is_single_node(fleet: SensorFleet) -> bool:
+    """A ReadWriteOnce volume attaches to one node: every pod mounting it must run there."""
+    return "ReadWriteMany" not in fleet.spec.storage.access_modes
+
+
+def claim_user_labels(fleet: SensorFleet) -> dict[str, str]:
+    """On every pod that mounts the data claim (the pod-affinity term matches them)."""
+    return {DATA_CLAIM_LABEL: data_claim_name(fleet.name)} if uses_claim(fleet) else {}
+
+
+def _same_node_as_claim_users(fleet: SensorFleet) -> dict[str, Any]:
+    # Required pod affinity to the pods that mount the claim, on one hostname. The first such pod
+    # matches its own term, which the scheduler accepts when no other pod matches yet; every
+    # later one (collectors, the forecast and compaction jobs) follows it to its node, so a
+    # ReadWriteOnce volume is never asked to attach to a second node (Multi-Attach error).
+    return {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+        "labelSelector": {"matchLabels": claim_user_labels(fleet)},
+        "topologyKey": "kubernetes.io/hostname",
+    }]}}
+
+
+def storage_env(fleet: SensorFleet) -> list[dict[str, Any]]:
+    """S3 endpoint, region and keys for every process that reads or writes the dataset: plain
+    values for the endpoint and region, secretKeyRef for the keys (never in args or status)."""
+    storage = fleet.spec.storage
+    env: list[dict[str, Any]] = []
+    if storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
+    if storage.region:
+        env.append({"name": "AWS_DEFAULT_REGION", "value": storage.region})
+    if storage.credentials:
+        env += [secret_env("AWS_ACCESS_KEY_ID", storage.credentials.access_key_id),
+                secret_env("AWS_SECRET_ACCESS_KEY", storage.credentials.secret_access_key)]
+    return env
 
 
 def _cpu(millis: float) -> str:
@@ -686,7 +734,7 @@ def collector_args(fleet: SensorFleet, protocol: str, replica: int) -> list[str]
 
 
 def build_collector_deployment(fleet: SensorFleet, owner: Owner, options: BuildOptions, protocol: str, replica: int) -> dict[str, Any]:
-    env = _protocol_env(fleet, protocol)
+    env = _protocol_env(fleet, protocol) + storage_env(fleet)
     with_data = uses_claim(fleet)
     container = _app_container("collector", collector_args(fleet, protocol, replica), "collector", options, env,
                                _metrics_port(fleet), fleet, with_data=with_data, protocol=protocol)
@@ -699,21 +747,75 @@ def build_collector_deployment(fleet: SensorFleet, owner: Owner, options: BuildO
         collector_name(fleet.name, protocol, replica), owner, f"{protocol}-collector",
         {PROTOCOL_LABEL: protocol, REPLICA_LABEL: str(replica)},
         _app_pod_spec(fleet, container, with_data=with_data), template_hash, options,
+        pod_labels=claim_user_labels(fleet),
     )
 
 
 def build_data_claim(fleet: SensorFleet, owner: Owner, options: BuildOptions) -> dict[str, Any]:
+    """The dataset's claim. Like a StatefulSet's claims it outlives the fleet by default: no
+    ownerReference (garbage collection would delete it with the fleet), a label saying so; with
+    `claimRetention.whenDeleted: Delete` it is owned like every other child."""
+    storage = fleet.spec.storage
     spec: dict[str, Any] = {
-        "accessModes": ["ReadWriteOnce"],
-        "resources": {"requests": {"storage": fleet.spec.storage.size or "5Gi"}},
+        "accessModes": list(storage.access_modes),
+        "resources": {"requests": {"storage": storage.size or "5Gi"}},
     }
-    if fleet.spec.storage.storage_class_name:
-        spec["storageClassName"] = fleet.spec.storage.storage_class_name
+    if storage.storage_class_name:
+        spec["storageClassName"] = storage.storage_class_name
+    when_deleted = storage.claim_retention.when_deleted
+    meta = _metadata(data_claim_name(fleet.name), owner, labels(fleet.name, "dataset", options, **{CLAIM_RETENTION_LABEL: when_deleted}))
+    if when_deleted == "Retain":
+        del meta["ownerReferences"]
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta, "spec": spec}
+
+
+def retains_claim(fleet: SensorFleet) -> bool:
+    return uses_claim(fleet) and fleet.spec.storage.claim_retention.when_deleted == "Retain"
+
+
+def compaction_args(fleet: SensorFleet) -> list[str]:
+    args = ["compact", "--data", data_location(fleet)]
+    if fleet.spec.storage.retention_days:
+        args += ["--retention-days", str(fleet.spec.storage.retention_days)]
+    return args
+
+
+def build_compaction_cronjob(fleet: SensorFleet, owner: Owner, options: BuildOptions) -> dict[str, Any]:
+    """One job per fleet, not a thread in every collector: a single writer of compaction per
+    dataset needs no coordination between collector replicas, the collectors' memory and CPU
+    stay with intake, and a killed job is simply the next run's recovery (compaction.py)."""
+    with_data = uses_claim(fleet)
+    container = _app_container("compact", compaction_args(fleet), "forecast", options, storage_env(fleet), [], fleet, with_data=with_data)
+    for probe in ("readinessProbe", "livenessProbe"):
+        container.pop(probe, None)
+    container["terminationMessagePolicy"] = "FallbackToLogsOnError"
+    pod_spec = _app_pod_spec(fleet, container, with_data=with_data)
+    pod_spec["restartPolicy"] = "Never"
+    lbls = labels(fleet.name, "compaction", options)
     return {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": _metadata(data_claim_name(fleet.name), owner, labels(fleet.name, "dataset", options)),
-        "spec": spec,
+        "apiVersion": "batch/v1",
+        "kind": "CronJob",
+        "metadata": _metadata(compaction_name(fleet.name), owner, lbls),
+        "spec": {
+            "schedule": " ".join(fleet.spec.storage.compaction_schedule.split()),
+            "concurrencyPolicy": "Forbid",  # one compaction of a dataset at a time
+            "startingDeadlineSeconds": 600,
+            "successfulJobsHistoryLimit": 1,
+            "failedJobsHistoryLimit": 3,
+            "jobTemplate": {
+                "metadata": {"labels": lbls},
+                "spec": {
+                    "backoffLimit": 2,
+                    "activeDeadlineSeconds": 3000,
+                    "ttlSecondsAfterFinished": 86400,
+                    "template": {
+                        "metadata": {"labels": {**lbls, **claim_user_labels(fleet)},
+                                     "annotations": {HASH_ANNOTATION: spec_hash(_section(fleet, "storage"))}},
+                        "spec": pod_spec,
+                    },
+                },
+            },
+        },
     }
 
 
@@ -728,6 +830,7 @@ def build_forecast_cronjob(fleet: SensorFleet, owner: Owner, options: BuildOptio
     env = [{"name": "SENSORFLEET_PUSHGATEWAY_URL", "value": push}] if push else []
     if fleet.spec.forecasting.api_key:
         env.append(secret_env(ENV_NIXTLA_API_KEY, fleet.spec.forecasting.api_key))
+    env += storage_env(fleet)
     container = _app_container("forecast", forecast_args(fleet), "forecast", options, env, [], fleet, with_data=with_data)
     for probe in ("readinessProbe", "livenessProbe"):
         container.pop(probe, None)  # a batch job serves no metrics port
@@ -752,7 +855,8 @@ def build_forecast_cronjob(fleet: SensorFleet, owner: Owner, options: BuildOptio
                     "activeDeadlineSeconds": 3600,
                     "ttlSecondsAfterFinished": 86400,
                     "template": {
-                        "metadata": {"labels": lbls, "annotations": {HASH_ANNOTATION: spec_hash(_section(fleet, "forecasting", "storage", "monitoring"))}},
+                        "metadata": {"labels": {**lbls, **claim_user_labels(fleet)},
+                                     "annotations": {HASH_ANNOTATION: spec_hash(_section(fleet, "forecasting", "storage", "monitoring"))}},
                         "spec": pod_spec,
                     },
                 },
@@ -838,6 +942,7 @@ def build_children(fleet: SensorFleet, owner: Owner, options: BuildOptions,
             children.append(build_collector_deployment(fleet, owner, options, protocol, replica))
     if fleet.spec.forecasting.enabled:
         children.append(build_forecast_cronjob(fleet, owner, options))
+    children.append(build_compaction_cronjob(fleet, owner, options))
     if fleet.spec.monitoring.enabled:
         children.append(build_metrics_service(fleet, owner, options))
         if fleet.spec.monitoring.pod_monitor:

@@ -229,6 +229,14 @@ def status_schema() -> dict[str, Any]:
             "ready": {"type": "string", "description": "Ready pods / desired pods (printer column)."},
             "brokerEndpoint": {"type": "string", "description": "MQTT URL of the fleet's broker inside the cluster."},
             "dataset": {"type": "string", "description": "Where the Parquet dataset lives (PVC name or URL)."},
+            "dataClaim": {
+                "type": "object",
+                "description": "The data PersistentVolumeClaim, and what deleting the fleet does to it.",
+                "properties": {
+                    "name": {"type": "string", "description": "Name of the claim."},
+                    "onFleetDelete": {"type": "string", "enum": ["Retain", "Delete"], "description": "Retain: the claim (the dataset) outlives the fleet; Delete: it goes with it."},
+                },
+            },
             "lastForecast": {
                 "type": "object",
                 "description": "The last forecasting job that finished.",

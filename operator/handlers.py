@@ -46,7 +46,7 @@ def make_registry(client: KubeClient) -> kopf.OperatorRegistry:
     @kopf.on.event(API_GROUP, API_VERSION, PLURAL, registry=registry)
     async def fleet_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         if type == "DELETED":
-            memo.reconciler.fleet_gone(body["metadata"]["namespace"], body["metadata"]["name"])
+            memo.reconciler.fleet_gone(body["metadata"]["namespace"], body["metadata"]["name"], _plain(body))
         else:
             memo.reconciler.fleet_seen(_plain(body))
 

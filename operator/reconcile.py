@@ -45,7 +45,9 @@ STATUS, FULL = 1, 2
 Key = tuple[str, str]  # (namespace, fleet name)
 
 # Kinds the operator may have created for a fleet and lists when pruning.
-PRUNED_KINDS = ("Deployment", "Service", "ConfigMap", "PersistentVolumeClaim", "CronJob", "NetworkPolicy")
+# Never the data claim: switching to storage.url (or any edit) must not delete a dataset; a claim
+# the fleet owns (claimRetention.whenDeleted: Delete) goes only with the fleet, by garbage collection.
+PRUNED_KINDS = ("Deployment", "Service", "ConfigMap", "CronJob", "NetworkPolicy")
 # Kinds whose state the status is computed from (kept from the watch, see Reconciler.observed).
 STATUS_KINDS = ("Deployment", "Job")
 
@@ -78,6 +80,7 @@ class Reconciler:
         self._pending: dict[Key, int] = {}
         self._active: set[Key] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()  # Events posted from sync callbacks
         self._apply_limit = asyncio.Semaphore(apply_concurrency * workers)
         self.last_status: dict[Key, dict[str, Any]] = {}
         # What the watch (and our applies) last showed of each fleet's Deployments and Jobs:
@@ -178,12 +181,31 @@ class Reconciler:
         if meta.get("generation") != state.reconciled_generation:
             self.enqueue(key, FULL)
 
-    def fleet_gone(self, namespace: str, name: str) -> None:
+    def fleet_gone(self, namespace: str, name: str, body: dict[str, Any] | None = None) -> None:
+        if body is not None:
+            self._say_claim_retained(body)
         self._succeeded((namespace, name))
         self.fleets.pop((namespace, name), None)
         self.last_status.pop((namespace, name), None)
         self.observed.pop((namespace, name), None)
         self._update_fleet_gauge()
+
+    def _say_claim_retained(self, body: dict[str, Any]) -> None:
+        """A deleted fleet whose data claim stays: say so in an Event (the fleet's status is gone)."""
+        try:
+            fleet = builders.fleet_from_body(body)
+        except ValueError:
+            return
+        if not builders.retains_claim(fleet):
+            return
+        claim = builders.data_claim_name(fleet.name)
+        message = (f"PersistentVolumeClaim {fleet.metadata.namespace}/{claim} is kept with the dataset "
+                   f"(spec.storage.claimRetention.whenDeleted: Retain); a fleet of the same name uses it "
+                   f"again, `kubectl delete pvc {claim} -n {fleet.metadata.namespace}` removes it")
+        log.info("%s", message)
+        task = asyncio.get_running_loop().create_task(self.event(body, "Normal", "DataClaimRetained", message))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def child_seen(self, event: str | None, body: dict[str, Any]) -> None:
         """A watch event of a labelled child (`event` None: the watch's initial listing)."""
@@ -362,6 +384,17 @@ class Reconciler:
         namespace, uid = state.body["metadata"]["namespace"], state.body["metadata"]["uid"]
         if (kind, name) in state.applied:
             return None
+        fleet_name = state.body["metadata"]["name"]
+        if kind == "PersistentVolumeClaim" and name == builders.data_claim_name(fleet_name):
+            # A retained claim has no owner: this fleet's, or an earlier fleet's of the same name
+            # (its dataset), when it carries the fleet's label.
+            live = await self.client.get(kind, namespace, name)
+            if live is None:
+                return None
+            owner = _controller_uid(live["metadata"])
+            if owner in (None, uid) and (live["metadata"].get("labels") or {}).get(builders.FLEET_LABEL) == fleet_name:
+                return None
+            return self._refuse(state, kind, name, owner)
         ident = (namespace, kind, name)
         if ident in self.owners:
             owner = self.owners[ident]

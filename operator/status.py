@@ -172,6 +172,9 @@ def compute_status(
         "brokerEndpoint": builders.broker_url(fleet) if fleet.spec.protocols.mqtt.enabled else "",
         "dataset": fleet.spec.storage.url or f"pvc/{builders.data_claim_name(fleet.name)}",
     }
+    if builders.uses_claim(fleet):
+        status["dataClaim"] = {"name": builders.data_claim_name(fleet.name),
+                               "onFleetDelete": fleet.spec.storage.claim_retention.when_deleted}
     if forecast:
         status["lastForecast"] = forecast
     if status["brokerEndpoint"] and builders.uses_broker(fleet):

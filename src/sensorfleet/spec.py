@@ -210,16 +210,52 @@ class CollectorSpec(SpecModel):
     flush_interval: Annotated[float, Field(default=2.0, ge=0.05, le=3600, description="Seconds after which a partial batch is written anyway.")]
 
 
+class S3CredentialsRef(SpecModel):
+    """The access key pair of an S3-compatible store, each from a Secret key."""
+
+    access_key_id: Annotated[SecretKeyRef, Field(description="Secret key holding the access key id; pods get it as AWS_ACCESS_KEY_ID.")]
+    secret_access_key: Annotated[SecretKeyRef, Field(description="Secret key holding the secret access key; pods get it as AWS_SECRET_ACCESS_KEY.")]
+
+
+class ClaimRetentionPolicy(SpecModel):
+    """Like a StatefulSet's `persistentVolumeClaimRetentionPolicy`, for the fleet's data claim."""
+
+    when_deleted: Annotated[
+        Literal["Retain", "Delete"],
+        Field(default="Retain", description="`Retain` (default): deleting the fleet keeps its data claim (and so the dataset); `Delete`: the claim goes with the fleet."),
+    ]
+
+
 class StorageSpec(SpecModel):
     url: Annotated[str | None, Field(default=None, description="fsspec URL of the dataset (e.g. `s3://bucket/fleet`); when unset, a local directory (or a PersistentVolumeClaim in Kubernetes).")]
+    endpoint: Annotated[str | None, Field(default=None, pattern=r"^https?://[^\s]+$", description="S3 endpoint for an S3-compatible store (SeaweedFS, Ceph, ...), e.g. `http://seaweedfs.storage:8333`; pods get it as AWS_ENDPOINT_URL. Unset: AWS S3.")]
+    region: Annotated[str | None, Field(default=None, pattern=r"^[a-z0-9-]{1,32}$", description="S3 region; pods get it as AWS_DEFAULT_REGION.")]
+    credentials: Annotated[S3CredentialsRef | None, Field(default=None, description="Access keys of the S3 store from Secret keys (secretKeyRef env in every pod that reads or writes the dataset). Unset: the pods' own AWS identity (IRSA, instance profile).")]
     size: Annotated[str | None, Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$", description="Size of the PersistentVolumeClaim in Kubernetes, e.g. `5Gi`; exclusive with `url`. Defaults to 5Gi when neither is set.")]
     storage_class_name: Annotated[str | None, Field(default=None, description="StorageClass of the PersistentVolumeClaim; the cluster default when unset.")]
+    access_modes: Annotated[
+        list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]],
+        Field(default_factory=lambda: ["ReadWriteOnce"], min_length=1, description="Access modes of the data claim. With `ReadWriteOnce` every pod that mounts it (collectors, forecast and compaction jobs) is scheduled onto one node; `ReadWriteMany` (NFS, CephFS, ... classes) lets them spread. `ReadWriteOncePod` allows a single pod: only for a fleet with one collector and no jobs."),
+    ]
+    claim_retention: Annotated[ClaimRetentionPolicy, Field(default_factory=ClaimRetentionPolicy, description="What happens to the data claim when the fleet is deleted.")]
+    retention_days: Annotated[int | None, Field(default=None, ge=1, le=36500, description="Drop whole date partitions older than this many days (the compaction job applies it). Unset: keep everything.")]
+    compaction_schedule: Annotated[str, Field(default="15 * * * *", description="Cron schedule of the compaction CronJob (merges the closed hours' small files, applies `retentionDays`).")]
 
     @model_validator(mode="after")
     def _url_xor_size(self) -> StorageSpec:
         if self.url and self.size:
             raise ValueError("set either url or size, not both")
+        if (self.endpoint or self.credentials or self.region) and not (self.url or "").startswith(("s3://", "s3a://")):
+            raise ValueError("endpoint, region and credentials are for an s3:// url")
         return self
+
+    @field_validator("compaction_schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        fields = value.split()
+        if len(fields) != 5 or not all(re.match(_CRON_FIELD, f) for f in fields):
+            raise ValueError(f"expected 5 cron fields like '15 * * * *', got {value!r}")
+        return value
 
 
 class ForecastingSpec(SpecModel):

@@ -36,6 +36,9 @@ def test_every_child_is_labelled_owned_and_namespaced() -> None:
     for (kind, name), child in children(fleet()).items():
         meta = child["metadata"]
         assert meta["namespace"] == "factory", name
+        if kind == "PersistentVolumeClaim":  # kept when the fleet is deleted: no owner (test_claims.py)
+            assert "ownerReferences" not in meta and meta["labels"][builders.CLAIM_RETENTION_LABEL] == "Retain"
+            continue
         assert meta["ownerReferences"] == [builders.owner_reference(OWNER)], name
         assert meta["ownerReferences"][0]["controller"] is True
         for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component",
@@ -46,7 +49,7 @@ def test_every_child_is_labelled_owned_and_namespaced() -> None:
 
 def test_every_pod_is_non_root_read_only_without_capabilities_and_bounded() -> None:
     workloads = [c for c in children(fleet()).values() if c["kind"] in ("Deployment", "CronJob")]
-    assert len(workloads) == 1 + 2 + 2 + 3 + 2 + 1 + 1 + 1  # broker, mqtt, coap, opcua, forecast
+    assert len(workloads) == 1 + 2 + 2 + 3 + 2 + 1 + 1 + 1 + 1  # broker, mqtt, coap, opcua, forecast, compaction
     for workload in workloads:
         spec = workload["spec"]
         pod = spec["jobTemplate"]["spec"]["template"]["spec"] if workload["kind"] == "CronJob" else spec["template"]["spec"]
