@@ -44,16 +44,16 @@ def condition(body: dict[str, Any], kind: str) -> dict[str, Any]:
     return next((c for c in body.get("status", {}).get("conditions", []) if c["type"] == kind), {})
 
 
-def static_volume(name: str, mode: str) -> str:
+def static_volume(name: str, mode: str, fleet: str = FLEET) -> str:
     return json.dumps({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
                        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": [mode], "hostPath": {"path": f"/tmp/{name}"},
                                 "persistentVolumeReclaimPolicy": "Retain",
-                                "claimRef": {"namespace": NS, "name": builders.data_claim_name(FLEET)}}})
+                                "claimRef": {"namespace": NS, "name": builders.data_claim_name(fleet)}}})
 
 
-def fleet_manifest(**storage: Any) -> str:
+def fleet_manifest(name: str = FLEET, **storage: Any) -> str:
     doc = yaml.safe_load((REPO / "examples" / "fleet.yaml").read_text())
-    doc["metadata"] = {"name": FLEET, "namespace": NS}
+    doc["metadata"] = {"name": name, "namespace": NS}
     doc["spec"]["protocols"]["opcua"]["enabled"] = False  # mqtt + coap: two collectors
     doc["spec"]["protocols"]["mqtt"]["devices"] = 5
     doc["spec"]["protocols"]["coap"]["devices"] = 5
@@ -61,13 +61,13 @@ def fleet_manifest(**storage: Any) -> str:
     return yaml.safe_dump(doc)
 
 
-def claim(cluster: devcluster.Cluster) -> dict[str, Any] | None:
-    got = cluster.kubectl("get", "pvc", builders.data_claim_name(FLEET), "-n", NS, "-o", "json", check=False)
+def claim(cluster: devcluster.Cluster, name: str = FLEET) -> dict[str, Any] | None:
+    got = cluster.kubectl("get", "pvc", builders.data_claim_name(name), "-n", NS, "-o", "json", check=False)
     return json.loads(got.stdout) if got.returncode == 0 else None
 
 
-def ready(cluster: devcluster.Cluster) -> dict[str, Any] | None:
-    got = cluster.kubectl("get", "sensorfleet", FLEET, "-n", NS, "-o", "json", check=False)
+def ready(cluster: devcluster.Cluster, name: str = FLEET) -> dict[str, Any] | None:
+    got = cluster.kubectl("get", "sensorfleet", name, "-n", NS, "-o", "json", check=False)
     if got.returncode:
         return None
     body = json.loads(got.stdout)
@@ -120,18 +120,17 @@ def test_readwriteonce_claim_users_share_one_node_and_the_claim_outlives_the_fle
 
 
 def test_claim_with_when_deleted_delete_goes_with_the_fleet(cluster: devcluster.Cluster) -> None:
-    cluster.kubectl("delete", "sensorfleet", FLEET, "-n", NS, "--ignore-not-found")
-    cluster.kubectl("delete", "pvc", builders.data_claim_name(FLEET), "-n", NS, "--ignore-not-found", "--wait=false")
-    wait_for("old claim gone", lambda: claim(cluster) is None, timeout=120)
-    cluster.kubectl("apply", "-f", "-", input=static_volume("sf-claims-rwx", "ReadWriteMany"))
-    cluster.kubectl("apply", "-f", "-", input=fleet_manifest(claimRetention={"whenDeleted": "Delete"}, accessModes=["ReadWriteMany"]))
-    wait_for("fleet Ready", lambda: ready(cluster), timeout=120)
-    live = claim(cluster)
+    name = "ledger"  # another fleet: re-creating one of the same name at once is not what this tests
+    cluster.kubectl("apply", "-f", "-", input=static_volume("sf-claims-rwx", "ReadWriteMany", fleet=name))
+    cluster.kubectl("apply", "-f", "-", input=fleet_manifest(name, claimRetention={"whenDeleted": "Delete"}, accessModes=["ReadWriteMany"]))
+    wait_for("fleet Ready", lambda: ready(cluster, name), timeout=120)
+    live = claim(cluster, name)
     assert live["spec"]["accessModes"] == ["ReadWriteMany"]
     assert live["metadata"]["ownerReferences"][0]["kind"] == "SensorFleet"
     # Switching to object storage never deletes the data, even for an owned claim: it is never pruned.
-    cluster.kubectl("apply", "-f", "-", input=fleet_manifest(claimRetention={"whenDeleted": "Delete"}).replace("size: 1Gi", "url: s3://vault/fleet"))
-    wait_for("fleet Ready on s3", lambda: (lambda b: b if b and b["status"].get("dataset") == "s3://vault/fleet" else None)(ready(cluster)), timeout=120)
-    assert claim(cluster)["metadata"]["uid"] == live["metadata"]["uid"]
-    cluster.kubectl("delete", "sensorfleet", FLEET, "-n", NS)
-    wait_for("the claim garbage-collected with the fleet", lambda: claim(cluster) is None or claim(cluster)["metadata"].get("deletionTimestamp"), timeout=120)
+    cluster.kubectl("apply", "-f", "-", input=fleet_manifest(name, claimRetention={"whenDeleted": "Delete"}).replace("size: 1Gi", "url: s3://vault/fleet"))
+    wait_for("fleet Ready on s3", lambda: (lambda b: b if b and b["status"].get("dataset") == "s3://vault/fleet" else None)(ready(cluster, name)), timeout=120)
+    assert claim(cluster, name)["metadata"]["uid"] == live["metadata"]["uid"]
+    cluster.kubectl("delete", "sensorfleet", name, "-n", NS)
+    wait_for("the claim garbage-collected with the fleet",
+             lambda: claim(cluster, name) is None or claim(cluster, name)["metadata"].get("deletionTimestamp"), timeout=120)
