@@ -121,12 +121,20 @@ def sensorfleet_throughput(workdir: Path, devices: int, interval: float, seconds
         except AssertionError:
             pass
         drain = time.monotonic() - drained_at
+        # CPU until the collector drained: per-core efficiency, whatever share of the machine each got.
+        cpu_total = dict(cpu_used)
+        for name, process in processes.items():
+            try:
+                cpu_total[name] = sum(process.cpu_times()[:2]) - cpu_before[name]
+            except psutil.Error:
+                pass
         stored = collector.metric("sensorfleet_readings_stored_total")
         # Reordered deliveries are first counted lost, then late: lost for good = lost - late.
         lost = collector.metric("sensorfleet_readings_lost_total") - collector.metric("sensorfleet_readings_late_total")
         late = collector.metric("sensorfleet_readings_late_total")
         collector.stop()
     offered = devices * 3 / interval
+    readings_per_message = 3 if mode == "perDevice" else 500
     return {
         "mode": mode, "devices": devices, "interval_s": interval, "offered_readings_per_s": round(offered), "seconds": seconds,
         "published": published, "dropped_by_simulator": int(dropped), "stored": int(stored), "lost": int(lost), "reordered": int(late), "max_simulator_lag_s": round(lag, 2), "drain_s": round(drain, 2),
@@ -134,8 +142,15 @@ def sensorfleet_throughput(workdir: Path, devices: int, interval: float, seconds
         # Cores each process used while the simulator ran (CPU seconds / wall seconds), and peak RSS.
         "cores_used": {name: round(cpu / wall, 2) for name, cpu in cpu_used.items()},
         "peak_rss_mib": {name: round(rss / 2**20) for name, rss in peak_rss.items()},
+        # Messages each process handled per CPU second it used (the simulator while publishing; the
+        # collector and the broker until the collector drained): what one core would carry.
+        "messages_per_cpu_second": {
+            "simulator": round(published / readings_per_message / max(cpu_used["simulator"], 1e-3)),
+            "collector": round(stored / readings_per_message / max(cpu_total["collector"], 1e-3)),
+            "broker": round(stored / readings_per_message / max(cpu_total["broker"], 1e-3)),
+        },
         "load_average_1m": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
-        "messages_per_s": round(published / (3 if mode == "perDevice" else 500) / (seconds + drain)),
+        "messages_per_s": round(published / readings_per_message / (seconds + drain)),
         "zero_loss": stored == published and lost == 0 and dropped == 0,
     }
 
@@ -223,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
             "ratio_per_device_messages_vs_mosquitto_clients": best_per_device and round(best_per_device["messages_per_s"] / reference["messages_per_s"], 3),
             "per_device_peak_rss_mib": best_per_device and best_per_device["peak_rss_mib"],
             "per_device_cores_used": best_per_device and best_per_device["cores_used"],
+            "per_device_messages_per_cpu_second": best_per_device and best_per_device["messages_per_cpu_second"],
             "per_device_load_average_1m": best_per_device and best_per_device["load_average_1m"],
             "gateway_stored_readings_per_s_zero_loss": best_gateway and best_gateway["stored_readings_per_s"],
             "gateway_peak_rss_mib": best_gateway and best_gateway["peak_rss_mib"],
@@ -242,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     table.add_row("ratio (perDevice msg/s / reference msg/s)", f"{h['ratio_per_device_messages_vs_mosquitto_clients'] or 0:.2f}", "≥ 0.8")
     table.add_row("  simulator / collector peak RSS (perDevice)", " / ".join(f"{(h['per_device_peak_rss_mib'] or {}).get(k, 0)} MiB" for k in ("simulator", "collector")), "< 300 MiB each")
     table.add_row("  cores used: simulator / collector / broker", " / ".join(str((h['per_device_cores_used'] or {}).get(k, 0)) for k in ("simulator", "collector", "broker")), "")
+    table.add_row("  messages per CPU second: simulator / collector / broker", " / ".join(f"{(h['per_device_messages_per_cpu_second'] or {}).get(k, 0):,}" for k in ("simulator", "collector", "broker")), "")
     table.add_row("  load average (1 min) before / after", " / ".join(str((h['per_device_load_average_1m'] or {}).get(k, 0)) for k in ("before", "after")), "")
     table.add_row("SensorFleet gateway, zero loss", f"{h['gateway_stored_readings_per_s_zero_loss'] or 0:,} readings/s", "≥ 100,000 readings/s")
     table.add_row("most devices at 1 Hz (sensorfleet run)", f"{h['max_devices_at_1hz'] or 0:,}", "≥ 10,000")

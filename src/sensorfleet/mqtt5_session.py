@@ -184,6 +184,8 @@ class Mqtt5Connection(asyncio.Protocol):
         delay = self.min_delay
         while not self._closing:
             self._connack, self._lost = loop.create_future(), loop.create_future()
+            # An answer that comes after its wait timed out is dropped without a "never retrieved" warning.
+            self._connack.add_done_callback(lambda f: f.cancelled() or f.exception())
             try:
                 await loop.create_connection(lambda: self, self.broker.host, self.broker.port, ssl=context)
                 connack = await asyncio.wait_for(asyncio.shield(self._connack), CONNACK_TIMEOUT)
