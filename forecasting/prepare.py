@@ -11,6 +11,7 @@ series; `Panel.to_long()` gives the usual long DataFrame (unique_id, ds, y) for 
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -150,7 +151,7 @@ def _check_columns(url: str, files: list[str]) -> None:
         raise ForecastInputError(f"{files[-1]}: missing column(s) {', '.join(missing)}; the dataset needs {', '.join(REQUIRED_COLUMNS)} (the collectors' schema)")
 
 
-def _dictionary_dataset(url: str):
+def _dictionary_dataset(url: str, partition: str | None = None):
     """The dataset with its string columns read as dictionaries (pandas categoricals): no Python
     string object per reading, which is most of the time and memory of reading ten million rows."""
     import pyarrow as pa
@@ -163,7 +164,11 @@ def _dictionary_dataset(url: str):
     schema = pa.schema([pa.field(f.name, pa.dictionary(pa.int32(), pa.string())) if f.name in dictionary else f for f in FILE_SCHEMA])
     schema = schema.append(pa.field("protocol", pa.string())).append(pa.field("date", pa.string()))
     fmt = pads.ParquetFileFormat(read_options=pads.ParquetReadOptions(dictionary_columns=dictionary))
-    return pads.dataset(root, filesystem=fs, format=fmt, partitioning=PARTITIONING, schema=schema, ignore_prefixes=[".", "_"])
+    # One partition folder (e.g. "protocol=mqtt/date=2026-11-25"): only its files are listed, and
+    # partition_base_dir keeps protocol/date/hour parsed from the path below the root.
+    source = f"{root}/{partition}" if partition else root
+    return pads.dataset(source, filesystem=fs, format=fmt, partitioning=PARTITIONING, schema=schema,
+                        ignore_prefixes=[".", "_"], partition_base_dir=root)
 
 
 def read_readings(
@@ -178,10 +183,10 @@ def read_readings(
     import pyarrow.dataset as pads
 
     start, end = dataset_window(url, window_days, protocols)
-    files = dataset_files(url)
-    present = sorted({m.group(1) for f in files if (m := re.search(r"protocol=([^/]+)/", f))})
+    fs, root = filesystem(url)
+    present = sorted(os.path.basename(p).removeprefix("protocol=") for p in fs.ls(root, detail=False)
+                     if os.path.basename(p).startswith("protocol="))
     chosen = [p for p in present if not protocols or p in protocols]
-    dataset = _dictionary_dataset(url)
     columns = ["device", "sensor", "value", "ts", "unit", "anomaly"]
     days = []
     day = start
@@ -197,7 +202,12 @@ def read_readings(
                 & (pads.field("ts") >= pa.scalar(lo, pa.timestamp("us", tz="UTC")))
                 & (pads.field("ts") < pa.scalar(hi, pa.timestamp("us", tz="UTC")))
             )
-            part = dataset.to_table(columns=columns, filter=expr).to_pandas()
+            # Only the partitions of the window are listed and read (not the whole dataset).
+            partition = f"protocol={protocol}/date={lo:%Y-%m-%d}"
+            if not fs.exists(f"{root}/{partition}"):
+                part = pd.DataFrame()
+            else:
+                part = _dictionary_dataset(url, partition).to_table(columns=columns, filter=expr).to_pandas()
             if len(part):
                 part.insert(0, "protocol", pd.Categorical.from_codes(np.zeros(len(part), dtype=np.int8), [protocol]))
                 parts.append(part)
