@@ -126,6 +126,9 @@ def start_operator(cluster: Cluster, state_dir: Path, *, namespace: str = NAMESP
     env.update({"POD_NAMESPACE": namespace, "PYTHONUNBUFFERED": "1"})
     argv = [str(Path(sys.executable).parent / "sensorfleet"), "operator", "--kubeconfig", str(kubeconfig),
             "--metrics-host", "127.0.0.1", "--metrics-port", str(port), "--image", image, *(args or [])]
+    if not any(a.startswith("--lease-name") for a in argv):
+        # the chart grants the Lease by name: its fullname, which is also the ServiceAccount's
+        argv += ["--lease-name", service_account]
     with log.open("ab") as out:
         popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=REPO_ROOT)
     return OperatorProcess(popen, popen.pid, port, log, kubeconfig)
