@@ -5,9 +5,11 @@ missing RBAC rule fails here exactly as it would in a cluster.
     python -m devcluster deploy      # helm upgrade --install + start the operator
     python -m devcluster undeploy    # stop the operator + helm uninstall
 
-The chart is installed with replicaCount=0: kwok only pretends to run pods, so the operator that
-really acts is this local process. State (pid, port, kubeconfig, log) is kept in
-$CLUSTER_DIR/operator/.
+With the real node sf-node-0 in the cluster (`make cluster-up`), the images are built (or taken
+from the cache), imported into the node's containerd, and the chart is installed as a user would:
+the operator runs as a pod on sf-node-0. On a cluster without one (kind, an older harness), the
+chart is installed with replicaCount=0 and the operator runs as a local process with the chart's
+ServiceAccount token; its state (pid, port, kubeconfig, log) is kept in $CLUSTER_DIR/operator/.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Any
+
+from devcluster.binaries import node_bin_dir
 from devcluster.cluster import Cluster, default_cluster_dir, service_account_kubeconfig
+from devcluster.errors import ClusterError
+from devcluster.node import real_pods_namespace
+from devcluster.node_config import NodePaths
 from devcluster.processes import free_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -134,6 +142,35 @@ def start_operator(cluster: Cluster, state_dir: Path, *, namespace: str = NAMESP
     return OperatorProcess(popen, popen.pid, port, log, kubeconfig)
 
 
+def load_images_into_node(cluster: Cluster, progress: Any = None) -> list[str]:
+    """Build (or take from the cache) the SensorFleet and Mosquitto images and import them into
+    the real node's containerd; returns their references."""
+    from devcluster import images  # podman + debootstrap: only when a real node needs them
+    from devcluster.node import import_images
+
+    if cluster.node is None:
+        raise ClusterError("the cluster has no real node (make cluster-up starts sf-node-0)")
+    archives = images.ensure_images(**({"progress": progress} if progress else {}))
+    import_images(NodePaths(Path(cluster.node.root)), node_bin_dir(), [a.archive for a in archives])
+    return [a.ref for a in archives]
+
+
+def install_operator_pod(cluster: Cluster, namespace: str = NAMESPACE, release: str = RELEASE,
+                         extra: list[str] | None = None, timeout: float = 300) -> dict[str, Any]:
+    """`helm upgrade --install` with the operator as a pod (the chart's defaults: one replica, its
+    ServiceAccount, probes, non-root, read-only root filesystem), into a namespace whose pods go
+    to the real node; waits until the operator pod is Ready and returns it."""
+    real_pods_namespace(cluster, namespace)
+    cluster.helm("upgrade", "--install", release, str(CHART), "--namespace", namespace, *(extra or []),
+                 timeout=timeout + 60)
+    selector = f"app.kubernetes.io/instance={release}"
+    cluster.kubectl("rollout", "status", "deployment", "-n", namespace, "-l", selector, f"--timeout={timeout:.0f}s",
+                    timeout=timeout + 30)
+    pods = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", selector)["items"]
+    return next(p for p in pods if p["metadata"].get("deletionTimestamp") is None
+                and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", [])))
+
+
 def _cluster() -> Cluster:
     cluster_dir = default_cluster_dir()
     cluster = Cluster.load_state(cluster_dir)
@@ -150,6 +187,20 @@ def deploy(command: str) -> int:
     cluster = _cluster()
     state_dir = default_cluster_dir() / "operator"
     state_file = state_dir / "operator.json"
+    if command == "up" and cluster.node is not None:
+        # the real node is there: the operator runs as a pod from the image, not on the host
+        if state_file.is_file():
+            old = json.loads(state_file.read_text())
+            OperatorProcess(None, old["pid"], old["port"], Path(old["log"]), Path(old["kubeconfig"])).stop()
+            state_file.unlink()
+        refs = load_images_into_node(cluster)
+        pod = install_operator_pod(cluster)
+        print(f"[deploy-local] images in {cluster.node and 'sf-node-0'}'s containerd: {', '.join(refs)}")
+        print(f"[deploy-local] chart {RELEASE} installed in {NAMESPACE}; operator pod {pod['metadata']['name']} "
+              f"on {pod['spec']['nodeName']} as system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNT}")
+        print(f"[deploy-local] try: export KUBECONFIG={cluster.kubeconfig}; "
+              "kubectl apply -f examples/fleet.yaml && kubectl wait sf/demo --for=condition=Ready --timeout=300s")
+        return 0
     if command == "up":
         if state_file.is_file():
             old = json.loads(state_file.read_text())
