@@ -331,5 +331,12 @@ def test_deleting_the_fleet_removes_everything(env: dict[str, Any]) -> None:
     cluster = env["cluster"]
     assert children_of(cluster)
     cluster.kubectl("delete", "sensorfleet", FLEET, "-n", NS, "--wait=true")
-    wait_for("every child garbage-collected", lambda: not children_of(cluster), 60)
+    # By default the data claim outlives its fleet (claimRetention.whenDeleted: Retain, like a
+    # StatefulSet's claims): everything else is garbage-collected, the claim stays and says why.
+    retained = {("PersistentVolumeClaim", f"{FLEET}-data")}
+    wait_for("every child but the data claim garbage-collected", lambda: set(children_of(cluster)) == retained, 60)
+    claim = children_of(cluster)[("PersistentVolumeClaim", f"{FLEET}-data")]
+    assert claim["metadata"]["labels"]["sensorfleet.io/on-fleet-delete"] == "Retain"
+    assert not claim["metadata"].get("ownerReferences")
+    cluster.kubectl("delete", "pvc", f"{FLEET}-data", "-n", NS, "--wait=false")
     wait_for("every pod gone", lambda: not kjson(cluster, "get", "pods", "-n", NS, "-l", f"sensorfleet.io/fleet={FLEET}")["items"], 60)
