@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 
 # Everything the tests need is installed or built here when missing: Debian packages, the
 # virtualenv, the Kubernetes binaries (cached in ~/.cache/sensorfleet).
-test: system-packages install cluster-build s3-build
+test: system-packages install node-peers cluster-build s3-build
 	$(BIN)/pytest
 
 run: install
@@ -32,6 +32,11 @@ run: install
 bench: install
 	set -e; for script in bench/bench_*.py; do echo "== $$script"; PYTHONPATH=. $(BIN)/python $$script; done
 	$(BIN)/python bench/report.py
+
+# npm packages of the interop peers (Eclipse Tahu's Sparkplug codec), cached in ~/.cache/sensorfleet/node.
+.PHONY: node-peers
+node-peers: system-packages
+	hack/node-modules.sh tests/protocols/sparkplug_node >/dev/null
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info

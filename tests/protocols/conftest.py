@@ -163,3 +163,21 @@ def h():
         assert_values_match_model=assert_values_match_model, seq_accounting=seq_accounting,
         last_tick_sum=last_tick_sum, wait_until=wait_until,
     )
+
+
+# --- Sparkplug B interop (issue 13): Eclipse Tahu's codec and the mqtt client from npm ----------
+SPARKPLUG_PEER = Path(__file__).parent / "sparkplug_node"
+
+
+@pytest.fixture(scope="session")
+def sparkplug_peer():
+    """argv prefix running tests/protocols/sparkplug_node/peer.js with its npm packages (installed
+    once into ~/.cache/sensorfleet/node by hack/node-modules.sh), and the environment for it."""
+    import os
+    import subprocess
+
+    script = Path(__file__).parents[2] / "hack" / "node-modules.sh"
+    done = subprocess.run([str(script), str(SPARKPLUG_PEER)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"hack/node-modules.sh failed:\n{done.stderr[-3000:]}"
+    env = {**os.environ, "NODE_PATH": done.stdout.strip().splitlines()[-1]}
+    return ["node", str(SPARKPLUG_PEER / "peer.js")], env
