@@ -33,7 +33,7 @@ bench: install
 	set -e; for script in bench/bench_*.py; do echo "== $$script"; PYTHONPATH=. $(BIN)/python $$script; done
 	$(BIN)/python bench/report.py
 
-# npm packages of the interop peers (Eclipse Tahu's Sparkplug codec), cached in ~/.cache/sensorfleet/node.
+# npm packages of the interop peers (Eclipse Tahu's Sparkplug codec), cached in ~/.cache/sensorfleet/npm.
 .PHONY: node-peers
 node-peers: system-packages
 	hack/node-modules.sh tests/protocols/sparkplug_node >/dev/null

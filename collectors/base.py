@@ -155,6 +155,12 @@ class CollectorSink:
                 self.tracker.seed(device, sensor, int(seq))
         return len(last)
 
+    def skip_to(self, device: str, sensor: str, last_seq: int) -> None:
+        """Move a series on to `last_seq` without counting the seqs in between lost: a device that
+        said it went silent (Sparkplug DDEATH) and came back sent nothing for them."""
+        with self._lock:
+            self.tracker.seed(device, sensor, last_seq)
+
     # --- intake ---------------------------------------------------------------------------------
     def reject(self, kind: str, detail: str) -> None:
         self.metrics.malformed(kind).inc()

@@ -127,6 +127,10 @@ class MqttCollector:
 
 
 def run(opts: CollectorOptions) -> int:
+    if opts.fleet.spec.protocols.mqtt.payload_format == "sparkplugB":  # a Sparkplug B host: collectors/sparkplug.py
+        from sensorfleet.collectors.sparkplug import run as run_sparkplug
+
+        return run_sparkplug(opts)
     broker = parse_broker_url(opts.broker_url or "mqtt://127.0.0.1:1883")
     metrics = FleetMetrics(opts.fleet.name, "mqtt", "collector")
     metrics.serve(opts.metrics_port, opts.metrics_host)

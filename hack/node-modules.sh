@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the npm packages of an interop peer (a folder with package.json + package-lock.json) into
-# ~/.cache/sensorfleet/node/<hash of the lock file>, once; prints that folder's node_modules path.
+# ~/.cache/sensorfleet/npm/<folder>-<hash of its package files>, once; prints that folder's node_modules path.
 # Installs Debian's npm first when the machine has Node without it. Shared between worktrees
 # and runs: flock'ed, and a finished install is marked so an interrupted one is redone.
 set -euo pipefail
@@ -15,7 +15,7 @@ if ! command -v npm >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
 fi
 hash=$(cat "$peer/package.json" "$peer/package-lock.json" | sha256sum | cut -c1-16)
-dir="${SENSORFLEET_CACHE:-$HOME/.cache/sensorfleet}/node/$(basename "$peer")-$hash"
+dir="${SENSORFLEET_CACHE:-$HOME/.cache/sensorfleet}/npm/$(basename "$peer")-$hash"
 mkdir -p "$dir"
 exec 9>"$dir.lock"
 flock 9

@@ -169,6 +169,10 @@ class MqttSimulator:
         self._dropped_before_fallback = 0
         self.client_id = f"{fleet.name}-mqtt-sim-{opts.replica}-{uuid.uuid4().hex[:6]}"
         self.publisher: Mqtt5Publisher | PahoPublisher = Mqtt5Publisher(broker, self.client_id, metrics, **self._limits())
+        if self.spec.payload_format == "sparkplugB":  # an edge node: simulators/sparkplug.py
+            from sensorfleet.simulators.sparkplug import sparkplug_edge_node
+
+            self.encoder, self.publisher = sparkplug_edge_node(self.model, self.devices, opts.replica, broker, self.client_id, metrics, self.spec.sparkplug.primary_host_id, self._limits())  # type: ignore[assignment]
         metrics.devices.set(len(self.devices))
 
     def _limits(self) -> dict[str, int]:
@@ -182,6 +186,8 @@ class MqttSimulator:
         """The broker refused MQTT 5: carry on at MQTT 3.1.1 through paho, with the backlog."""
         if not isinstance(self.publisher, Mqtt5Publisher) or self.publisher.refused is None:
             return
+        if self.spec.payload_format == "sparkplugB":
+            raise RuntimeError(f"spec.protocols.mqtt.payloadFormat: sparkplugB needs a broker that speaks MQTT 5 ({self.publisher.refused}); use broker.mode mosquitto")
         log.warning("%s; publishing through paho at MQTT 3.1.1 instead", self.publisher.refused)
         backlog = self.publisher.take_backlog()
         self._dropped_before_fallback = self.publisher.dropped
@@ -250,7 +256,8 @@ class MqttSimulator:
             while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
                 started = time.monotonic()
                 self._fall_back_if_refused()
-                if pause is not None and pause.is_set():
+                if (pause is not None and pause.is_set()) or not getattr(self.publisher, "ready", True):
+                    # paused, or a Sparkplug node not born yet / its primary host offline: due ticks wait
                     self.metrics.queue.set(self.publisher.backlog())
                 elif replay is not None:
                     self.publish_readings([r for r in replay.due(time.time()) if r.device in self._replay_devices])

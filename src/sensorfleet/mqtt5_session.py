@@ -81,6 +81,10 @@ class Mqtt5Connection(asyncio.Protocol):
 
     def _on_writable(self) -> None: ...
 
+    def _will(self) -> mqtt5.Will | None:
+        """The Last Will of the next CONNECT (asked once per connection attempt)."""
+        return None
+
     # -- life cycle --------------------------------------------------------------------------
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._keep_connected(), name=f"{self.client_id}-connection"), asyncio.create_task(self._keep_alive(), name=f"{self.client_id}-keepalive")]
@@ -112,7 +116,7 @@ class Mqtt5Connection(asyncio.Protocol):
         self._buffer.clear()
         self._writable = True
         password = self.broker.password.encode() if self.broker.password is not None else None
-        connect = mqtt5.ConnectPacket(self.client_id, username=self.broker.username, password=password, clean_start=self.clean_start, keep_alive=self.keepalive, session_expiry_interval=self.session_expiry)
+        connect = mqtt5.ConnectPacket(self.client_id, username=self.broker.username, password=password, clean_start=self.clean_start, keep_alive=self.keepalive, session_expiry_interval=self.session_expiry, will=self._will())
         self.write(connect.write())
 
     def data_received(self, data: bytes) -> None:

@@ -141,6 +141,15 @@ class ProtocolSpec(SpecModel):
     collector_replicas: Annotated[int, Field(default=1, ge=1, le=64, description="Collector processes (pods).")]
 
 
+class SparkplugSpec(SpecModel):
+    """Sparkplug B options (docs/protocols.md, "Sparkplug B"). The Sparkplug group is the fleet's name."""
+
+    primary_host_id: Annotated[
+        str | None,
+        Field(default=None, pattern=r"^[A-Za-z0-9_\-.]+$", max_length=128, description="Host id of the primary host application: edge nodes publish only while its STATE (`spBv1.0/STATE/<id>`) says online, and the collector is that host (it publishes the STATE). Unset: edge nodes publish as soon as they are connected."),
+    ]
+
+
 class MqttSpec(ProtocolSpec):
     enabled: Annotated[bool, Field(default=True, description="Simulate and collect this protocol.")]
     qos: Annotated[Literal[0, 1], Field(default=1, description="MQTT QoS of published readings: 0 (at most once) or 1 (at least once).")]
@@ -152,6 +161,19 @@ class MqttSpec(ProtocolSpec):
     topic_prefix: Annotated[str, Field(default="sensorfleet", pattern=r"^[A-Za-z0-9_\-/]+$", description="First topic level(s); no wildcards.")]
     max_inflight: Annotated[int, Field(default=1000, ge=1, le=65535, description="Unacknowledged QoS 1 messages a simulator keeps in flight.")]
     max_queued: Annotated[int, Field(default=200_000, ge=100, le=10_000_000, description="Messages a simulator buffers while the broker is slow or away; beyond that readings are dropped and counted.")]
+    payload_format: Annotated[
+        Literal["json", "sparkplugB"],
+        Field(default="json", description="`json`: the reading documents of `messageMode`; `sparkplugB`: Eclipse Sparkplug 3.0 (each simulator replica an edge node, each device a Sparkplug device; topics `spBv1.0/<fleet>/...`, `topicPrefix` and `messageMode` do not apply)."),
+    ]
+    sparkplug: Annotated[SparkplugSpec, Field(default_factory=SparkplugSpec, description="Sparkplug B options, with `payloadFormat: sparkplugB`.")]
+
+    @model_validator(mode="after")
+    def _sparkplug_fits(self) -> MqttSpec:
+        if self.payload_format == "sparkplugB" and self.message_mode != "perDevice":
+            raise ValueError(f"messageMode: with payloadFormat sparkplugB every device publishes its own DDATA; use perDevice (the default), got {self.message_mode}")
+        if self.payload_format == "sparkplugB" and self.collector_replicas != 1:
+            raise ValueError(f"collectorReplicas: a Sparkplug B host application must see every birth of a node, so it cannot share the subscription; use 1, got {self.collector_replicas}")
+        return self
 
 
 class CoapSpec(ProtocolSpec):
@@ -321,6 +343,12 @@ class FleetSpec(SpecModel):
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise ValueError(f"sensor names must be unique; repeated: {', '.join(duplicated)}")
+        return self
+
+    @model_validator(mode="after")
+    def _sparkplug_not_replayed(self) -> FleetSpec:
+        if self.replay is not None and self.protocols.mqtt.enabled and self.protocols.mqtt.payload_format == "sparkplugB":
+            raise ValueError("protocols.mqtt.payloadFormat: sparkplugB does not play back recordings (replay); use json")
         return self
 
     def protocol(self, name: str) -> ProtocolSpec:

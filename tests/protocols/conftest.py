@@ -172,7 +172,7 @@ SPARKPLUG_PEER = Path(__file__).parent / "sparkplug_node"
 @pytest.fixture(scope="session")
 def sparkplug_peer():
     """argv prefix running tests/protocols/sparkplug_node/peer.js with its npm packages (installed
-    once into ~/.cache/sensorfleet/node by hack/node-modules.sh), and the environment for it."""
+    once into ~/.cache/sensorfleet/npm by hack/node-modules.sh), and the environment for it."""
     import os
     import subprocess
 

@@ -27,6 +27,14 @@ from sensorfleet.sparkplug.payload import (
 REBIRTH_HOLDOFF = 30.0  # seconds between two rebirth requests to one node
 
 
+class UnknownDevice(MalformedReading):
+    """Data of a device without a DBIRTH; `rebirth` names the node to ask for one (None: held off)."""
+
+    def __init__(self, detail: str, rebirth: str | None):
+        super().__init__("unknown_device", detail)
+        self.rebirth = rebirth
+
+
 @dataclass
 class _Device:
     sensors: dict[int, tuple[str, str]] = field(default_factory=dict)  # alias -> (name, unit)
@@ -134,7 +142,7 @@ class HostState:
         if device is None:
             if now is not None:
                 self._ask_rebirth(topic.edge_node, node, out, now)
-            raise MalformedReading("unknown_device", f"topic {topic}: no DBIRTH seen for device {dev_id!r}; asked the node for a rebirth")
+            raise UnknownDevice(f"topic {topic}: no DBIRTH seen for device {dev_id!r}; asking the node for a rebirth", out.rebirth)
         by_alias = {m.alias: m for m in message.metrics}
         seq_metric = by_alias.get(device.seq_alias) if device.seq_alias is not None else None
         tick = seq_metric.long_value if seq_metric is not None and seq_metric.WhichOneof("value") == "long_value" else None
