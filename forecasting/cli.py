@@ -93,33 +93,48 @@ def forecast(
     protocol: Annotated[Optional[list[str]], typer.Option("--protocol", "-p", help="Only these protocols (repeatable).", show_default=False)] = None,
     drop_short: Annotated[bool, typer.Option("--drop-short", help="Skip series too short for the horizon instead of failing.")] = False,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Only the hash shard i/N of the series (crc32 of protocol/device/sensor mod N), e.g. 0/4.", show_default=False)] = None,
+    wait_for_data: Annotated[bool, typer.Option("--wait-for-data", help="An empty dataset is young (waiting, exit 0), not an error: for a fleet's CronJob whose collectors may not have written yet.")] = False,
+    termination_message: Annotated[Optional[Path], typer.Option("--termination-message", help="Also write the outcome as one JSON object to this file (a pod's terminationMessagePath: the operator reads it into status.lastForecast).", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Forecast every series of the dataset, score the forecasts (hold-out and rolling-origin CV
     against SeasonalNaive), flag readings outside the prediction interval, and write the report."""
-    from sensorfleet.forecasting.errors import ForecastInputError
-    from sensorfleet.forecasting.pipeline import ForecastOptions, Progress, run_forecast
+    from sensorfleet.forecasting.errors import ForecastInputError, NotEnoughData
+    from sensorfleet.forecasting.pipeline import ForecastOptions, Progress, headline_text, outcome_message, run_forecast
 
     spec_fleet = _load_fleet(fleet) if fleet else None
     options = ForecastOptions.from_fleet(
         spec_fleet, data=data, out=out_dir, horizon=horizon, model=model, level=level, frequency=frequency, window_days=window_days,
         cv_windows=cv_windows, seed=seed, n_jobs=jobs, protocols=protocol, drop_short=drop_short, shard=shard,
+        wait_for_data=wait_for_data,
     )
+
+    def report_outcome(reason: str, **fields: object) -> None:
+        if termination_message is not None:
+            termination_message.write_text(outcome_message(reason, **fields))
+
     from sensorfleet.forecast_metrics import push_from_env
 
     fleet_name = spec_fleet.name if spec_fleet else None
     try:
         run = run_forecast(options, Progress(enabled=not quiet))
+    except NotEnoughData as young:  # a young dataset: nothing failed, nothing to push
+        out.print(str(young), highlight=False, soft_wrap=True)
+        report_outcome("WaitingForData", message=str(young), haveSteps=young.have, needSteps=young.need)
+        return
     except ForecastInputError as exc:
         push_from_env(None, fleet_name, failed=True)  # a no-op unless SENSORFLEET_PUSHGATEWAY_URL is set
+        report_outcome("Failed", message=str(exc))
         raise _fail(str(exc)) from None
     except Exception as exc:  # the TimeGPT service: an HTTP failure is not a bug of ours
         push_from_env(None, fleet_name, failed=True)
         if type(exc).__module__.startswith(("nixtla", "httpx", "tenacity")):
+            report_outcome("Failed", message=f"TimeGPT request failed ({type(exc).__name__})")
             raise _fail(f"TimeGPT request failed ({type(exc).__name__}): {exc}", code=1) from None
         raise
     push_from_env(Path(options.out), fleet_name)
     head = run.metrics["headline"]
+    report_outcome("Forecast", headline=headline_text(head))
     table = Table(title=f"forecast: {head['series']} series, horizon {options.horizon}, written to {options.out}")
     for column in ("model", "MAE", "MASE", f"MASE / {head['baseline']}", "CV MASE ratio", "anomalies flagged"):
         table.add_column(column, justify="right")

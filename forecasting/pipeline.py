@@ -28,9 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sensorfleet.forecasting import anomalies, animation, evaluate, plots, report
-from sensorfleet.forecasting.errors import ForecastInputError
+from sensorfleet.forecasting.errors import ForecastInputError, NoReadings, NotEnoughData
 from sensorfleet.forecasting.models import BASELINE, MODEL_CHOICES, TIMEGPT_KEY_MISSING, ForecastBlock, SeasonalNaiveBaseline, make_model
-from sensorfleet.forecasting.prepare import TRUTH_NAMES, Panel, finish_prepare, min_steps, read_readings, resample
+from sensorfleet.forecasting.prepare import TRUTH_NAMES, Panel, finish_prepare, min_steps, need_detail, parse_frequency, read_readings, resample, season_length
 from sensorfleet.spec import SensorFleet
 
 TRUTH_LABELS = np.array([None, *sorted(TRUTH_NAMES, key=TRUTH_NAMES.get)], dtype=object)
@@ -55,6 +55,7 @@ class ForecastOptions:
     plot_series: int = 4
     fleet: str | None = None
     shard: str | None = None  # "i/N": only the series whose crc32(unique_id) % N == i
+    wait_for_data: bool = False  # an empty dataset is young (0 steps), not an error: the fleet's CronJob
 
     @classmethod
     def from_fleet(cls, fleet: SensorFleet | None, **given: Any) -> ForecastOptions:
@@ -81,6 +82,19 @@ class ForecastOptions:
             raise ForecastInputError(f"--jobs: must be >= 1, got {self.n_jobs}")
         if self.shard is not None:
             parse_shard(self.shard)
+        # A dataset can grow into the horizon; a window too small to hold it never will.
+        step = parse_frequency(self.frequency)
+        capacity = int(self.window_days * 86400 // step.total_seconds())
+        need = self.steps_needed()
+        if need > capacity:
+            raise ForecastInputError(
+                f"--window-days {self.window_days:g}: the window holds at most {capacity} steps of {self.frequency}, but horizon {self.horizon} "
+                f"with {self.cv_windows} CV window(s) and a daily season needs {need}; raise --window-days (spec.forecasting.windowDays) "
+                "or lower --horizon / --cv-windows")
+
+    def steps_needed(self) -> int:
+        """History every series needs (`prepare.min_steps` at this frequency)."""
+        return min_steps(season_length(parse_frequency(self.frequency)), self.horizon, self.cv_windows)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -251,7 +265,14 @@ def run_forecast(options: ForecastOptions, progress: Progress | None = None) -> 
     started = time.perf_counter()
     with progress.running():
         with progress.stage("read dataset", 1) as advance:
-            readings = read_readings(options.data, options.window_days, options.protocols, on_day=advance)
+            try:
+                readings = read_readings(options.data, options.window_days, options.protocols, on_day=advance)
+            except NoReadings as empty:
+                if not options.wait_for_data:
+                    raise
+                step, need = parse_frequency(options.frequency), options.steps_needed()
+                detail = need_detail(season_length(step), options.horizon, options.cv_windows, need, step)
+                raise NotEnoughData(0, need, options.frequency, f"{empty}; {detail}") from None
             if options.shard is not None:
                 readings = select_shard(readings, options.shard)
         with progress.stage("prepare (resample, clean)") as advance:
@@ -333,4 +354,21 @@ def run_forecast(options: ForecastOptions, progress: Progress | None = None) -> 
     return ForecastRun(panel, table, metrics, drawn)
 
 
-__all__ = ["ForecastOptions", "ForecastRun", "Progress", "run_forecast", "origins_for", "forecast_table", "min_steps"]
+def headline_text(head: dict[str, Any]) -> str:
+    """One line for status.lastForecast, e.g. `Harmonic MASE 0.81 (0.93x SeasonalNaive), 24 series`."""
+    def figure(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3g}"
+
+    return (f"{head['model']} MASE {figure(head.get('mase'))} ({figure(head.get('mase_vs_baseline'))}x {head['baseline']}), "
+            f"{head['series']} series")
+
+
+def outcome_message(reason: str, **fields: Any) -> str:
+    """The forecast container's termination message: one JSON object, `reason` Forecast (with a
+    `headline`), WaitingForData or Failed (with a `message`). The operator's status.last_forecast
+    reads it; Kubernetes keeps at most 4096 bytes of it."""
+    text = json.dumps({"reason": reason, **fields}, default=_json_default)
+    return text if len(text) <= 4096 else json.dumps({"reason": reason, "message": str(fields.get("message", ""))[:3000]})
+
+
+__all__ = ["ForecastOptions", "ForecastRun", "Progress", "run_forecast", "origins_for", "forecast_table", "min_steps", "headline_text", "outcome_message"]

@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from sensorfleet.dataset import dataset_files, filesystem, read_dataset
-from sensorfleet.forecasting.errors import ForecastInputError
+from sensorfleet.forecasting.errors import ForecastInputError, NoReadings, NotEnoughData
 
 REQUIRED_COLUMNS = ("protocol", "device", "sensor", "value", "ts")
 OPTIONAL_COLUMNS = ("unit", "anomaly")
@@ -132,12 +132,12 @@ def dataset_window(url: str, window_days: float, protocols: Sequence[str] | None
         wanted = tuple(f"protocol={p}/" for p in protocols)
         dates = sorted({m.group(1) for f in files if any(w in f for w in wanted) if (m := re.search(r"date=(\d{4}-\d{2}-\d{2})", f))})
     if not dates:
-        raise ForecastInputError(f"no readings in {url}: the dataset is empty; collect data first or run `sensorfleet generate FLEET.yaml --days 7 --data {url}`")
+        raise NoReadings(f"no readings in {url}: the dataset is empty; collect data first or run `sensorfleet generate FLEET.yaml --days 7 --data {url}`")
     _check_columns(url, files)
     last_day = datetime.fromisoformat(dates[-1]).replace(tzinfo=timezone.utc)
     ts = read_dataset(url, ["ts"], start=last_day, end=last_day + timedelta(days=1), protocols=protocols)["ts"]
     if ts.dropna().empty:
-        raise ForecastInputError(f"no readings in {url}: the dataset's files hold no rows")
+        raise NoReadings(f"no readings in {url}: the dataset's files hold no rows")
     end = ts.max().to_pydatetime() + timedelta(microseconds=1)
     return end - timedelta(days=window_days), end
 
@@ -215,7 +215,7 @@ def read_readings(
             if on_day:
                 on_day(done, total)
     if not parts:
-        raise ForecastInputError(f"no readings in {url} between {start:%Y-%m-%d %H:%M} and {end:%Y-%m-%d %H:%M} UTC")
+        raise NoReadings(f"no readings in {url} between {start:%Y-%m-%d %H:%M} and {end:%Y-%m-%d %H:%M} UTC")
     return _concat_categorical(parts)
 
 
@@ -451,19 +451,26 @@ def min_steps(season: int, horizon: int, cv_windows: int) -> int:
     return season + horizon * (cv_windows + 1) + 1
 
 
+def need_detail(season: int, horizon: int, cv_windows: int, missing: int, step: pd.Timedelta) -> str:
+    """Why `min_steps` steps are needed, and how long the rest takes to collect."""
+    hours = missing * step.total_seconds() / 3600
+    eta = f"about {hours:.1f} h more" if hours >= 1 else f"about {max(1, round(hours * 60))} min more"
+    return f"a daily season of {season} steps + horizon {horizon} x ({cv_windows} CV windows + 1) + 1; {eta}"
+
+
 def check_lengths(panel: Panel, horizon: int, cv_windows: int, drop_short: bool, report: CleaningReport) -> Panel:
-    """Refuse (or with `drop_short`, drop) series too short for the horizon and CV windows."""
+    """Refuse (or with `drop_short`, drop) series too short for the horizon and CV windows.
+
+    A panel shorter than that as a whole (or, with `drop_short`, one whose every series is) is a
+    young dataset: `NotEnoughData`, which the CLI reports as waiting, not as a failure."""
     if horizon < 1:
         raise ForecastInputError(f"--horizon: must be >= 1 step, got {horizon}")
     if cv_windows < 0:
         raise ForecastInputError(f"--cv-windows: must be >= 0, got {cv_windows}")
     need = min_steps(panel.season, horizon, cv_windows)
-    span = f"{panel.n_steps} steps of {panel.freq}"
     if panel.n_steps < need:
-        raise ForecastInputError(
-            f"dataset too short: {span} but horizon {horizon} with {cv_windows} CV window(s) and a daily season of {panel.season} steps "
-            f"needs at least {need}; use a smaller --horizon or --cv-windows, or collect/generate more days"
-        )
+        detail = need_detail(panel.season, horizon, cv_windows, need - panel.n_steps, panel.step)
+        raise NotEnoughData(panel.n_steps, need, panel.freq, detail)
     valid = ~np.isnan(panel.y)
     counts = valid.sum(axis=1)
     first = np.where(counts > 0, valid.argmax(axis=1), panel.n_steps)
@@ -480,7 +487,11 @@ def check_lengths(panel: Panel, horizon: int, cv_windows: int, drop_short: bool,
         report.dropped_series = [str(x) for x in names]
         keep = np.nonzero(~short)[0]
         if len(keep) == 0:
-            raise ForecastInputError(f"every series is too short: each needs {need} steps of {panel.freq}")
+            longest = int((panel.n_steps - first).max())
+            if longest < need:  # young: every series started too recently
+                detail = need_detail(panel.season, horizon, cv_windows, need - longest, panel.step)
+                raise NotEnoughData(longest, need, panel.freq, f"every series started too recently; {detail}")
+            raise ForecastInputError(f"every series is too short or too sparse: each needs {need} steps of {panel.freq}, at least half of them with a value")
         panel = panel.subset(keep)
         report.series = panel.n_series
     return panel

@@ -819,8 +819,17 @@ def build_compaction_cronjob(fleet: SensorFleet, owner: Owner, options: BuildOpt
     }
 
 
+# Where the forecast container writes its outcome (Kubernetes' default terminationMessagePath):
+# the operator reads it from the finished pod into status.lastForecast.
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+
+
 def forecast_args(fleet: SensorFleet) -> list[str]:
-    return ["forecast", "--data", data_location(fleet), "--out", reports_location(fleet), "--fleet", FLEET_FILE]
+    # A young fleet's dataset (empty, or shorter than horizon + CV + a daily season) is waiting for
+    # data, not a failed job; a series that started later than the others is left out of one run
+    # rather than failing it (docs/forecasting.md, "A young dataset").
+    return ["forecast", "--data", data_location(fleet), "--out", reports_location(fleet), "--fleet", FLEET_FILE,
+            "--wait-for-data", "--drop-short", "--termination-message", TERMINATION_MESSAGE_PATH]
 
 
 def build_forecast_cronjob(fleet: SensorFleet, owner: Owner, options: BuildOptions) -> dict[str, Any]:
@@ -834,6 +843,7 @@ def build_forecast_cronjob(fleet: SensorFleet, owner: Owner, options: BuildOptio
     container = _app_container("forecast", forecast_args(fleet), "forecast", options, env, [], fleet, with_data=with_data)
     for probe in ("readinessProbe", "livenessProbe"):
         container.pop(probe, None)  # a batch job serves no metrics port
+    container["terminationMessagePath"] = TERMINATION_MESSAGE_PATH
     container["terminationMessagePolicy"] = "FallbackToLogsOnError"
     pod_spec = _app_pod_spec(fleet, container, with_data=with_data)
     pod_spec["restartPolicy"] = "Never"

@@ -244,7 +244,9 @@ def status_schema() -> dict[str, Any]:
                     "time": {"type": "string", "format": "date-time", "description": "When it last succeeded."},
                     "job": {"type": "string", "description": "Name of the Job."},
                     "result": {"type": "string", "description": "`Succeeded` or `Failed`."},
-                    "headline": {"type": "string", "description": "Headline metric the job reported (its termination message), e.g. `MASE 0.82`."},
+                    "reason": {"type": "string", "description": "What the job's container reported: `Forecast` (a forecast was made), `WaitingForData` (the dataset is still too young: nothing failed), `Failed`."},
+                    "headline": {"type": "string", "description": "Headline of the forecast (from the container's termination message), e.g. `Harmonic MASE 0.81 (0.93x SeasonalNaive), 24 series`."},
+                    "message": {"type": "string", "description": "Why no forecast was made, e.g. `waiting for data: have 12 steps of 1min, need 1681 (...)`, or the error of a failed job."},
                 },
             },
         },
@@ -276,7 +278,7 @@ def build_crd() -> dict[str, Any]:
         {"name": "Devices", "type": "integer", "jsonPath": ".status.devices", "description": "Simulated devices."},
         {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status', "description": "The Ready condition."},
         {"name": "Pods", "type": "string", "jsonPath": ".status.ready", "priority": 1, "description": "Ready / desired pods."},
-        {"name": "Last Forecast", "type": "date", "jsonPath": ".status.lastForecast.time", "description": "Last successful forecast."},
+        {"name": "Last Forecast", "type": "date", "jsonPath": ".status.lastForecast.time", "description": "Last forecast made (a job that only waited for data does not change it)."},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
     return {

@@ -36,7 +36,7 @@ from sensorfleet.operator import builders
 from sensorfleet.operator.builders import BrokerCredentials, BuildOptions
 from sensorfleet.operator.kube import ApiError, KubeClient, NotLeading
 from sensorfleet.operator.metrics import OperatorMetrics
-from sensorfleet.operator.status import Failure, compute_status, ready_condition
+from sensorfleet.operator.status import Failure, compute_status, newest_finished_job, ready_condition
 from sensorfleet.spec import API_GROUP, API_VERSION, KIND, SensorFleet
 
 log = logging.getLogger("sensorfleet.operator")
@@ -50,6 +50,8 @@ Key = tuple[str, str]  # (namespace, fleet name)
 PRUNED_KINDS = ("Deployment", "Service", "ConfigMap", "CronJob", "NetworkPolicy")
 # Kinds whose state the status is computed from (kept from the watch, see Reconciler.observed).
 STATUS_KINDS = ("Deployment", "Job")
+# The Job controller's label on a Job's pods (Kubernetes >= 1.27).
+JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
 
 
 def _now() -> str:
@@ -64,6 +66,7 @@ class FleetState:
     desired: set[tuple[str, str]] = field(default_factory=set)  # (kind, name) of the last apply
     refused: set[tuple[str, str]] = field(default_factory=set)  # (kind, name) left alone: not ours
     failures: list[Failure] = field(default_factory=list)  # of the last FULL pass, until the next one
+    forecast_pods: tuple[str, list[dict[str, Any]]] | None = None  # (job uid, its pods) of the newest finished forecast
 
 
 class Reconciler:
@@ -473,7 +476,8 @@ class Reconciler:
             deployments = [b for (k, _), b in seen.items() if k == "Deployment" and (uid is None or any(
                 ref.get("uid") == uid for ref in b.get("metadata", {}).get("ownerReferences", [])))]
             jobs = [b for (k, _), b in seen.items() if k == "Job"] if fleet.spec.forecasting.enabled else []
-            status = compute_status(fleet, generation, deployments, jobs, failures, previous, _now())
+            pods_by_job = await self._forecast_pods(state, namespace, jobs)
+            status = compute_status(fleet, generation, deployments, jobs, failures, previous, _now(), pods_by_job=pods_by_job)
         await self._events(key, state, previous, status)
         if status != previous:
             patch = dict(status)
@@ -485,6 +489,24 @@ class Reconciler:
             state.body = {**state.body, "status": live.get("status", status)}
         self.last_status[key] = status
         self._update_fleet_gauge()
+
+    async def _forecast_pods(self, state: FleetState, namespace: str, jobs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+        """The pods of the newest finished forecast Job, whose termination message is its outcome.
+        Listed once per Job (a finished pod does not change): one LIST per forecast run, not per pass."""
+        newest = newest_finished_job(jobs)
+        if newest is None:
+            return {}
+        job = newest[0]
+        meta = job["metadata"]
+        uid = meta.get("uid") or meta["name"]
+        if state.forecast_pods is None or state.forecast_pods[0] != uid:
+            try:
+                pods = await self.client.list("Pod", namespace, label_selector=f"{JOB_UID_LABEL}={meta.get('uid', '')}")
+            except (ApiError, OSError, asyncio.TimeoutError) as error:  # e.g. RBAC without pods: status keeps no headline
+                log.warning("could not list the pods of forecast job %s/%s: %s", namespace, meta["name"], error)
+                return {}
+            state.forecast_pods = (uid, pods)
+        return {meta["name"]: state.forecast_pods[1]}
 
     async def _events(self, key: Key, state: FleetState, previous: dict[str, Any], status: dict[str, Any]) -> None:
         """An Event when a condition changes: Warning for Degraded (with the reason), Normal for Ready."""

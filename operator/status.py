@@ -7,6 +7,7 @@ so an unchanged fleet computes an identical status and the handler writes nothin
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,9 +60,26 @@ def _condition(kind: str, ok: bool, reason: str, message: str, generation: int,
     }
 
 
-def last_forecast(jobs: list[dict[str, Any]], pods_by_job: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any] | None:
-    """The newest finished forecast Job: when, which, how it went, and its headline (the
-    container's termination message, if the forecast command wrote one)."""
+def forecast_outcome(message: str | None) -> dict[str, Any]:
+    """What a forecast container's termination message says: the JSON object `sensorfleet forecast
+    --termination-message` writes (reason Forecast with a headline, WaitingForData or Failed with a
+    message), or, from an older image, plain text whose last line is the headline."""
+    if not message or not message.strip():
+        return {}
+    try:
+        doc = json.loads(message)
+    except ValueError:
+        return {"headline": message.strip().splitlines()[-1][:200]}
+    if not isinstance(doc, dict):
+        return {"headline": message.strip().splitlines()[-1][:200]}
+    out = {k: str(doc[k])[:500] for k in ("reason", "headline", "message") if doc.get(k) not in (None, "")}
+    if "headline" in out:
+        out["headline"] = out["headline"][:200]
+    return out
+
+
+def newest_finished_job(jobs: list[dict[str, Any]]) -> tuple[dict[str, Any], str, str] | None:
+    """(job, result, when) of the forecast Job that finished last; result Succeeded or Failed."""
     finished = []
     for job in jobs:
         status = job.get("status", {})
@@ -73,15 +91,28 @@ def last_forecast(jobs: list[dict[str, Any]], pods_by_job: dict[str, list[dict[s
     if not finished:
         return None
     when, job, result = max(finished, key=lambda item: item[0])
+    return job, result, when
+
+
+def last_forecast(jobs: list[dict[str, Any]], pods_by_job: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any] | None:
+    """The newest finished forecast Job: when, which, how it went, and what its container's
+    termination message says (headline of a forecast; why it waited for data)."""
+    newest = newest_finished_job(jobs)
+    if newest is None:
+        return None
+    job, result, when = newest
     name = job["metadata"]["name"]
     out: dict[str, Any] = {"job": name, "result": result}
     if when:
         out["time"] = when
     for pod in (pods_by_job or {}).get(name, []):
         for container in pod.get("status", {}).get("containerStatuses", []):
-            message = (container.get("state", {}).get("terminated") or {}).get("message")
-            if message and result == "Succeeded":
-                out["headline"] = message.strip().splitlines()[-1][:200]
+            said = forecast_outcome((container.get("state", {}).get("terminated") or {}).get("message"))
+            if result == "Failed":  # the error line (ours, or the log's last line)
+                said = {"message": said["message"] if "message" in said else said["headline"]} if said else {}
+            out.update(said)
+    if out.get("reason") == "WaitingForData":
+        out.pop("time", None)  # `time` is the last forecast made; the caller keeps the previous one
     return out
 
 
@@ -138,9 +169,10 @@ def compute_status(
 
     forecast = last_forecast(jobs, pods_by_job) if fleet.spec.forecasting.enabled else None
     if forecast and forecast["result"] == "Failed":
-        problems.append(f"ForecastFailed: job {forecast['job']} failed")
-    # `time` is the last *successful* forecast: keep the previous one if the newest job failed.
-    if forecast and forecast["result"] == "Failed":
+        problems.append(f"ForecastFailed: job {forecast['job']} failed" + (f": {forecast['message']}" if forecast.get("message") else ""))
+    # `time` is the last *successful* forecast: keep the previous one if the newest job failed or
+    # only waited for data (a young dataset is not a problem: no Degraded).
+    if forecast and (forecast["result"] == "Failed" or forecast.get("reason") == "WaitingForData"):
         prior = previous.get("lastForecast") or {}
         forecast = {**forecast, **({"time": prior["time"]} if prior.get("time") else {})}
         if "time" not in prior:

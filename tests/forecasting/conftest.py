@@ -71,7 +71,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory, fleet_file: Path, app: typ
 @pytest.fixture(scope="session")
 def forecast_out(tmp_path_factory: pytest.TempPathFactory, dataset: Path, fleet_file: Path, app: typer.Typer, runner: CliRunner) -> Path:
     out = tmp_path_factory.mktemp("forecast") / "out"
-    result = runner.invoke(app, ["forecast", "--data", str(dataset), "--out", str(out), "--fleet", str(fleet_file), "--seed", "3", "--quiet"])
+    result = runner.invoke(app, ["forecast", "--data", str(dataset), "--out", str(out), "--fleet", str(fleet_file), "--seed", "3", "--quiet",
+                                 "--termination-message", str(out.parent / "termination-log")])
     assert result.exit_code == 0, result.output
     return out
 

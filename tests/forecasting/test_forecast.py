@@ -107,7 +107,7 @@ def _write_bad_dataset(root: Path, table: pa.Table) -> None:
         ("missing-columns", [], "missing column(s) value"),
         ("one-value", ["--cv-windows", "1"], "series mqtt/mqtt-09999/temperature has 1 value(s)"),
         ("good", ["--horizon", "0"], "--horizon: must be >= 1"),
-        ("good", ["--horizon", "4000"], "dataset too short"),
+        ("good", ["--horizon", "4000"], "--window-days 7: the window holds at most 10080 steps"),
         ("good", ["--model", "prophet"], "unknown model 'prophet'"),
         ("good", ["--level", "20"], "--level"),
     ],
@@ -137,3 +137,49 @@ def test_generate_refuses_bad_arguments(fleet_file: Path, tmp_path: Path, app: t
     for args, message in ((["--days", "0"], "--days: must be > 0"), (["--start", "yesterday"], "--start: expected an ISO date"), (["--protocol", "zigbee"], "unknown protocol 'zigbee'")):
         result = runner.invoke(app, ["generate", str(fleet_file), "--data", str(tmp_path / "d"), "--quiet", *args])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_a_dataset_of_a_few_minutes_waits_for_data_and_exits_0(fleet_file: Path, tmp_path: Path, app: typer.Typer, runner: CliRunner) -> None:
+    """A new fleet's forecast: minutes of data are not a failure; the outcome says what is missing,
+    on stdout and in the termination message the operator reads into status.lastForecast."""
+    from sensorfleet.operator.status import last_forecast
+
+    data = tmp_path / "young"
+    made = runner.invoke(app, ["generate", str(fleet_file), "--days", "0.005", "--data", str(data), "--quiet"])  # 7.2 minutes
+    assert made.exit_code == 0, made.output
+    message = tmp_path / "termination-log"
+    result = runner.invoke(app, ["forecast", "--data", str(data), "--out", str(tmp_path / "out"), "--fleet", str(fleet_file),
+                                 "--quiet", "--termination-message", str(message)])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and re.match(r"waiting for data: have [78] steps of 1min, need 1681 \(", lines[0]), result.output
+    assert not (tmp_path / "out" / "metrics.json").exists()  # no report of a forecast that was not made
+    outcome = json.loads(message.read_text())
+    assert outcome["reason"] == "WaitingForData" and outcome["needSteps"] == 1681 and outcome["message"] == lines[0]
+    # What the operator makes of that pod's termination message: a succeeded job, no forecast time.
+    job = {"metadata": {"name": "f-1"}, "status": {"succeeded": 1, "completionTime": "2026-01-01T01:00:00Z"}}
+    pod = {"status": {"containerStatuses": [{"state": {"terminated": {"message": message.read_text()}}}]}}
+    assert last_forecast([job], {"f-1": [pod]}) == {"job": "f-1", "result": "Succeeded", "reason": "WaitingForData", "message": lines[0]}
+
+
+def test_an_empty_dataset_is_an_error_unless_waiting_for_data(tmp_path: Path, app: typer.Typer, runner: CliRunner) -> None:
+    data = tmp_path / "data"
+    data.mkdir()  # a fresh claim: the collectors have written nothing yet
+    args = ["forecast", "--data", str(data), "--out", str(tmp_path / "out"), "--quiet"]
+    assert runner.invoke(app, args).exit_code == 2  # a user who named the wrong folder hears it
+    waiting = runner.invoke(app, [*args, "--wait-for-data"])
+    assert waiting.exit_code == 0, waiting.output
+    assert waiting.output.startswith("waiting for data: have 0 steps of 1min, need 1681 (no readings in ")
+
+
+def test_a_forecast_writes_its_headline_as_the_termination_message(forecast_out: Path) -> None:
+    from sensorfleet.operator.status import last_forecast
+
+    message = forecast_out.parent / "termination-log"
+    head = json.loads((forecast_out / "metrics.json").read_text())["headline"]
+    outcome = json.loads(message.read_text())
+    assert outcome == {"reason": "Forecast", "headline": f"Harmonic MASE {head['mase']:.3g} ({head['mase_vs_baseline']:.3g}x SeasonalNaive), 6 series"}
+    job = {"metadata": {"name": "f-2"}, "status": {"succeeded": 1, "completionTime": "2026-01-01T02:00:00Z"}}
+    pod = {"status": {"containerStatuses": [{"state": {"terminated": {"message": message.read_text()}}}]}}
+    assert last_forecast([job], {"f-2": [pod]}) == {"job": "f-2", "result": "Succeeded", "time": "2026-01-01T02:00:00Z",
+                                                   "reason": "Forecast", "headline": outcome["headline"]}

@@ -107,3 +107,35 @@ def test_too_short_series_are_refused_or_dropped() -> None:
         prepare(frame, "1min", 60, 3)
     prepared = prepare(frame, "1min", 60, 3, drop_short=True)
     assert list(prepared.panel.ids["unique_id"]) == ["mqtt/a/t"] and prepared.report.dropped_series == ["mqtt/b/t"]
+
+
+def test_a_young_panel_is_not_enough_data_with_what_it_has_and_needs() -> None:
+    from sensorfleet.forecasting.errors import NotEnoughData
+
+    frame = readings({("a", "t"): [float(i) for i in range(12)], ("b", "t"): [float(i) for i in range(12)]})
+    with pytest.raises(NotEnoughData) as young:
+        prepare(frame, "1min", 60, 3)
+    assert (young.value.have, young.value.need, young.value.freq) == (12, 1681, "1min")
+    assert str(young.value).startswith("waiting for data: have 12 steps of 1min, need 1681 (")
+    assert "about 27.8 h more" in str(young.value)
+    # Long enough as a whole, but every series started too recently: waiting too, with --drop-short.
+    t = 1440 + 60 * 4 + 10
+    late = readings({("a", "t"): [None] * 100 + list(np.sin(np.arange(t - 100)))})
+    with pytest.raises(NotEnoughData, match="every series started too recently") as started_late:
+        prepare(late, "1min", 60, 3, drop_short=True)
+    assert started_late.value.have == t - 100
+    # A series with too few values among long ones stays the user's choice (--drop-short), not waiting.
+    with pytest.raises(ForecastInputError) as mixed:
+        prepare(readings({("a", "t"): list(np.sin(np.arange(t))), ("b", "t"): [1.0]}), "1min", 60, 3)
+    assert not isinstance(mixed.value, NotEnoughData)
+
+
+def test_a_window_that_can_never_hold_the_horizon_is_an_error_not_waiting() -> None:
+    from sensorfleet.forecasting.errors import NotEnoughData
+    from sensorfleet.forecasting.pipeline import ForecastOptions
+
+    options = ForecastOptions(data="d", out="o", horizon=4000, window_days=7)  # needs 17441 > 10080 steps
+    with pytest.raises(ForecastInputError, match="--window-days 7: the window holds at most 10080 steps of 1min") as never:
+        options.check()
+    assert not isinstance(never.value, NotEnoughData)
+    ForecastOptions(data="d", out="o", horizon=2000, window_days=7).check()  # 9441 steps fit: may wait, never fails here

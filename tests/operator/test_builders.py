@@ -122,7 +122,8 @@ def test_external_broker_and_storage_url() -> None:
     assert args[args.index("--broker") + 1] == "mqtt://broker.example:1883"
     cron = c[("CronJob", "plant-forecast")]
     assert cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"] == [
-        "forecast", "--data", "s3://bucket/plant", "--out", "s3://bucket/plant/_reports", "--fleet", "/etc/sensorfleet/fleet.yaml"]
+        "forecast", "--data", "s3://bucket/plant", "--out", "s3://bucket/plant/_reports", "--fleet", "/etc/sensorfleet/fleet.yaml",
+        "--wait-for-data", "--drop-short", "--termination-message", "/dev/termination-log"]
 
 
 def test_claim_mounted_at_data_and_forecast_on_schedule() -> None:
@@ -209,3 +210,38 @@ def test_forecast_job_pushes_to_the_configured_pushgateway() -> None:
     assert not [e for e in forecast_env(fleet()) if e["name"] == "SENSORFLEET_PUSHGATEWAY_URL"]
     pushed = forecast_env(fleet(monitoring={"pushgatewayUrl": "http://pushgateway.monitoring:9091"}))
     assert {"name": "SENSORFLEET_PUSHGATEWAY_URL", "value": "http://pushgateway.monitoring:9091"} in pushed
+
+
+def test_a_forecast_that_waited_for_data_keeps_the_last_forecast_time_and_is_no_problem() -> None:
+    f = fleet()
+    waited = '{"reason": "WaitingForData", "message": "waiting for data: have 3 steps of 1min, need 1681 (...)", "haveSteps": 3, "needSteps": 1681}'
+    jobs = [{"metadata": {"name": "plant-forecast-3"}, "status": {"succeeded": 1, "completionTime": "2026-01-01T03:00:00Z"}}]
+    pods = {"plant-forecast-3": [{"status": {"containerStatuses": [{"state": {"terminated": {"message": waited}}}]}}]}
+    previous = {"lastForecast": {"job": "plant-forecast-2", "result": "Succeeded", "time": "2026-01-01T02:00:00Z", "reason": "Forecast"}}
+    st = status.compute_status(f, 1, [], jobs, [], previous, "T", pods_by_job=pods)
+    assert st["lastForecast"] == {"job": "plant-forecast-3", "result": "Succeeded", "reason": "WaitingForData",
+                                  "message": "waiting for data: have 3 steps of 1min, need 1681 (...)", "time": "2026-01-01T02:00:00Z"}
+    assert "lastForecast" in status.compute_status(f, 1, [], jobs, [], None, "T", pods_by_job=pods)
+    assert "time" not in status.compute_status(f, 1, [], jobs, [], None, "T", pods_by_job=pods)["lastForecast"]
+    degraded = {c["type"]: c for c in st["conditions"]}["Degraded"]
+    assert degraded["status"] == "False"
+
+
+def test_a_failed_forecast_says_why_in_degraded() -> None:
+    f = fleet()
+    jobs = [{"metadata": {"name": "plant-forecast-4"}, "status": {"failed": 2, "conditions": [
+        {"type": "Failed", "status": "True", "lastTransitionTime": "2026-01-01T04:00:00Z"}]}}]
+    log_tail = "reading dataset\nerror --model: unknown model 'prophet'\n"  # FallbackToLogsOnError: the log's tail
+    pods = {"plant-forecast-4": [{"status": {"containerStatuses": [{"state": {"terminated": {"message": log_tail}}}]}}]}
+    st = status.compute_status(f, 1, [], jobs, [], None, "T", pods_by_job=pods)
+    assert st["lastForecast"] == {"job": "plant-forecast-4", "result": "Failed", "message": "error --model: unknown model 'prophet'"}
+    degraded = {c["type"]: c for c in st["conditions"]}["Degraded"]
+    assert degraded["reason"] == "ForecastFailed" and "unknown model 'prophet'" in degraded["message"]
+
+
+def test_the_forecast_cronjob_waits_for_data_and_reports_through_its_termination_message() -> None:
+    cron = children(fleet())[("CronJob", "plant-forecast")]
+    container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert "--wait-for-data" in args and "--drop-short" in args
+    assert args[args.index("--termination-message") + 1] == container["terminationMessagePath"] == "/dev/termination-log"
