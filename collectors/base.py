@@ -16,11 +16,15 @@ from datetime import datetime, timezone
 
 import pandas as pd
 
+from sensorfleet.collectors.backpressure import StorageWriter
 from sensorfleet.dataset import DatasetWriter, ReadingBatch, read_dataset
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.reading import MalformedReading, Reading, reading_from_wire
 
 log = logging.getLogger(__name__)
+
+# Readings held in memory by default while the store fails (spec.storage.maxBufferedReadings).
+DEFAULT_BUFFER_LIMIT = 100_000
 
 # Seqs remembered per series as "counted lost, may still arrive"; beyond this a gap is final.
 MAX_PENDING_GAP = 4096
@@ -106,7 +110,11 @@ class SequenceSpace:
 
 
 class CollectorSink:
-    """Thread-safe: adapters may call `accept_*` from a network thread and `flush` from a timer."""
+    """Thread-safe: adapters may call `accept_*` from a network thread and `flush` from a timer.
+
+    After `start_storage_thread()` a flush only hands the batch to the `StorageWriter`, which
+    writes it (retrying while the store fails); readings waiting to be written are bounded by
+    `buffer_limit` (see collectors/backpressure.py). Without it, `flush` writes synchronously."""
 
     def __init__(
         self,
@@ -118,6 +126,8 @@ class CollectorSink:
         flush_interval: float = 2.0,
         writer_id: str | None = None,
         count_gaps: bool = True,
+        buffer_limit: int = DEFAULT_BUFFER_LIMIT,
+        redelivered: bool = False,
     ):
         self.fleet = fleet
         self.protocol = protocol
@@ -133,6 +143,57 @@ class CollectorSink:
         self._after_flush: list[Callable[[], None]] = []
         self._logged_kinds: set[str] = set()
         self.totals = {"received": 0, "stored": 0, "lost": 0, "duplicates": 0, "malformed": 0}
+        self.buffer_limit = buffer_limit
+        # True when the sender keeps what is not acknowledged (MQTT QoS 1): nothing is dropped at
+        # the bound (the adapter stops taking messages), nothing unwritten at exit is lost.
+        self.redelivered = redelivered
+        self.storage: StorageWriter | None = None
+        metrics.buffer_limit.set(buffer_limit)
+
+    def start_storage_thread(self) -> StorageWriter:
+        """Write batches in a thread of their own from now on (bounded buffer, retries)."""
+        self.storage = StorageWriter(self.writer, self.metrics, self.buffer_limit, self._record_written, merge_up_to=self.batch_size)
+        self.storage.start()
+        return self.storage
+
+    def buffered(self) -> int:
+        """Readings accepted and not yet written."""
+        return len(self._batch) + (self.storage.queued if self.storage else 0)
+
+    def full(self) -> bool:
+        """At the bound: MQTT takes no more messages, CoAP/OPC UA drop what comes (counted lost)."""
+        return self.buffered() >= self.buffer_limit
+
+    def wait_for_room(self, stop: threading.Event, poll: float = 0.05) -> bool:
+        """Block while the buffer is full (MQTT's backpressure); False if `stop` was set first."""
+        while self.full():
+            if stop.wait(poll):
+                return False
+        return True
+
+    def close(self) -> int:
+        """Seal the open batch, write what is buffered (retrying briefly while the store fails)
+        and stop the storage thread. Returns the readings that could not be written; unless the
+        sender redelivers them (MQTT), they are counted lost (`storage_unavailable`)."""
+        if self.storage is None:
+            return 0
+        self.flush()
+        left = self.storage.close()
+        if left:
+            if self.redelivered:
+                log.error("stopping with %d readings not written (the store is still failing); the broker redelivers them to the next collector", left)
+            else:
+                log.error("stopping with %d readings not written (the store is still failing); counted as lost (storage_unavailable)", left)
+                self._count_unstored(left)
+        self.metrics.buffered.set(self.buffered())
+        return left
+
+    def _count_unstored(self, n: int, reason: str = "storage_unavailable") -> None:
+        """Readings received and given up without storing them: lost, and why."""
+        with self._lock:
+            self.metrics.lost.inc(n)
+            self.metrics.unstored(reason).inc(n)
+            self.totals["lost"] += n
 
     # --- start-up -------------------------------------------------------------------------------
     def resume_from_dataset(self, days: int = 2, space: SequenceSpace | None = None) -> int:
@@ -201,6 +262,10 @@ class CollectorSink:
                 # Counters never go down: the late counter lets PromQL subtract it (lost - late).
                 self.metrics.late.inc(verdict.late)
                 self.totals["lost"] -= verdict.late
+            if not self.redelivered and self.full():
+                # Observed (a later reading is no gap) but not stored: lost, and counted as such.
+                self._count_unstored(1)
+                return False
             if not len(self._batch):
                 self._batch_started = time.monotonic()
             self._batch.add(reading, received_at)
@@ -217,14 +282,22 @@ class CollectorSink:
     def update_lag(self) -> None:
         oldest = self._batch.oldest_ts() if len(self._batch) else None
         self.metrics.batch_lag.set(max(0.0, time.time() - oldest.timestamp()) if oldest else 0.0)
+        self.metrics.buffered.set(self.buffered())
 
-    def flush(self) -> int:
-        """Write the current batch (if any). Returns rows written. Raises if the write fails,
-        keeping the batch so nothing is lost; the caller retries."""
+    def flush(self, on_written: Callable[[], None] | None = None) -> int:
+        """Write the current batch (if any); `on_written` runs once it is stored. Returns its size.
+        With the storage thread: hands the batch over and returns at once. Without: writes it
+        here and raises if the write fails, keeping the batch so nothing is lost."""
         with self._lock:
             batch = self._batch
             if not len(batch):
+                if on_written is not None:
+                    on_written()
                 return 0
+            if self.storage is not None:
+                self._batch = ReadingBatch(self.protocol)
+                self.storage.submit(batch, on_written)
+                return len(batch)
             started = time.perf_counter()
             try:
                 self.writer.write(batch)
@@ -232,7 +305,13 @@ class CollectorSink:
                 self.metrics.error("write_failed").inc()
                 raise
             self._batch = ReadingBatch(self.protocol)
-            elapsed = time.perf_counter() - started
+            self._record_written(batch, time.perf_counter() - started)
+        if on_written is not None:
+            on_written()
+        return len(batch)
+
+    def _record_written(self, batch: ReadingBatch, elapsed: float) -> None:
+        with self._lock:
             stored_at = time.time()
             n = len(batch)
             self.metrics.batch_write_seconds.observe(elapsed)
@@ -244,13 +323,15 @@ class CollectorSink:
             for ts in batch.columns["ts"]:
                 latency.observe(stored_at - ts.timestamp())
             self.metrics.batch_lag.set(0.0)
-            return n
+            self.metrics.buffered.set(self.buffered())
 
 
 def drain_into_sink(sink: CollectorSink, intake: collections.deque, done: threading.Event, handle: Callable[[object], None], flush_check_every: int = 2000) -> None:
-    """The writer thread of a collector whose network loop must never wait on Parquet writes:
+    """The intake thread of a collector whose network loop must never wait on Parquet writes:
     pop what the loop appended to `intake`, `handle` each item into `sink`, flush when due,
-    until `done` is set and everything is written. A failed write keeps the batch and retries."""
+    until `done` is set and everything is written. With the sink's storage thread started a
+    flush never blocks (the storage thread retries); without, a failed write keeps the batch
+    and this loop retries."""
     while True:
         finished = done.is_set()
         n = 0
@@ -263,6 +344,7 @@ def drain_into_sink(sink: CollectorSink, intake: collections.deque, done: thread
             _flush_retrying(sink)
         sink.update_lag()
         if finished and not intake and not sink.pending():
+            sink.close()
             return
         if not n:
             time.sleep(0.02)

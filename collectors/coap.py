@@ -311,7 +311,8 @@ def run(opts: CollectorOptions) -> int:
         return 2
     fleet = opts.fleet
     metrics = FleetMetrics(fleet.name, PROTOCOL, "collector")
-    sink = CollectorSink(fleet.name, PROTOCOL, opts.data_url, metrics, fleet.spec.collector.batch_size, fleet.spec.collector.flush_interval, writer_id=opts.client_id)
+    sink = CollectorSink(fleet.name, PROTOCOL, opts.data_url, metrics, fleet.spec.collector.batch_size, fleet.spec.collector.flush_interval,
+                         writer_id=opts.client_id, buffer_limit=fleet.spec.storage.max_buffered_readings)
     try:
         metrics.serve(opts.metrics_port, opts.metrics_host)
     except OSError as exc:
@@ -321,6 +322,7 @@ def run(opts: CollectorOptions) -> int:
     if resumed:
         log.info("resuming %d series from the dataset", resumed)
     intake: collections.deque = collections.deque()
+    sink.start_storage_thread()  # bounded buffer; beyond it readings are counted lost (backpressure.py)
     done = threading.Event()
     worker = threading.Thread(target=sink_worker, args=(sink, intake, done), name="coap-sink", daemon=True)
     worker.start()

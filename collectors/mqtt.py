@@ -6,6 +6,13 @@ holding them is written to the dataset (manual acks). A collector killed before 
 unacknowledged messages again from the broker; a restarted collector seeds its de-duplication from
 the dataset, so a message written but not yet acknowledged is not stored twice.
 
+Backpressure (collectors/backpressure.py): batches are written by the sink's storage thread, which
+retries while the store is full or unreachable. When `spec.storage.maxBufferedReadings` readings
+wait to be written, the message callback waits for room before taking the next message: nothing
+more is read or acknowledged, and the broker keeps the rest of the session's messages (QoS 1).
+If that lasts longer than the keep-alive, the broker closes the connection; once there is room
+again paho reconnects and the broker redelivers everything unacknowledged.
+
 With `collectorReplicas > 1`, replicas share the load through a shared subscription
 (`$share/<group>/...`, Mosquitto); a device's readings then spread over replicas, so each replica
 cannot see gaps: gap accounting is switched off there (see README, "Loss accounting").
@@ -46,10 +53,15 @@ class MqttCollector:
             fleet.name, "mqtt", opts.data_url, metrics,
             batch_size=spec.collector.batch_size, flush_interval=spec.collector.flush_interval,
             writer_id=self.client_id, count_gaps=not shared,
+            buffer_limit=spec.storage.max_buffered_readings, redelivered=True,
         )
         self.sequence_space = SequenceSpace.of(spec, "mqtt")
-        self._unacked: list[tuple[int, int]] = []  # (mid, qos) of messages in the current batch
+        self._unacked: list[tuple[int, int, int]] = []  # (mid, qos, connection) of messages in the current batch
         self._lock = threading.Lock()
+        # Packet ids are per connection: a message received on an earlier one is redelivered by
+        # the broker and must not be acknowledged on this one (the tracker drops the copy).
+        self._connection = 0
+        self._stop = threading.Event()
         self.client = mqtt_client(broker, self.client_id, clean_session=False, manual_ack=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -71,12 +83,15 @@ class MqttCollector:
         # connection would acknowledge the wrong packet ids, so forget them (the tracker
         # recognises the redeliveries as duplicates).
         with self._lock:
+            self._connection += 1
             self._unacked.clear()
         if reason_code != 0:
             log.warning("lost the broker %s (%s); reconnecting with back-off", self.broker.url, reason_code)
             self.metrics.error("connection_lost").inc()
 
     def _on_message(self, _client, _userdata, message: mqtt.MQTTMessage) -> None:
+        if not self.sink.wait_for_room(self._stop):
+            return  # stopping: not taken, not acknowledged; the broker redelivers it
         received_at = datetime.now(timezone.utc)
         try:
             documents = decode_json_payload(message.payload)
@@ -85,28 +100,28 @@ class MqttCollector:
             documents = []
         self.sink.accept_documents(documents, received_at)
         with self._lock:
-            self._unacked.append((message.mid, message.qos))
+            self._unacked.append((message.mid, message.qos, self._connection))
         if self.sink.pending() >= self.sink.batch_size:
             self.flush_and_ack()
 
     def flush_and_ack(self) -> None:
+        """Hand the batch to the storage thread; its messages are acknowledged once it is written."""
         with self._lock:
             acks, self._unacked = self._unacked, []
-        try:
-            self.sink.flush()
-        except Exception:
-            log.exception("writing a batch failed; will retry")
-            with self._lock:
-                self._unacked = acks + self._unacked
-            return
-        for mid, qos in acks:
-            if qos:
+        self.sink.flush(on_written=lambda: self._ack(acks))
+
+    def _ack(self, acks: list[tuple[int, int, int]]) -> None:
+        with self._lock:
+            current = self._connection
+        for mid, qos, connection in acks:
+            if qos and connection == current:
                 self.client.ack(mid, qos)
 
     def run(self, stop: threading.Event, duration: float | None) -> None:
         resumed = self.sink.resume_from_dataset(space=self.sequence_space)
         if resumed:
             log.info("resuming %d series from the dataset", resumed)
+        self.sink.start_storage_thread()
         self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
         self.client.loop_start()
         deadline = time.monotonic() + duration if duration else None
@@ -118,7 +133,9 @@ class MqttCollector:
                     self.flush_and_ack()
         finally:
             # Flush before disconnecting, so the final acks still reach the broker.
+            self._stop.set()
             self.flush_and_ack()
+            self.sink.close()
             time.sleep(0.1)
             self.client.disconnect()
             self.client.loop_stop()

@@ -350,7 +350,8 @@ def run(opts: CollectorOptions) -> int:
         return 2
     fleet = opts.fleet
     metrics = FleetMetrics(fleet.name, PROTOCOL, "collector")
-    sink = CollectorSink(fleet.name, PROTOCOL, opts.data_url, metrics, fleet.spec.collector.batch_size, fleet.spec.collector.flush_interval, writer_id=opts.client_id)
+    sink = CollectorSink(fleet.name, PROTOCOL, opts.data_url, metrics, fleet.spec.collector.batch_size, fleet.spec.collector.flush_interval,
+                         writer_id=opts.client_id, buffer_limit=fleet.spec.storage.max_buffered_readings)
     intake: collections.deque = collections.deque()
     try:
         targets = [TargetCollector(url, opts, intake, metrics) for url in opts.targets]
@@ -361,6 +362,7 @@ def run(opts: CollectorOptions) -> int:
     resumed = sink.resume_from_dataset(space=SequenceSpace.of(fleet.spec, PROTOCOL))
     if resumed:
         log.info("resuming %d series from the dataset", resumed)
+    sink.start_storage_thread()  # bounded buffer; beyond it readings are counted lost (backpressure.py)
     done = threading.Event()
     worker = threading.Thread(target=sink_worker, args=(sink, targets, intake, done), name="opcua-sink", daemon=True)
     worker.start()

@@ -463,7 +463,8 @@ def pod_resources(fleet: SensorFleet, role: str, protocol: str | None = None) ->
     else:
         cpu = 20 + readings_per_second * COLLECTOR_MILLICORES_PER_READING_S
         memory = 96 + series * COLLECTOR_MIB_PER_SERIES + fleet.spec.collector.batch_size * COLLECTOR_MIB_PER_BATCH_ROW
-        queue = 0
+        # While the store fails a collector holds up to maxBufferedReadings (collectors/backpressure.py).
+        queue = fleet.spec.storage.max_buffered_readings * COLLECTOR_MIB_PER_BATCH_ROW
     floor = RESOURCES[role]
     cpu_request = min(max(cpu, _millis(floor["requests"]["cpu"])), 4000)
     memory_request = min(max(memory, _mebibytes(floor["requests"]["memory"])), 16384)

@@ -94,6 +94,10 @@ class ReadingBatch:
         c["anomaly"].append(reading.anomaly)
         c["received_at"].append(received_at)
 
+    def merged(self, other: ReadingBatch) -> ReadingBatch:
+        """This batch followed by `other` (both left as they are)."""
+        return ReadingBatch(self.protocol, {name: values + other.columns[name] for name, values in self.columns.items()})
+
     def oldest_ts(self) -> datetime | None:
         return min(self.columns["ts"]) if len(self) else None
 
@@ -137,17 +141,22 @@ class DatasetWriter:
         name = f"part-{self.writer_id}-{time.time_ns()}-{self.files_written:06d}.parquet"
         final = f"{directory}/{name}"
         if not self.local:
-            pq.write_table(table, final, filesystem=self.fs, compression="zstd")
+            try:
+                pq.write_table(table, final, filesystem=self.fs, compression="zstd")
+            except Exception as exc:
+                exc.add_note(f"while writing {self.fs.unstrip_protocol(final)}")  # the object the log names
+                raise
             return final
-        self.fs.makedirs(directory, exist_ok=True)
         temporary = f"{directory}/.{name}.tmp"
         try:
+            self.fs.makedirs(directory, exist_ok=True)
             pq.write_table(table, temporary, filesystem=self.fs, compression="zstd")
             os.rename(temporary, final)
-        except BaseException:
+        except BaseException as exc:
             # A full disk leaves a partial temporary behind: remove it, the caller keeps the batch.
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
+            exc.add_note(f"while writing {final}")
             raise
         return final
 

@@ -20,6 +20,8 @@ from prometheus_client import (
 )
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+# Why a write to the dataset store failed (collectors/backpressure.py classifies).
+WRITE_FAILURE_REASONS = ("no_space", "read_only", "permission_denied", "unreachable", "io_error", "other")
 WRITE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -58,7 +60,7 @@ class FleetMetrics:
         # Collector side
         self._received = counter("sensorfleet_readings_received_total", "Valid readings received by a collector, duplicates included.")
         self._stored = counter("sensorfleet_readings_stored_total", "Readings written to the dataset.")
-        self._lost = counter("sensorfleet_readings_lost_total", "Readings missing from a device's sequence (gaps in seq).")
+        self._lost = counter("sensorfleet_readings_lost_total", "Readings missing from a device's sequence (gaps in seq), and readings dropped at the buffer bound (see readings_unstored_total).")
         self._recovered = counter("sensorfleet_readings_late_total", "Readings first counted lost that arrived later (reordered); lost_total was corrected.")
         self._duplicates = counter("sensorfleet_readings_duplicate_total", "Readings received again (same device, sensor and seq) and not stored twice.")
         self._malformed = counter("sensorfleet_payloads_malformed_total", "Payloads or readings that failed validation and were skipped, by reason.", ["reason"])
@@ -66,6 +68,12 @@ class FleetMetrics:
         self._batches = counter("sensorfleet_batch_writes_total", "Parquet files written.")
         self.batch_write_seconds = Histogram("sensorfleet_batch_write_duration_seconds", "Time to write one batch to the dataset.", labels, buckets=WRITE_BUCKETS, registry=r).labels(*values)
         self._batch_lag = gauge("sensorfleet_collector_batch_lag_seconds", "Age of the oldest reading received but not yet written.")
+        # Backpressure (collectors/backpressure.py)
+        self._buffered = gauge("sensorfleet_collector_buffered_readings", "Readings accepted but not yet written (open batch and batches waiting for the store).")
+        self._buffer_limit = gauge("sensorfleet_collector_buffer_limit_readings", "spec.storage.maxBufferedReadings: at this many buffered readings the collector applies backpressure.")
+        self._storage_degraded = gauge("sensorfleet_storage_degraded", "1 while writes to the dataset store fail (full disk, store unreachable, ...), else 0.")
+        self._write_failures = counter("sensorfleet_storage_write_failures_total", "Failed attempts to write a batch to the dataset store, by reason.", ["reason"])
+        self._unstored = counter("sensorfleet_readings_unstored_total", "Readings a collector dropped without storing them, by reason (also counted in lost_total).", ["reason"])
         # Both
         self._errors = counter("sensorfleet_errors_total", "Errors by kind (connection lost, write failed, ...).", ["component", "kind"])
         self._connected = gauge("sensorfleet_connected", "1 while connected to the broker / server / clients this component needs.")
@@ -85,6 +93,12 @@ class FleetMetrics:
         self.batch_lag = self._batch_lag.labels(*values)
         self.connected = self._connected.labels(*values)
         self.last_activity = self._last_activity.labels(*values)
+        self.buffered = self._buffered.labels(*values)
+        self.buffer_limit = self._buffer_limit.labels(*values)
+        self.storage_degraded = self._storage_degraded.labels(*values)
+        for reason in WRITE_FAILURE_REASONS:
+            self._write_failures.labels(*values, reason)
+        self._unstored.labels(*values, "storage_unavailable")
         for reason in ("not_json", "not_utf8", "not_object", "missing_field", "bad_field", "bad_value", "bad_seq", "bad_ts", "foreign_fleet", "bad_content_format"):
             self._malformed.labels(*values, reason)
         self._dropped.labels(*values, "queue_full")
@@ -94,6 +108,12 @@ class FleetMetrics:
 
     def dropped(self, reason: str) -> Counter:
         return self._dropped.labels(self.fleet, self.protocol, reason)
+
+    def write_failures(self, reason: str) -> Counter:
+        return self._write_failures.labels(self.fleet, self.protocol, reason)
+
+    def unstored(self, reason: str) -> Counter:
+        return self._unstored.labels(self.fleet, self.protocol, reason)
 
     def error(self, kind: str) -> Counter:
         return self._errors.labels(self.fleet, self.protocol, self.component, kind)

@@ -261,6 +261,10 @@ class StorageSpec(SpecModel):
     ]
     claim_retention: Annotated[ClaimRetentionPolicy, Field(default_factory=ClaimRetentionPolicy, description="What happens to the data claim when the fleet is deleted.")]
     retention_days: Annotated[int | None, Field(default=None, ge=1, le=36500, description="Drop whole date partitions older than this many days (the compaction job applies it). Unset: keep everything.")]
+    max_buffered_readings: Annotated[
+        int,
+        Field(default=100_000, ge=100, le=10_000_000, description="Readings a collector holds in memory while the store is full or unreachable (about 1 KiB each; the collector's memory limit grows with it). At the bound the MQTT collector stops taking messages (the broker keeps them, nothing is lost) and the CoAP/OPC UA collectors drop further readings, counted as lost with reason `storage_unavailable`."),
+    ]
     compaction_schedule: Annotated[str, Field(default="15 * * * *", description="Cron schedule of the compaction CronJob (merges the closed hours' small files, applies `retentionDays`).")]
 
     @model_validator(mode="after")
