@@ -35,6 +35,7 @@ from asyncua import Client, ua
 from asyncua.common.subscription import Subscription
 
 from sensorfleet.collectors.base import CollectorSink, SequenceSpace, drain_into_sink
+from sensorfleet.collectors.opcua_events import ControlEventSink, subscribe_control_events
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.reading import Reading
 from sensorfleet.runtime import CollectorOptions, stop_event_on_signals
@@ -112,6 +113,8 @@ class TargetCollector:
         self.lost_subscription = False
         self.connected = False
         self.subscribed = 0
+        # Device events (setpoint writes, InjectFault, Reset) go to the dataset's events table.
+        self.events = ControlEventSink(opts.fleet.name, opts.data_url, PROTOCOL, opts.client_id)
 
     # --- connection -----------------------------------------------------------------------------
     async def _client(self) -> Client:
@@ -146,6 +149,7 @@ class TargetCollector:
                 self.connected = True
                 variables = await self.browse(client)
                 await self.subscribe(client, variables)
+                await subscribe_control_events(client, f"urn:sensorfleet:{self.fleet.name}", self.events)
                 backoff = 0.5
                 await self.watch(client, stop)
             except ValueError:
@@ -337,6 +341,7 @@ async def collect(targets: list[TargetCollector], metrics: FleetMetrics, stop_fl
         await asyncio.gather(watch_stop(), *(t.run(stop) for t in targets))
     finally:
         metrics.connected.set(0)
+        await asyncio.gather(*(t.events.drain() for t in targets))
 
 
 def run(opts: CollectorOptions) -> int:

@@ -27,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sensorfleet.events import read_events
 from sensorfleet.forecasting import anomalies, animation, evaluate, plots, report
 from sensorfleet.forecasting.errors import ForecastInputError, NoReadings, NotEnoughData
 from sensorfleet.forecasting.models import BASELINE, MODEL_CHOICES, TIMEGPT_KEY_MISSING, ForecastBlock, SeasonalNaiveBaseline, make_model
@@ -257,6 +258,19 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+MAX_EVENTS_LISTED = 200
+
+
+def device_events_summary(events: pd.DataFrame) -> dict[str, Any]:
+    """What clients did to devices in the window (sensorfleet.events), for metrics.json and the report."""
+    rows = []
+    for e in events.tail(MAX_EVENTS_LISTED).itertuples():
+        rows.append({"ts": pd.Timestamp(e.ts).isoformat(), "protocol": e.protocol, "device": e.device, "action": e.action,
+                     "sensor": e.sensor, "value": None if pd.isna(e.value) else float(e.value), "fault": e.fault,
+                     "duration": None if pd.isna(e.duration) else float(e.duration), "message": e.message})
+    return {"count": int(len(events)), "by_action": {k: int(v) for k, v in events["action"].value_counts().items()}, "rows": rows}
+
+
 def run_forecast(options: ForecastOptions, progress: Progress | None = None) -> ForecastRun:
     options.check()
     progress = progress or Progress(enabled=False)
@@ -304,9 +318,11 @@ def run_forecast(options: ForecastOptions, progress: Progress | None = None) -> 
             scores = evaluate.evaluate_forecasts(table, models, BASELINE, train, panel.season, panel.ids)
         with progress.stage("anomaly flags") as advance:
             table, flagged = anomalies.detect(table, model.name, options.level)
+        with progress.stage("device events", 1):
+            events = read_events(options.data, panel.start, panel.start + panel.step * panel.n_steps)
         with progress.stage("plots", 1) as advance:
             rows = choose_plot_rows(panel, options.plot_series, options.seed)
-            drawn = plots.draw_all(out, panel, table, rows, model.name, BASELINE, options.level, labels, on_plot=advance)
+            drawn = plots.draw_all(out, panel, table, rows, model.name, BASELINE, options.level, labels, on_plot=advance, events=events)
         with progress.stage("animation", 1):
             film = animation.write_animation(out, panel, animation.pick_series(panel, options.horizon), options.horizon, options.level)
         holdout = scores.get("holdout", {}).get("models", {})
@@ -340,6 +356,7 @@ def run_forecast(options: ForecastOptions, progress: Progress | None = None) -> 
             "anomalies": flagged,
             "cleaning": cleaning.as_dict(),
             "animation": film,
+            "device_events": device_events_summary(events),
             "timings_s": {},
         }
         per_series = [df.drop(columns=["sid"]).assign(split=split) for split, df in scores["per_series"].items()]

@@ -21,7 +21,7 @@ from sensorfleet.forecasting.features import rolling_stats  # noqa: E402
 from sensorfleet.forecasting.prepare import Panel  # noqa: E402
 
 DPI = 90
-COLORS = {"actual": "#333333", "train": "#4c72b0", "test": "#dd8452", "model": "#55a868", "baseline": "#c44e52", "flag": "#8172b3"}
+COLORS = {"actual": "#333333", "train": "#4c72b0", "test": "#dd8452", "model": "#55a868", "baseline": "#c44e52", "flag": "#8172b3", "event": "#937860"}
 
 
 def _save(fig: plt.Figure, out: Path, name: str) -> str:
@@ -36,12 +36,25 @@ def _label(panel: Panel, row: int) -> str:
     return f"{ids['unique_id']} [{ids['unit']}]"
 
 
+def _mark_events(ax: plt.Axes, panel: Panel, row: int, events: pd.DataFrame | None, lo: pd.Timestamp, hi: pd.Timestamp) -> None:
+    """Vertical lines where a client acted on the series' device (setpoint write, InjectFault,
+    Reset: the dataset's events table, sensorfleet.events)."""
+    if events is None or events.empty:
+        return
+    ids = panel.ids.iloc[row]
+    mine = events[(events["protocol"] == ids["protocol"]) & (events["device"] == ids["device"])]
+    for i, e in enumerate(mine.itertuples()):
+        ts = pd.Timestamp(e.ts).tz_convert(None)
+        if lo <= ts <= hi and (e.action != "setpoint" or e.sensor == ids["sensor"]):
+            ax.axvline(ts, color=COLORS["event"], lw=0.9, ls=":", label="device event" if i == 0 else None)
+
+
 def _axes(n: int, height: float = 2.4, width: float = 11.0) -> tuple[plt.Figure, list[plt.Axes]]:
     fig, axes = plt.subplots(n, 1, figsize=(width, height * n + 0.4), squeeze=False)
     return fig, [a for a in axes[:, 0]]
 
 
-def train_test_split(out: Path, panel: Panel, rows: np.ndarray, labels: dict[int, str]) -> str:
+def train_test_split(out: Path, panel: Panel, rows: np.ndarray, labels: dict[int, str], events: pd.DataFrame | None = None) -> str:
     """Each sampled series over the whole window: training data, CV windows and the hold-out."""
     test_origin = next(o for o, label in labels.items() if label == "test")
     cv = [o for o, label in labels.items() if label.startswith("cv")]
@@ -52,13 +65,14 @@ def train_test_split(out: Path, panel: Panel, rows: np.ndarray, labels: dict[int
         ax.plot(times[test_origin:], panel.y[row, test_origin:], color=COLORS["test"], lw=0.9, label="test (hold-out)")
         if cv:
             ax.axvspan(times[min(cv)], times[test_origin - 1], color="#bbbbbb", alpha=0.3, label="CV windows")
+        _mark_events(ax, panel, row, events, times[0], times[-1])
         ax.set_title(_label(panel, row), fontsize=9, loc="left")
         ax.legend(loc="upper left", fontsize=7)
     fig.suptitle("Train / test split", fontsize=11)
     return _save(fig, out, "train_test_split.png")
 
 
-def forecast_vs_actual(out: Path, panel: Panel, table: pd.DataFrame, rows: np.ndarray, model: str, baseline: str, level: int) -> str:
+def forecast_vs_actual(out: Path, panel: Panel, table: pd.DataFrame, rows: np.ndarray, model: str, baseline: str, level: int, events: pd.DataFrame | None = None) -> str:
     """The last hours of history, the hold-out actuals, the model's forecast with its interval, the
     baseline, flagged readings, and the forecast of the future."""
     test_origin = int(((table.loc[table["window"] == "test", "ds"].min() - panel.start.tz_convert(None)) / panel.step))
@@ -81,6 +95,7 @@ def forecast_vs_actual(out: Path, panel: Panel, table: pd.DataFrame, rows: np.nd
                     ax.plot(part["ds"], part[baseline], color=COLORS["baseline"], lw=0.8, ls="--", label=baseline)
                 flagged = part[part["anomaly_flag"]] if "anomaly_flag" in part else part.iloc[:0]
                 ax.scatter(flagged["ds"], flagged["y_raw"], color=COLORS["flag"], s=18, zorder=5, label="flagged")
+        _mark_events(ax, panel, row, events, times[lo], times[-1])
         ax.set_title(_label(panel, row), fontsize=9, loc="left")
         ax.legend(loc="upper left", fontsize=7, ncol=3)
     fig.suptitle(f"Forecast vs actual (hold-out and future), {model}", fontsize=11)
@@ -179,13 +194,14 @@ def draw_all(
     level: int,
     labels: dict[int, str],
     on_plot: Callable[[int, int], None] | None = None,
+    events: pd.DataFrame | None = None,
 ) -> list[dict[str, str]]:
     """Every plot of the report: [{"title", "file"}] in display order."""
     out = Path(out)
     protocols = sorted(panel.ids["protocol"].unique())
     jobs: list[tuple[str, Callable[[], str]]] = [
-        ("Train / test split", lambda: train_test_split(out, panel, rows, labels)),
-        ("Forecast vs actual", lambda: forecast_vs_actual(out, panel, table, rows, model, baseline, level)),
+        ("Train / test split", lambda: train_test_split(out, panel, rows, labels, events)),
+        ("Forecast vs actual", lambda: forecast_vs_actual(out, panel, table, rows, model, baseline, level, events)),
         ("Residuals over time", lambda: residuals_over_time(out, table, panel, rows, model, baseline)),
         ("Error distribution", lambda: error_distribution(out, table, model, baseline)),
         ("Rolling statistics", lambda: rolling_statistics(out, panel, rows)),

@@ -70,6 +70,15 @@ horizon {{ options.horizon }} steps, {{ options.cv_windows }} rolling-origin CV 
 {% endfor %}
 </table>
 
+{% if device_events and device_events.count %}
+<h2>Device events</h2>
+<p>{{ device_events.count }} action(s) of clients on devices in the window ({% for k, v in device_events.by_action.items() %}{{ v }} {{ k }}{% if not loop.last %}, {% endif %}{% endfor %}): setpoint writes, injected faults and resets, from the events table beside the dataset. Dotted lines in the plots mark them on the series they touched.</p>
+<table>
+<tr><th>time (UTC)</th><th>device</th><th>action</th><th>sensor</th><th>setpoint</th><th>fault</th><th>duration (s)</th><th>message</th></tr>
+{% for e in device_events.rows %}<tr><td>{{ e.ts }}</td><td>{{ e.protocol }}/{{ e.device }}</td><td>{{ e.action }}</td><td>{{ e.sensor or "" }}</td><td>{{ fmt(e.value) if e.value is not none else "" }}</td><td>{{ e.fault or "" }}</td><td>{{ fmt(e.duration) if e.duration is not none else "" }}</td><td>{{ e.message or "" }}</td></tr>{% endfor %}
+</table>
+{% endif %}
+
 <h2>Data preparation</h2>
 <table>
 <tr><th>readings</th><th>series</th><th>missing steps</th><th>interpolated</th><th>stuck removed</th><th>spikes removed</th><th>long gaps (&gt; {{ cleaning.max_gap_steps }} steps)</th><th>dropped series</th></tr>
@@ -122,6 +131,7 @@ def render(metrics: dict[str, Any], plots: list[dict[str, str]]) -> str:
         timings=metrics.get("timings_s", {}),
         plots=plots,
         animation=metrics.get("animation"),
+        device_events=metrics.get("device_events"),
         fmt=_fmt,
     )
 

@@ -49,6 +49,7 @@ from asyncua.server.user_managers import UserManager
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.runtime import SimulatorOptions, stop_event_on_signals
 from sensorfleet.signals import QUALITY_BAD, SignalModel, device_id, shard_devices
+from sensorfleet.simulators.opcua_control import DeviceControls
 
 log = logging.getLogger("sensorfleet.simulators.opcua")
 
@@ -226,6 +227,7 @@ class OpcuaSimulator:
         self.min_round = min(MAX_ROUND, self.model.interval / 5)
         self.totals = {"published": 0, "dropped": 0}
         self.server: Server | None = None
+        self.controls: DeviceControls | None = None  # spec.protocols.opcua.writable
 
     def due_ticks(self, now: float) -> np.ndarray:
         return np.floor((now - self.model.epoch) / self.model.interval - self.phase).astype(np.int64)
@@ -245,7 +247,7 @@ class OpcuaSimulator:
             self.metrics.dropped("overload").inc(skipped)
             self.totals["dropped"] += skipped
         self.last_tick[changed] = ticks[changed]
-        block = self.model.block(self.indices[changed], ticks[changed])
+        block = self.model.block(self.indices[changed], ticks[changed], self.controls.log if self.controls else None)
         self.metrics.schedule_lag.set(max(0.0, now - float(block.times.min()) - self.model.interval))
         server_ts = dt.datetime.now(dt.timezone.utc)
         values, quality, times = block.values.tolist(), block.quality.tolist(), block.times.tolist()
@@ -286,6 +288,9 @@ class OpcuaSimulator:
         self.server, ns = await build_server(self.fleet_name, self.cfg, self.host, self.port)
         started = time.perf_counter()
         items, _ = address_space_items(ns, self.devices, self.model.sensors)
+        if self.cfg.writable:
+            self.controls = DeviceControls(self.model, self.cfg, ns, self.devices, self.indices)
+            items += self.controls.items(_node_item, _attrs)
         results = await self.server.iserver.isession.add_nodes(items)
         bad = [r.StatusCode for r in results if not r.StatusCode.is_good()]
         if bad:
@@ -296,6 +301,8 @@ class OpcuaSimulator:
         # Seq is computed when read (exact, and costs nothing per tick), not written every tick.
         for row, device in enumerate(self.devices):
             aspace.set_attribute_value_callback(ua.NodeId(f"{device}/{SEQ_VARIABLE}", ns), ua.AttributeIds.Value, self._seq_reader(row))
+        if self.controls:
+            await self.controls.install(self.server)
         log.info("address space: %d nodes in %.1f s", len(items), time.perf_counter() - started)
         # The address space lives as long as the process: keep the cyclic GC from walking its
         # hundreds of thousands of objects again and again (a full pass stalls the loop for

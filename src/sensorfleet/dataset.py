@@ -139,26 +139,32 @@ class DatasetWriter:
         directory = partition_dir(self.root, self.protocol, day, hour)
         self.files_written += 1
         name = f"part-{self.writer_id}-{time.time_ns()}-{self.files_written:06d}.parquet"
-        final = f"{directory}/{name}"
-        if not self.local:
-            try:
-                pq.write_table(table, final, filesystem=self.fs, compression="zstd")
-            except Exception as exc:
-                exc.add_note(f"while writing {self.fs.unstrip_protocol(final)}")  # the object the log names
-                raise
-            return final
-        temporary = f"{directory}/.{name}.tmp"
+        return write_parquet_file(self.fs, self.local, table, directory, name)
+
+
+def write_parquet_file(fs: fsspec.AbstractFileSystem, local: bool, table: pa.Table, directory: str, name: str) -> str:
+    """Write `directory/name` so that readers never see half of it (see the module docstring);
+    a failure names the file."""
+    final = f"{directory}/{name}"
+    if not local:
         try:
-            self.fs.makedirs(directory, exist_ok=True)
-            pq.write_table(table, temporary, filesystem=self.fs, compression="zstd")
-            os.rename(temporary, final)
-        except BaseException as exc:
-            # A full disk leaves a partial temporary behind: remove it, the caller keeps the batch.
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            exc.add_note(f"while writing {final}")
+            pq.write_table(table, final, filesystem=fs, compression="zstd")
+        except Exception as exc:
+            exc.add_note(f"while writing {fs.unstrip_protocol(final)}")  # the object the log names
             raise
         return final
+    temporary = f"{directory}/.{name}.tmp"
+    try:
+        fs.makedirs(directory, exist_ok=True)
+        pq.write_table(table, temporary, filesystem=fs, compression="zstd")
+        os.rename(temporary, final)
+    except BaseException as exc:
+        # A full disk leaves a partial temporary behind: remove it, the caller keeps the batch.
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        exc.add_note(f"while writing {final}")
+        raise
+    return final
 
 
 def read_dataset(

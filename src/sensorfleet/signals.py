@@ -23,6 +23,7 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
+from sensorfleet.controls import ControlLog
 from sensorfleet.reading import ANOMALIES, Reading
 from sensorfleet.spec import FleetSpec, SensorSpec
 
@@ -202,9 +203,7 @@ class SignalModel:
         cycle = sensor.daily_amplitude * np.cos(2.0 * np.pi * (hour - sensor.peak_hour) / 24.0)
         days = (times - self.epoch) / 86400.0
         drift_scale = 0.5 + _uniform(self.key, devices, s, np.zeros_like(devices), _STREAM_DRIFT_SCALE)
-        offset = sensor.device_spread * _normal(
-            self.key, devices, s, np.zeros_like(devices), (_STREAM_DEVICE_OFFSET_A, _STREAM_DEVICE_OFFSET_B)
-        )
+        offset = self.nominal(devices, s) - sensor.baseline
         z = _normal(self.key, devices, s, ticks, (_STREAM_NOISE_A, _STREAM_NOISE_B))
         if s > 0 and sensor.noise_coupling:
             rho = sensor.noise_coupling
@@ -215,6 +214,49 @@ class SignalModel:
             return sensor.baseline + offset + moving + sensor.noise * z
         slow, gain, noise_factor = self._realism(s, devices, times)
         return sensor.baseline + offset + gain * (moving + slow) + sensor.noise * noise_factor * z
+
+    def nominal(self, devices: np.ndarray, s: int) -> np.ndarray:
+        """The device's nominal level of sensor `s`: baseline + its fixed offset (what a setpoint
+        is measured against, and a setpoint variable shows before any write)."""
+        sensor = self.sensors[s]
+        devices = np.asarray(devices, dtype=np.int64)
+        return sensor.baseline + sensor.device_spread * _normal(self.key, devices, s, np.zeros_like(devices), (_STREAM_DEVICE_OFFSET_A, _STREAM_DEVICE_OFFSET_B))
+
+    # --- what clients did (sensorfleet.controls) -----------------------------------------------
+    def _controlled_rows(self, devices: np.ndarray, controls: ControlLog | None) -> list[tuple[int, np.ndarray]]:
+        if controls is None or not controls.actions:
+            return []
+        rows = np.nonzero(np.isin(devices, controls.devices()))[0]
+        return [(d, rows[devices[rows] == d]) for d in np.unique(devices[rows]).tolist()]
+
+    def _control_offset(self, s: int, devices: np.ndarray, times: np.ndarray, controls: ControlLog | None) -> np.ndarray | None:
+        """The lagged setpoint offset of every reading, None when no reading has one."""
+        out = None
+        name = self.sensors[s].name
+        for d, sel in self._controlled_rows(devices, controls):
+            nominal = float(self.nominal(np.array([d]), s)[0])
+            offset = controls.offset(d, name, nominal, times[sel])  # type: ignore[union-attr]
+            if offset is not None:
+                out = np.zeros(len(devices)) if out is None else out
+                out[sel] = offset
+        return out
+
+    def _injected(self, devices: np.ndarray, times: np.ndarray, controls: ControlLog | None) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """kind -> (inside, start tick, length in ticks) of the injected faults (InjectFault)."""
+        out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        n = len(devices)
+        for d, sel in self._controlled_rows(devices, controls):
+            phase = float(self.phase(np.array([d]))[0])
+            for kind, t0, t1 in controls.fault_windows(d):  # type: ignore[union-attr]
+                t = times[sel]
+                hit = sel[(t > t0) & (t <= t1)]
+                if not len(hit):
+                    continue
+                inside, start, length = out.setdefault(kind, (np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64)))
+                inside[hit] = True
+                start[hit] = int(np.floor((t0 - self.epoch) / self.interval - phase)) + 1
+                length[hit] = max(1, int(np.ceil((t1 - t0) / self.interval)))
+        return out
 
     def _resolution(self, s: int) -> float:
         sensor = self.sensors[s]
@@ -233,8 +275,9 @@ class SignalModel:
         block = np.floor((times - self.epoch) / length + shift).astype(np.int64)
         return _uniform(self.key, sites, _SITE_LEVEL, block, _STREAM_OUTAGE) < r.site_outage_probability
 
-    def _windowed_faults(self, s: int, devices: np.ndarray, ticks: np.ndarray, v: np.ndarray, anomaly: np.ndarray) -> None:
-        """Drift, level shift, noise burst and oscillation faults, applied in place and labelled."""
+    def _windowed_faults(self, s: int, devices: np.ndarray, ticks: np.ndarray, v: np.ndarray, anomaly: np.ndarray, injected: dict | None = None) -> None:
+        """Drift, level shift, noise burst and oscillation faults (the model's and the injected
+        ones), applied in place and labelled."""
         a = self.spec.anomalies
         scale = self._fault_scale(s)
         plans = (
@@ -244,16 +287,23 @@ class SignalModel:
             ("oscillation", ANOMALY_OSCILLATION, a.oscillation_probability, a.oscillation_duration),
         )
         for kind, code, probability, duration in plans:
-            if not probability:
+            forced = (injected or {}).get(kind)
+            if not probability and forced is None:
                 continue
-            inside, start = self._in_run(s, devices, ticks, duration, probability, _FAULT_STREAMS[kind])
+            if probability:
+                inside, start = self._in_run(s, devices, ticks, duration, probability, _FAULT_STREAMS[kind])
+            else:
+                inside, start = np.zeros(len(devices), dtype=bool), np.zeros(len(devices), dtype=np.int64)
+            lengths = np.full(len(devices), duration, dtype=np.int64)
+            if forced is not None:
+                inside, start, lengths = inside | forced[0], np.where(forced[0], forced[1], start), np.where(forced[0], forced[2], lengths)
             if not inside.any():
                 continue
             d, k, k0 = devices[inside], ticks[inside], start[inside]
             sign = np.where(_uniform(self.key, d, s, k0, _STREAM_FAULT_SIGN + code) < 0.5, -1.0, 1.0)
             elapsed = (k - k0).astype(np.float64)
             if kind == "drift":
-                delta = sign * a.drift_fault_magnitude * scale * (elapsed + 1.0) / duration
+                delta = sign * a.drift_fault_magnitude * scale * np.minimum(elapsed + 1.0, lengths[inside]) / lengths[inside]
             elif kind == "level_shift":
                 delta = sign * a.level_shift_magnitude * scale
             elif kind == "noise_burst":
@@ -275,23 +325,31 @@ class SignalModel:
         in_run = _uniform(self.key, devices, s, block, streams[0]) < probability
         return in_run, block * length - shift
 
-    def block(self, devices: np.ndarray, ticks: np.ndarray) -> TickBlock:
-        """All sensors of the given (device, tick) pairs."""
+    def block(self, devices: np.ndarray, ticks: np.ndarray, controls: ControlLog | None = None) -> TickBlock:
+        """All sensors of the given (device, tick) pairs, given what clients did (`controls`)."""
         devices = np.asarray(devices, dtype=np.int64)
         ticks = np.asarray(ticks, dtype=np.int64)
         times = self.tick_times(devices, ticks)
         n, m = len(devices), len(self.sensors)
+        if n == 0:
+            empty = np.zeros((0, m), dtype=np.uint8)
+            return TickBlock(devices, ticks, times, np.zeros((0, m)), empty, empty.copy())
         values = np.empty((n, m))
         quality = np.zeros((n, m), dtype=np.uint8)
         anomaly = np.zeros((n, m), dtype=np.uint8)
         a = self.spec.anomalies
         outage = self._site_outage(devices, times)
+        injected = self._injected(devices, times, controls)
+        none = np.zeros(n, dtype=bool)
         for s, sensor in enumerate(self.sensors):
             v = self._clean(s, devices, ticks, times)
+            offset = self._control_offset(s, devices, times, controls)
+            if offset is not None:
+                v += offset
             labels = np.zeros(n, dtype=np.uint8)
-            self._windowed_faults(s, devices, ticks, v, labels)
+            self._windowed_faults(s, devices, ticks, v, labels, injected)
             # Spikes: single readings pushed up or down by a multiple of the noise.
-            spike = _uniform(self.key, devices, s, ticks, _STREAM_SPIKE) < a.spike_probability
+            spike = (_uniform(self.key, devices, s, ticks, _STREAM_SPIKE) < a.spike_probability) | injected.get("spike", (none,))[0]
             if spike.any():
                 scale = self._fault_scale(s)
                 sign = np.where(_uniform(self.key, devices, s, ticks, _STREAM_SPIKE_SIGN) < 0.5, -1.0, 1.0)
@@ -299,8 +357,15 @@ class SignalModel:
                 labels[spike] = ANOMALY_SPIKE
             # Stuck-at: the value freezes at the run's first (clean) reading.
             stuck, start = self._in_run(s, devices, ticks, a.stuck_duration, a.stuck_probability, (_STREAM_STUCK, _STREAM_STUCK_PHASE))
+            if "stuck" in injected:
+                forced, forced_start, _ = injected["stuck"]
+                stuck, start = stuck | forced, np.where(forced, forced_start, start)
             if stuck.any():
-                frozen = self._clean(s, devices[stuck], start[stuck], self.tick_times(devices[stuck], start[stuck]))
+                frozen_times = self.tick_times(devices[stuck], start[stuck])
+                frozen = self._clean(s, devices[stuck], start[stuck], frozen_times)
+                frozen_offset = self._control_offset(s, devices[stuck], frozen_times, controls)
+                if frozen_offset is not None:
+                    frozen += frozen_offset
                 v[stuck] = frozen
                 labels[stuck] = ANOMALY_STUCK
                 quality[stuck, s] = QUALITY_UNCERTAIN
@@ -310,7 +375,7 @@ class SignalModel:
                 v = np.clip(np.round(v / resolution) * resolution, sensor.min, sensor.max)
             # Dropout: the sensor (or its whole site) reports no value at all.
             dropout, _ = self._in_run(s, devices, ticks, a.dropout_duration, a.dropout_probability, (_STREAM_DROPOUT, _STREAM_DROPOUT_PHASE))
-            dropout |= outage
+            dropout |= outage | injected.get("dropout", (none,))[0]
             if dropout.any():
                 v[dropout] = np.nan
                 labels[dropout] = ANOMALY_DROPOUT
@@ -331,12 +396,12 @@ class SignalModel:
                 out.append(Reading(self.fleet, self.protocol, dev, sensor.name, value, sensor.unit, ts, k, QUALITY_NAMES[q], ANOMALY_NAMES[block.anomaly[i, s]]))
         return out
 
-    def reading_at(self, device: int, sensor: str, when: datetime) -> Reading:
+    def reading_at(self, device: int, sensor: str, when: datetime, controls: ControlLog | None = None) -> Reading:
         """The reading a device reports for one sensor at (or just before) a moment."""
         devices = np.array([device])
         tick = self.current_tick(devices, when.timestamp())
         s = [x.name for x in self.sensors].index(sensor)
-        return self.readings(self.block(devices, tick))[s]
+        return self.readings(self.block(devices, tick, controls))[s]
 
 
 def shard_devices(total: int, replicas: int, index: int) -> range:

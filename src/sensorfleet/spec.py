@@ -193,6 +193,10 @@ class OpcuaSpec(ProtocolSpec):
     ]
     credentials: Annotated[CredentialsRef | None, Field(default=None, description="With `authentication: username` in Kubernetes: the Secret keys of the username and password, passed to the simulators (which accept exactly these) and collectors as SENSORFLEET_OPCUA_USERNAME / _PASSWORD.")]
     publishing_interval: Annotated[float, Field(default=0.5, ge=0.05, le=60, description="OPC UA subscription publishing interval of the collector, in seconds.")]
+    writable: Annotated[bool, Field(default=False, description="Two-way OPC UA: per device a writable `<Sensor>Setpoint` variable for each sensor of `controlledSensors` (the value follows a written setpoint with a first-order lag) and the methods `InjectFault(kind, durationSeconds)` and `Reset()`; every write and call is logged and emitted as an OPC UA event the collector stores beside the dataset.")]
+    controlled_sensors: Annotated[list[str] | None, Field(default=None, description="Sensors that get a setpoint when `writable`; unset: every sensor.")]
+    setpoint_lag_seconds: Annotated[float, Field(default=60.0, gt=0, le=86400, description="Time constant of the first-order lag with which a sensor's value follows its setpoint, in seconds (63% of a step after one time constant).")]
+    history_hours: Annotated[float, Field(default=24.0, ge=0, le=8760, description="HistoryRead (raw values) of the last this many hours for every sensor variable, answered from the signal model (nothing stored); 0 turns history off.")]
 
 
 class ProtocolsSpec(SpecModel):
@@ -353,6 +357,14 @@ class FleetSpec(SpecModel):
     def _sparkplug_not_replayed(self) -> FleetSpec:
         if self.replay is not None and self.protocols.mqtt.enabled and self.protocols.mqtt.payload_format == "sparkplugB":
             raise ValueError("protocols.mqtt.payloadFormat: sparkplugB does not play back recordings (replay); use json")
+        return self
+
+    @model_validator(mode="after")
+    def _controlled_sensors_exist(self) -> FleetSpec:
+        controlled = self.protocols.opcua.controlled_sensors
+        unknown = sorted(set(controlled or ()) - {s.name for s in self.sensors})
+        if unknown:
+            raise ValueError(f"protocols.opcua.controlledSensors: unknown sensor(s) {', '.join(unknown)} (the fleet's sensors: {', '.join(s.name for s in self.sensors)})")
         return self
 
     def protocol(self, name: str) -> ProtocolSpec:

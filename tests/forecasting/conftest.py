@@ -11,6 +11,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
+from sensorfleet.events import EventWriter
 from sensorfleet.forecasting.cli import register
 
 START = "2026-11-01"
@@ -29,6 +30,14 @@ FLEET = {
         "forecasting": {"horizon": 60, "level": 95},
     },
 }
+
+
+DEVICE_EVENTS = [
+    {"fleet": "forecast-test", "device": "mqtt-00000", "ts": datetime(2026, 11, 4, 12, tzinfo=timezone.utc), "action": "setpoint",
+     "sensor": "temperature", "value": 24.5, "message": "mqtt-00000: temperature setpoint 24.5 degC"},
+    {"fleet": "forecast-test", "device": "mqtt-00001", "ts": datetime(2026, 11, 4, 18, tzinfo=timezone.utc), "action": "fault",
+     "fault": "level_shift", "duration": 600.0, "message": "mqtt-00001: InjectFault(level_shift, 600 s)"},
+]
 
 
 def cli_app() -> typer.Typer:
@@ -65,6 +74,9 @@ def dataset(tmp_path_factory: pytest.TempPathFactory, fleet_file: Path, app: typ
     data = tmp_path_factory.mktemp("data") / "dataset"
     result = runner.invoke(app, ["generate", str(fleet_file), "--days", "4", "--data", str(data), "--start", START, "--quiet"])
     assert result.exit_code == 0, result.output
+    # Two device events beside the readings, as a two-way OPC UA collector stores them: the report
+    # lists them (they do not change the generated readings).
+    EventWriter(str(data), "mqtt", "test").write(DEVICE_EVENTS)
     return data
 
 

@@ -85,6 +85,18 @@ def test_plots_are_png_and_the_report_shows_them(forecast_out: Path) -> None:
     assert "Harmonic" in html and "SeasonalNaive" in html and "mase_vs_baseline" in html
 
 
+def test_the_report_lists_the_device_events_beside_the_dataset(forecast_out: Path) -> None:
+    metrics = json.loads((forecast_out / "metrics.json").read_text())
+    events = metrics["device_events"]
+    assert events["count"] == 2 and events["by_action"] == {"setpoint": 1, "fault": 1}
+    assert [(e["device"], e["action"], e["sensor"], e["value"], e["fault"]) for e in events["rows"]] == [
+        ("mqtt-00000", "setpoint", "temperature", 24.5, None), ("mqtt-00001", "fault", None, None, "level_shift")]
+    html = (forecast_out / "report.html").read_text()
+    assert "<h2>Device events</h2>" in html
+    assert "<td>mqtt/mqtt-00000</td><td>setpoint</td><td>temperature</td><td>24.5</td>" in html
+    assert "<td>mqtt/mqtt-00001</td><td>fault</td><td></td><td></td><td>level_shift</td><td>600</td>" in html
+
+
 def test_fleet_spec_supplies_defaults_and_flags_override(dataset: Path, fleet_file: Path, tmp_path: Path, app: typer.Typer, runner: CliRunner) -> None:
     from sensorfleet.forecasting.pipeline import ForecastOptions
     from sensorfleet.spec import load_fleet
