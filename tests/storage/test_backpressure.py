@@ -233,3 +233,36 @@ def test_mqtt_s3_outage_bounded_memory_then_everything_stored(tmp_path: Path, s3
     print(f"\nMQTT, SeaweedFS stopped for 30 s at {RATE:.0f} readings/s: RSS {outage.baseline_rss:.0f} -> peak {outage.peak_rss:.0f} MiB "
           f"(+{growth:.1f}), peak buffered {outage.peak_buffered:.0f} (limit {LIMIT}); load {os.getloadavg()[0]:.1f}")
     assert growth < 40, f"RSS grew by {growth:.0f} MiB while the store was down"
+
+
+def test_mqtt_collector_killed_while_the_disk_is_full_loses_nothing(tmp_path: Path, small_disk: Path) -> None:
+    """Acknowledgements go out only once a batch is written: what a collector held in memory when
+    it was SIGKILLed is redelivered by the broker to its successor."""
+    fleet = write_fleet(tmp_path, "mqtt", messageMode="gateway", gatewayBatch=GATEWAY_BATCH)
+    data = str(small_disk / "data")
+    with mosquitto_broker(tmp_path / "mosquitto") as broker:
+        args = ("--data", data, "--broker", broker.url, "--client-id", "bp-killed")
+        first = component("collect", "mqtt", fleet, tmp_path, *args).start()
+        second = simulator = None
+        try:
+            wait_until(lambda: first.metric("sensorfleet_connected") == 1, 30, message="collector connected")
+            simulator = component("simulate", "mqtt", fleet, tmp_path, "--broker", broker.url, "--duration", "15").start()
+            wait_until(lambda: first.metric("sensorfleet_readings_stored_total") >= RATE, 30, message="readings stored")
+            filler = fill(small_disk)
+            wait_until(lambda: first.metric("sensorfleet_collector_buffered_readings") >= LIMIT, 30, message="the buffer full")
+            held = first.metric("sensorfleet_collector_buffered_readings")
+            first.signal(9)
+            first.wait(10)
+            filler.unlink()
+            second = component("collect", "mqtt", fleet, tmp_path, *args).start()
+            assert simulator.wait(90) == 0, simulator.log()[-2000:]
+            total = published(simulator)
+            wait_until(lambda: len(read_dataset(data, columns=["seq"])) >= total, 90, message=f"all {total} readings stored")
+            lost = second.metric("sensorfleet_readings_lost_total") - second.metric("sensorfleet_readings_late_total")
+            assert second.stop() == 0, second.log()[-3000:]
+        finally:
+            for c in (simulator, first, second):
+                if c is not None and c.process and c.process.poll() is None:
+                    c.stop()
+    assert held >= LIMIT and lost == 0
+    assert_complete(read_dataset(data, columns=["device", "sensor", "seq"]), total)
