@@ -6,7 +6,10 @@ to the same CollectorSink as the JSON path: validation, de-duplication, loss acc
 Delivery is what MqttCollector does: a persistent session, QoS 1, acknowledged once written.
 
 It asks an edge node for a rebirth (NCMD `Node Control/Rebirth`) when the node's `seq` jumps or a
-device sends data before any DBIRTH. With `sparkplug.primaryHostId` it is that primary host: its
+device sends data before any DBIRTH. Such data (typically the unacknowledged backlog a restarted
+collector gets from its persistent session) is held back, unacknowledged, until the device's
+DBIRTH tells what its aliases mean, and then read; after PARK_SECONDS without a birth it is refused
+(`unknown_device`) and acknowledged. With `sparkplug.primaryHostId` it is that primary host: its
 STATE (`spBv1.0/STATE/<id>`, retained) says online while it is connected, and its Last Will says
 offline, so edge nodes publish only while someone collects.
 """
@@ -17,6 +20,7 @@ import json
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import paho.mqtt.client as mqtt
@@ -25,11 +29,23 @@ from sensorfleet.collectors.base import CollectorSink, SequenceSpace
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.reading import MalformedReading
 from sensorfleet.runtime import BrokerAddress, CollectorOptions, mqtt_client, parse_broker_url, stop_event_on_signals
-from sensorfleet.sparkplug.host import HostState, UnknownDevice
+from sensorfleet.sparkplug.host import HostState, Outcome, UnknownDevice
 from sensorfleet.sparkplug.payload import NAMESPACE, rebirth_request, state_topic
 
 log = logging.getLogger(__name__)
 COUNTED_EVENTS = {"seq_gap": "sparkplug_seq_gap", "stale_ndeath": "sparkplug_stale_ndeath"}
+MAX_PARKED = 20_000  # messages held back for a DBIRTH, in all
+PARK_SECONDS = 60.0
+
+
+@dataclass
+class _Parked:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    received_at: datetime
+    since: float
 
 
 def state_payload(online: bool, timestamp_ms: int) -> bytes:
@@ -55,6 +71,7 @@ class SparkplugCollector:
         self.host = HostState(fleet.name)
         self.events: dict[str, int] = {}
         self._unacked: list[tuple[int, int]] = []
+        self._parked: dict[tuple[str, str], list[_Parked]] = {}  # (edge node, device) -> data before its DBIRTH
         self._lock = threading.Lock()
         self.client = mqtt_client(broker, self.client_id, clean_session=False, manual_ack=True)
         self._online_ms = int(time.time() * 1000)
@@ -79,27 +96,61 @@ class SparkplugCollector:
         self.metrics.connected.set(0)
         with self._lock:
             self._unacked.clear()  # the broker redelivers them; the tracker knows the repeats
+            self._parked.clear()  # unacknowledged too: redelivered as well
         if reason_code != 0:
             log.warning("lost the broker %s (%s); reconnecting with back-off", self.broker.url, reason_code)
             self.metrics.error("connection_lost").inc()
 
     def _on_message(self, client, _userdata, message: mqtt.MQTTMessage) -> None:
         received_at = datetime.now(timezone.utc)
-        if not message.topic.startswith(f"{NAMESPACE}/STATE/"):
-            self._handle(client, message.topic, message.payload, received_at)
-        with self._lock:
-            self._unacked.append((message.mid, message.qos))
+        if message.topic.startswith(f"{NAMESPACE}/STATE/") or not self._handle(client, message, received_at):
+            with self._lock:
+                self._unacked.append((message.mid, message.qos))
         if self.sink.pending() >= self.sink.batch_size:
             self.flush_and_ack()
 
-    def _handle(self, client, topic: str, payload: bytes, received_at: datetime) -> None:
+    def _handle(self, client, message: mqtt.MQTTMessage, received_at: datetime) -> bool:
+        """Read one message into the sink; True if it was held back for its device's DBIRTH."""
+        topic = message.topic
         try:
-            out = self.host.handle(topic, payload, time.monotonic())
+            out = self.host.handle(topic, message.payload, time.monotonic())
+        except UnknownDevice as exc:
+            if exc.rebirth is not None:
+                self.request_rebirth(client, exc.rebirth)
+            key = (topic.split("/")[3], topic.split("/")[4])
+            with self._lock:
+                if sum(len(v) for v in self._parked.values()) < MAX_PARKED:
+                    self._parked.setdefault(key, []).append(_Parked(topic, message.payload, message.mid, message.qos, received_at, time.monotonic()))
+                    return True
+            self.sink.reject(exc.kind, str(exc))
+            return False
         except MalformedReading as exc:
             self.sink.reject(exc.kind, str(exc))
-            if isinstance(exc, UnknownDevice) and exc.rebirth is not None:
-                self.request_rebirth(client, exc.rebirth)
-            return
+            return False
+        self._apply(client, out, received_at)
+        if "dbirth" in out.events:
+            parts = topic.split("/")
+            with self._lock:
+                held = self._parked.pop((parts[3], parts[4]), [])
+            for parked in held:  # the device's aliases are known now
+                try:
+                    self._apply(client, self.host.handle(parked.topic, parked.payload, time.monotonic(), replay=True), parked.received_at)
+                except MalformedReading as exc:
+                    self.sink.reject(exc.kind, str(exc))
+            with self._lock:
+                self._unacked.extend((p.mid, p.qos) for p in held)
+        return False
+
+    def _expire_parked(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            expired = [key for key, held in self._parked.items() if now - held[0].since > PARK_SECONDS]
+            gone = [p for key in expired for p in self._parked.pop(key)]
+            self._unacked.extend((p.mid, p.qos) for p in gone)
+        for p in gone:
+            self.sink.reject("unknown_device", f"topic {p.topic}: no DBIRTH for this device within {PARK_SECONDS:.0f} s")
+
+    def _apply(self, client, out: Outcome, received_at: datetime) -> None:
         for event in out.events:
             self.events[event] = self.events.get(event, 0) + 1
             if event in COUNTED_EVENTS:
@@ -139,6 +190,7 @@ class SparkplugCollector:
             while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
                 stop.wait(0.1)
                 self.sink.update_lag()
+                self._expire_parked()
                 if self.sink.due():
                     self.flush_and_ack()
         finally:

@@ -18,6 +18,7 @@ lost connection included): nothing is dropped, and the host keeps the aliases of
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -151,13 +152,23 @@ class SparkplugPublisher(Mqtt5Publisher):
             self.host_online = True
             self._birth(f"primary host {self.primary_host} online")
         elif not online and self.host_online:
-            # Sparkplug 3.0: the node ends its session (NDEATH, disconnect) and waits for the host.
-            self.host_online = False
-            log.info("edge node %s: primary host %s offline; NDEATH and disconnect", self.encoder.edge_node, self.primary_host)
-            self.write(mqtt5.PublishPacket(self.encoder.node_topics["NDEATH"], node_death(self.encoder.bdseq, int(time.time() * 1000))).write())
-            self.write(mqtt5.DisconnectPacket().write())
-            if self._transport is not None:
-                self._transport.close()
+            self.host_online = False  # nothing new goes out from here on
+            self._tasks.append(asyncio.get_running_loop().create_task(self._end_session(), name=f"{self.client_id}-end-session"))
+
+    async def _end_session(self, timeout: float = 5.0) -> None:
+        """Sparkplug 3.0: with its primary host offline the node ends its session (NDEATH,
+        disconnect) and waits for the host. Messages in flight are acknowledged first, so none
+        is sent twice after the reconnect."""
+        deadline = time.monotonic() + timeout
+        while self.inflight and self.connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if not self.connected or self.host_online:
+            return
+        log.info("edge node %s: primary host %s offline; NDEATH and disconnect", self.encoder.edge_node, self.primary_host)
+        self.write(mqtt5.PublishPacket(self.encoder.node_topics["NDEATH"], node_death(self.encoder.bdseq, int(time.time() * 1000))).write())
+        self.write(mqtt5.DisconnectPacket().write())
+        if self._transport is not None:
+            self._transport.close()
 
     def _send_queued(self) -> None:
         if self.host_online:

@@ -69,8 +69,10 @@ class HostState:
         self.protocol = protocol
         self.nodes: dict[str, _Node] = {}
 
-    def handle(self, topic_text: str, payload: bytes, now: float) -> Outcome:
-        """Raises MalformedReading for a message that cannot be read at all."""
+    def handle(self, topic_text: str, payload: bytes, now: float, *, replay: bool = False) -> Outcome:
+        """Raises MalformedReading for a message that cannot be read at all (UnknownDevice for
+        data before its device's DBIRTH). `replay`: a message held back until that DBIRTH came,
+        read now (its place in the node's `seq` has passed)."""
         topic = parse_topic(topic_text)
         if topic.group != self.group:
             raise MalformedReading("foreign_fleet", f"topic {topic_text}: group {topic.group!r} is not fleet {self.group!r}")
@@ -81,7 +83,8 @@ class HostState:
         if kind == "NDEATH":
             self._node_death(node, message, out)
             return out
-        self._check_seq(topic, node, message, out, now)
+        if not replay:
+            self._check_seq(topic, node, message, out, now)
         if kind == "NBIRTH":
             node.bdseq = _metric_long(message, BDSEQ_METRIC)
             node.online = True

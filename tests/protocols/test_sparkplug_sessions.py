@@ -1,0 +1,156 @@
+"""Sparkplug B sessions through real Mosquitto: a rebirth on request, the Last Will when an edge
+node dies, and a primary host whose STATE gates publishing — none of them loses a reading.
+Messages are read with Eclipse Tahu's codec (npm), as in test_sparkplug_interop.py."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pandas as pd
+import pytest
+import yaml
+
+from sensorfleet.sparkplug.payload import rebirth_request
+from sensorfleet.testing import component, mosquitto_broker, wait_until
+
+FLEET = "spb"
+
+
+def write_fleet(tmp_path: Path, **sparkplug) -> Path:
+    doc = {
+        "apiVersion": "sensorfleet.io/v1alpha1", "kind": "SensorFleet", "metadata": {"name": FLEET},
+        "spec": {
+            "protocols": {"mqtt": {"enabled": True, "devices": 8, "interval": 0.1, "payloadFormat": "sparkplugB", "sparkplug": sparkplug}, "coap": {"enabled": False}, "opcua": {"enabled": False}},
+            "collector": {"flushInterval": 0.5},
+        },
+    }
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    with mosquitto_broker(tmp_path / "mosquitto") as server:
+        yield server
+
+
+def listen(peer, url: str, seconds: float, workdir: Path) -> tuple[subprocess.Popen, Path]:
+    argv, env = peer
+    out, err = workdir / "tahu-listen.jsonl", workdir / "tahu-listen.log"
+    process = subprocess.Popen([*argv, "listen", url, "spBv1.0/#", str(seconds)], stdout=open(out, "w"), stderr=open(err, "w"), env=env)
+    wait_until(lambda: "subscribed" in err.read_text(), 20, message="Tahu listener subscribed")
+    return process, out
+
+
+def heard(out: Path) -> list[tuple[str, dict]]:
+    return [(m["topic"].split("/", 2)[2], m["tahu"]) for m in map(json.loads, out.read_text().splitlines())]
+
+
+def published_of(simulator) -> int:
+    line = next(line for line in simulator.log().splitlines() if "readings, dropped" in line)
+    return int(line.split("published ")[1].split(" readings")[0])
+
+
+def totals(collector) -> dict[str, float]:
+    t = {m: collector.metric(f"sensorfleet_readings_{m}_total") for m in ("stored", "lost", "late", "duplicate", "malformed")}
+    t["lost"] -= t.pop("late")
+    return t
+
+
+def assert_complete(data: Path, published: int) -> None:
+    df = pd.read_parquet(data)
+    assert len(df) == published, f"stored {len(df)} of {published} published"
+    assert not df.duplicated(["device", "sensor", "seq"]).any()
+    holes = df.groupby(["device", "sensor"])["seq"].agg(lambda s: s.max() - s.min() + 1 - s.nunique())
+    assert holes.sum() == 0, "sequence gaps in the dataset"
+
+
+def test_rebirth_on_request_is_neither_loss_nor_duplicate(tmp_path, mosquitto, sparkplug_peer):
+    fleet = write_fleet(tmp_path)
+    data = tmp_path / "data"
+    collector = component("collect", "mqtt", fleet, tmp_path, "--data", str(data), "--broker", mosquitto.url, "--client-id", "spb-host").start()
+    wait_until(lambda: collector.metric("sensorfleet_connected") == 1, 15, message="collector connected")
+    listener, out = listen(sparkplug_peer, mosquitto.url, 8, tmp_path)
+    simulator = component("simulate", "mqtt", fleet, tmp_path, "--broker", mosquitto.url, "--duration", "5").start()
+    wait_until(lambda: collector.metric("sensorfleet_readings_stored_total") > 100, 20, message="first readings stored")
+    host = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-host", protocol=mqtt.MQTTv311)
+    host.connect("127.0.0.1", mosquitto.port)
+    host.loop_start()
+    host.publish(f"spBv1.0/{FLEET}/NCMD/sim-0", rebirth_request(int(time.time() * 1000)), qos=1).wait_for_publish(5)
+    host.disconnect()
+    host.loop_stop()
+    assert simulator.wait(60) == 0, simulator.log()[-3000:]
+    published = published_of(simulator)
+    wait_until(lambda: collector.metric("sensorfleet_readings_stored_total") >= published, 30, message=f"{published} stored")
+    counts = totals(collector)
+    assert collector.stop() == 0
+    assert listener.wait(30) == 0
+    messages = heard(out)
+    kinds = [topic.split("/")[0] for topic, _ in messages]
+    assert kinds.count("NBIRTH") == 2, "one NBIRTH on connect, one for the rebirth"
+    second = kinds.index("NBIRTH", 1)
+    assert messages[second][1]["seq"] == 0
+    reborn = {topic.rsplit("/", 1)[1] for topic, _ in messages[second:] if topic.startswith("DBIRTH/")}
+    assert reborn == {f"mqtt-{i:05d}" for i in range(8)}, "every device is born again"
+    assert "rebirth requested" in simulator.log()
+    assert counts == {"stored": published, "lost": 0, "duplicate": 0, "malformed": 0}
+    assert_complete(data, published)
+
+
+def test_last_will_is_the_ndeath_of_the_session(tmp_path, mosquitto, sparkplug_peer):
+    fleet = write_fleet(tmp_path)
+    data = tmp_path / "data"
+    collector = component("collect", "mqtt", fleet, tmp_path, "--data", str(data), "--broker", mosquitto.url, "--client-id", "spb-host").start()
+    wait_until(lambda: collector.metric("sensorfleet_connected") == 1, 15, message="collector connected")
+    listener, out = listen(sparkplug_peer, mosquitto.url, 6, tmp_path)
+    simulator = component("simulate", "mqtt", fleet, tmp_path, "--broker", mosquitto.url).start()
+    wait_until(lambda: collector.metric("sensorfleet_readings_stored_total") > 100, 20, message="readings stored")
+    simulator.signal(signal.SIGKILL)  # no goodbye: the broker publishes the Last Will
+    simulator.wait(10)
+    assert listener.wait(30) == 0
+    collector_log_ready = lambda: collector.metric("sensorfleet_readings_stored_total") > 0  # noqa: E731
+    assert collector_log_ready()
+    assert collector.stop() == 0
+    messages = heard(out)
+    births = [m for topic, m in messages if topic == "NBIRTH/sim-0"]
+    deaths = [m for topic, m in messages if topic == "NDEATH/sim-0"]
+    assert len(births) == 1 and len(deaths) == 1, [topic for topic, _ in messages if topic.startswith("N")]
+    bdseq = {m["name"]: m["value"] for m in births[0]["metrics"]}["bdSeq"]
+    assert deaths[0]["metrics"] == [{"name": "bdSeq", "type": "UInt64", "value": bdseq}]
+    summary = json.loads(collector.log().split("SUMMARY ")[-1].splitlines()[0])
+    assert summary["sparkplug"].get("ndeath") == 1 and summary["lost"] == 0
+
+
+def test_primary_host_state_gates_the_edge_node(tmp_path, mosquitto, sparkplug_peer):
+    fleet = write_fleet(tmp_path, primaryHostId="scada")
+    data = tmp_path / "data"
+    args = ("--data", str(data), "--broker", mosquitto.url, "--client-id", "spb-primary")
+    listener, out = listen(sparkplug_peer, mosquitto.url, 25, tmp_path)
+    simulator = component("simulate", "mqtt", fleet, tmp_path, "--broker", mosquitto.url).start()
+    time.sleep(2.0)
+    assert heard(out) == [], "no STATE from the primary host yet: the edge node must not publish"
+    first = component("collect", "mqtt", fleet, tmp_path, *args).start()  # the primary host comes online
+    wait_until(lambda: first.metric("sensorfleet_readings_stored_total") > 100, 20, message="readings stored")
+    assert first.stop() == 0  # STATE offline: the node sends NDEATH, disconnects and waits
+    wait_until(lambda: "primary host scada offline" in simulator.log(), 10, message="the edge node saw the host go offline")
+    time.sleep(1.0)
+    second = component("collect", "mqtt", fleet, tmp_path, *args).start()
+    wait_until(lambda: second.metric("sensorfleet_readings_stored_total") > 200, 20, message="the second host stores")
+    simulator.signal(signal.SIGTERM)
+    assert simulator.wait(60) == 0, simulator.log()[-3000:]
+    published = published_of(simulator)
+    wait_until(lambda: len(pd.read_parquet(data)) >= published, 30, message=f"{published} stored")
+    counts = totals(second)
+    assert second.stop() == 0
+    assert listener.wait(30) == 0
+    kinds = [topic.split("/")[0] for topic, _ in heard(out)]
+    assert kinds[0] == "NBIRTH" and kinds.count("NBIRTH") >= 2 and "NDEATH" in kinds[1:]
+    assert "primary host scada offline" in simulator.log()
+    assert counts["lost"] == 0 and counts["duplicate"] == 0
+    assert_complete(data, published)
