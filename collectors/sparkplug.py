@@ -3,7 +3,9 @@
 It subscribes to `spBv1.0/<fleet>/#`, reads every message through the pure state machine
 sensorfleet.sparkplug.host (births, data and deaths -> reading documents) and hands the documents
 to the same CollectorSink as the JSON path: validation, de-duplication, loss accounting, batches.
-Delivery is what MqttCollector does: a persistent session, QoS 1, acknowledged once written.
+Delivery and backpressure are MqttCollector's: a persistent session, QoS 1, messages acknowledged
+once their batch is written by the sink's storage thread (on the connection they came on), and no
+message taken while `spec.storage.maxBufferedReadings` readings wait to be written.
 
 It asks an edge node for a rebirth (NCMD `Node Control/Rebirth`) when the node's `seq` jumps or a
 device sends data before any DBIRTH. Such data (typically the unacknowledged backlog a restarted
@@ -44,6 +46,7 @@ class _Parked:
     payload: bytes
     mid: int
     qos: int
+    connection: int
     received_at: datetime
     since: float
 
@@ -66,11 +69,14 @@ class SparkplugCollector:
         self.sink = CollectorSink(
             fleet.name, "mqtt", opts.data_url, metrics,
             batch_size=spec.collector.batch_size, flush_interval=spec.collector.flush_interval, writer_id=self.client_id,
+            buffer_limit=spec.storage.max_buffered_readings, redelivered=True,
         )
         self.sequence_space = SequenceSpace.of(spec, "mqtt")
         self.host = HostState(fleet.name)
         self.events: dict[str, int] = {}
-        self._unacked: list[tuple[int, int]] = []
+        self._unacked: list[tuple[int, int, int]] = []  # (mid, qos, connection)
+        self._connection = 0  # packet ids belong to one connection
+        self._stop = threading.Event()
         self._parked: dict[tuple[str, str], list[_Parked]] = {}  # (edge node, device) -> data before its DBIRTH
         self._lock = threading.Lock()
         self.client = mqtt_client(broker, self.client_id, clean_session=False, manual_ack=True)
@@ -95,6 +101,7 @@ class SparkplugCollector:
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
         self.metrics.connected.set(0)
         with self._lock:
+            self._connection += 1
             self._unacked.clear()  # the broker redelivers them; the tracker knows the repeats
             self._parked.clear()  # unacknowledged too: redelivered as well
         if reason_code != 0:
@@ -102,10 +109,12 @@ class SparkplugCollector:
             self.metrics.error("connection_lost").inc()
 
     def _on_message(self, client, _userdata, message: mqtt.MQTTMessage) -> None:
+        if not self.sink.wait_for_room(self._stop):
+            return  # stopping: not taken, not acknowledged; the broker redelivers it
         received_at = datetime.now(timezone.utc)
         if message.topic.startswith(f"{NAMESPACE}/STATE/") or not self._handle(client, message, received_at):
             with self._lock:
-                self._unacked.append((message.mid, message.qos))
+                self._unacked.append((message.mid, message.qos, self._connection))
         if self.sink.pending() >= self.sink.batch_size:
             self.flush_and_ack()
 
@@ -120,7 +129,7 @@ class SparkplugCollector:
             key = (topic.split("/")[3], topic.split("/")[4])
             with self._lock:
                 if sum(len(v) for v in self._parked.values()) < MAX_PARKED:
-                    self._parked.setdefault(key, []).append(_Parked(topic, message.payload, message.mid, message.qos, received_at, time.monotonic()))
+                    self._parked.setdefault(key, []).append(_Parked(topic, message.payload, message.mid, message.qos, self._connection, received_at, time.monotonic()))
                     return True
             self.sink.reject(exc.kind, str(exc))
             return False
@@ -138,7 +147,7 @@ class SparkplugCollector:
                 except MalformedReading as exc:
                     self.sink.reject(exc.kind, str(exc))
             with self._lock:
-                self._unacked.extend((p.mid, p.qos) for p in held)
+                self._unacked.extend((p.mid, p.qos, p.connection) for p in held)
         return False
 
     def _expire_parked(self) -> None:
@@ -146,7 +155,7 @@ class SparkplugCollector:
         with self._lock:
             expired = [key for key, held in self._parked.items() if now - held[0].since > PARK_SECONDS]
             gone = [p for key in expired for p in self._parked.pop(key)]
-            self._unacked.extend((p.mid, p.qos) for p in gone)
+            self._unacked.extend((p.mid, p.qos, p.connection) for p in gone)
         for p in gone:
             self.sink.reject("unknown_device", f"topic {p.topic}: no DBIRTH for this device within {PARK_SECONDS:.0f} s")
 
@@ -166,23 +175,23 @@ class SparkplugCollector:
         client.publish(f"{NAMESPACE}/{self.fleet}/NCMD/{edge_node}", rebirth_request(int(time.time() * 1000)), qos=0)
 
     def flush_and_ack(self) -> None:
+        """Hand the batch to the storage thread; its messages are acknowledged once it is written."""
         with self._lock:
             acks, self._unacked = self._unacked, []
-        try:
-            self.sink.flush()
-        except Exception:
-            log.exception("writing a batch failed; will retry")
-            with self._lock:
-                self._unacked = acks + self._unacked
-            return
-        for mid, qos in acks:
-            if qos:
+        self.sink.flush(on_written=lambda: self._ack(acks))
+
+    def _ack(self, acks: list[tuple[int, int, int]]) -> None:
+        with self._lock:
+            current = self._connection
+        for mid, qos, connection in acks:
+            if qos and connection == current:
                 self.client.ack(mid, qos)
 
     def run(self, stop: threading.Event, duration: float | None) -> None:
         resumed = self.sink.resume_from_dataset(space=self.sequence_space)
         if resumed:
             log.info("resuming %d series from the dataset", resumed)
+        self.sink.start_storage_thread()
         self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
         self.client.loop_start()
         deadline = time.monotonic() + duration if duration else None
@@ -194,7 +203,9 @@ class SparkplugCollector:
                 if self.sink.due():
                     self.flush_and_ack()
         finally:
+            self._stop.set()
             self.flush_and_ack()
+            self.sink.close()
             if self.host_id is not None:  # going away on purpose: say so (the Will covers a crash)
                 self.client.publish(state_topic(self.host_id), state_payload(False, self._online_ms), qos=1, retain=True)
             time.sleep(0.1)
