@@ -110,6 +110,8 @@ def plan_run(fleet: SensorFleet, fleet_path: Path, data_url: str, broker_url: st
             broker_url = f"mqtt://127.0.0.1:{port}"
             if mode == "mosquitto" and not mosquitto:
                 raise FleetRunError("spec.broker.mode is 'mosquitto' but no mosquitto binary is on PATH (apt-get install mosquitto), or use mode 'auto'")
+            if spec.protocols.mqtt.payload_format == "sparkplugB" and not (mode in ("auto", "mosquitto") and mosquitto):
+                raise FleetRunError("spec.protocols.mqtt.payloadFormat: sparkplugB needs an MQTT 5 broker (the edge node's Last Will); the embedded amqtt broker speaks MQTT 3.1.1 only: install mosquitto (apt-get install mosquitto), or use spec.broker.mode external")
             if mode in ("auto", "mosquitto") and mosquitto:
                 persistence = log_dir / "broker"
                 conf = mosquitto_config(port, "127.0.0.1", str(persistence), None, user=current_user())

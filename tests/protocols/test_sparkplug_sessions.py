@@ -5,8 +5,10 @@ Messages are read with Eclipse Tahu's codec (npm), as in test_sparkplug_interop.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -154,3 +156,34 @@ def test_primary_host_state_gates_the_edge_node(tmp_path, mosquitto, sparkplug_p
     assert "primary host scada offline" in simulator.log()
     assert counts["lost"] == 0 and counts["duplicate"] == 0
     assert_complete(data, published)
+
+
+def _run(fleet: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "sensorfleet.cli", "run", str(fleet), "--no-live", "--data", str(tmp_path / "data"), "--logs", str(tmp_path / "logs"), *extra]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=180, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_sensorfleet_run_with_two_edge_nodes_and_a_primary_host(tmp_path):
+    doc = yaml.safe_load(write_fleet(tmp_path, primaryHostId="scada").read_text())
+    doc["spec"]["broker"] = {"port": 0}
+    doc["spec"]["protocols"]["mqtt"].update(devices=30, interval=0.2, replicas=2)
+    fleet = tmp_path / "run.yaml"
+    fleet.write_text(yaml.safe_dump(doc))
+    done = _run(fleet, tmp_path, "--duration", "8")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    tail = done.stdout.split("final summary")[1]
+    row = [c.strip() for c in next(line for line in tail.splitlines() if line.strip("│ ").startswith("mqtt")).strip("│").split("│")]
+    published, stored, lost, duplicates = (int(row[i].replace(",", "")) for i in (3, 4, 5, 6))
+    assert published > 500 and stored == published and lost == 0 and duplicates == 0, row
+    df = pd.read_parquet(tmp_path / "data")
+    assert len(df) == published and df["device"].nunique() == 30
+
+
+def test_sparkplug_on_the_embedded_broker_is_a_clear_error(tmp_path):
+    doc = yaml.safe_load(write_fleet(tmp_path).read_text())
+    doc["spec"]["broker"] = {"port": 0, "mode": "embedded"}
+    fleet = tmp_path / "embedded.yaml"
+    fleet.write_text(yaml.safe_dump(doc))
+    done = _run(fleet, tmp_path, "--duration", "3")
+    assert done.returncode != 0
+    assert "payloadFormat: sparkplugB needs an MQTT 5 broker" in done.stdout + done.stderr
