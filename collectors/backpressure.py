@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential_jitter
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential, wait_random
 
 from sensorfleet.dataset import DatasetWriter, ReadingBatch
 from sensorfleet.metrics import WRITE_FAILURE_REASONS, FleetMetrics
@@ -216,7 +216,7 @@ class StorageWriter:
     def _run(self) -> None:
         retrying = Retrying(
             retry=retry_if_exception_type(Exception),
-            wait=wait_exponential_jitter(initial=0.25, max=10.0, jitter=0.25),
+            wait=wait_exponential(multiplier=0.25, max=10.0) + wait_random(0, 0.25),
             stop=stop_when_event_set(self._give_up),
             sleep=lambda seconds: self._give_up.wait(seconds) and None,
             before_sleep=self._failed,
@@ -227,18 +227,19 @@ class StorageWriter:
             if item is None:
                 return
             batch, callbacks = item
-            try:
-                started = time.perf_counter()
-                retrying(self.writer.write, batch)
-            except Exception:  # noqa: BLE001 -- gave up at shutdown; close() reports what is left
+            if len(batch):  # an empty one only carries callbacks: run once everything before is written
+                try:
+                    started = time.perf_counter()
+                    retrying(self.writer.write, batch)
+                except Exception:  # noqa: BLE001 -- gave up at shutdown; close() reports what is left
+                    with self._cond:
+                        self._queue.appendleft((batch, None))
+                    return
+                elapsed = time.perf_counter() - started
+                self.health.recovered(self._queued)
                 with self._cond:
-                    self._queue.appendleft((batch, None))
-                return
-            elapsed = time.perf_counter() - started
-            self.health.recovered(self._queued)
-            with self._cond:
-                self._queued -= len(batch)
-            self.record(batch, elapsed)
+                    self._queued -= len(batch)
+                self.record(batch, elapsed)
             for callback in callbacks:
                 callback()
 

@@ -292,7 +292,7 @@ class CollectorSink:
             batch = self._batch
             if not len(batch):
                 if on_written is not None:
-                    on_written()
+                    self.when_written(on_written)
                 return 0
             if self.storage is not None:
                 self._batch = ReadingBatch(self.protocol)
@@ -309,6 +309,16 @@ class CollectorSink:
         if on_written is not None:
             on_written()
         return len(batch)
+
+    def when_written(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once every batch handed over so far is written (now, if none waits).
+        MQTT acknowledges a message whose readings were all duplicates this way: the first copy
+        may still wait in the storage queue, and an acknowledgement before it is written would
+        lose it if the collector died meanwhile."""
+        if self.storage is None or not self.storage.queued:
+            callback()
+        else:
+            self.storage.submit(ReadingBatch(self.protocol), callback)
 
     def _record_written(self, batch: ReadingBatch, elapsed: float) -> None:
         with self._lock:

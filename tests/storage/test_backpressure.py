@@ -266,3 +266,33 @@ def test_mqtt_collector_killed_while_the_disk_is_full_loses_nothing(tmp_path: Pa
                     c.stop()
     assert held >= LIMIT and lost == 0
     assert_complete(read_dataset(data, columns=["device", "sensor", "seq"]), total)
+
+
+def test_a_duplicate_is_acknowledged_only_after_its_first_copy_is_written(small_disk: Path) -> None:
+    """A message redelivered while the store fails holds only duplicates of readings still waiting
+    in the storage queue: acknowledging it at once would lose them if the collector died before
+    they were written. `when_written` waits for everything handed over before it."""
+    from datetime import datetime, timezone
+
+    from sensorfleet.collectors.base import CollectorSink
+    from sensorfleet.metrics import FleetMetrics
+    from sensorfleet.reading import Reading
+
+    sink = CollectorSink("bp", "mqtt", str(small_disk / "data"), FleetMetrics("bp", "mqtt", "collector"), redelivered=True)
+    sink.start_storage_thread()
+    now = datetime.now(timezone.utc)
+    readings = [Reading("bp", "mqtt", "d-1", "temperature", 20.0 + i, "degC", now, i, "good", None) for i in range(100)]
+    filler = fill(small_disk)
+    assert sum(sink.accept(r, now) for r in readings) == 100
+    written: list[str] = []
+    sink.flush(on_written=lambda: written.append("first copies"))
+    assert sum(sink.accept(r, now) for r in readings) == 0 and sink.pending() == 0  # all duplicates
+    sink.flush(on_written=lambda: written.append("duplicates"))
+    wait_until(lambda: sink.storage is not None and sink.storage.health.degraded, 10, message="the write failing")
+    time.sleep(1.0)
+    assert written == [], "nothing may be acknowledged while its readings are not written"
+    filler.unlink()
+    wait_until(lambda: len(written) == 2, 30, message="both acknowledged once written")
+    assert written == ["first copies", "duplicates"]
+    assert len(read_dataset(str(small_disk / "data"), columns=["seq"])) == 100
+    assert sink.close() == 0
