@@ -33,10 +33,11 @@ bench: install
 	set -e; for script in bench/bench_*.py; do echo "== $$script"; PYTHONPATH=. $(BIN)/python $$script; done
 	$(BIN)/python bench/report.py
 
-# npm packages of the interop peers (Eclipse Tahu's Sparkplug codec), cached in ~/.cache/sensorfleet/npm.
+# npm packages of the interop peers (Eclipse Tahu's Sparkplug codec, node-opcua's client), cached in ~/.cache/sensorfleet/npm.
 .PHONY: node-peers
 node-peers: system-packages
 	hack/node-modules.sh tests/protocols/sparkplug_node >/dev/null
+	hack/node-modules.sh tests/protocols/opcua_node >/dev/null
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info

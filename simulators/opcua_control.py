@@ -5,6 +5,10 @@ Per device, next to the sensor variables (docs/protocols.md):
     opcua-00042/
       TemperatureSetpoint       BaseDataVariableType, Double, read/write; initial value: the
                                 device's nominal level (baseline + its fixed offset)
+      InjectFault(kind: String, durationSeconds: Double)
+                                every sensor of the device shows the fault `kind` (one of the
+                                signal model's fault kinds) for that long
+      Reset()                   setpoints back to the nominal levels, injected faults end
 
 A write goes through `ControlAttributeService`, which checks it (a number within the sensor's
 [min, max], else BadTypeMismatch / BadOutOfRange), stores it with the server's time as source
@@ -31,6 +35,7 @@ from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.address_space import AttributeService
 
 from sensorfleet.controls import ControlAction, ControlLog
+from sensorfleet.reading import ANOMALIES
 
 log = logging.getLogger("sensorfleet.simulators.opcua.control")
 
@@ -40,6 +45,18 @@ EVENT_FIELDS = (("Device", ua.VariantType.String), ("Action", ua.VariantType.Str
                 ("Value", ua.VariantType.Double), ("Fault", ua.VariantType.String), ("DurationSeconds", ua.VariantType.Double), ("Client", ua.VariantType.String))
 NUMERIC_VARIANTS = {ua.VariantType.Double, ua.VariantType.Float, ua.VariantType.Int16, ua.VariantType.Int32, ua.VariantType.Int64,
                     ua.VariantType.UInt16, ua.VariantType.UInt32, ua.VariantType.UInt64, ua.VariantType.Byte, ua.VariantType.SByte}
+
+
+INJECT_FAULT, RESET = "InjectFault", "Reset"
+MAX_FAULT_SECONDS = 7 * 86400.0
+INJECT_FAULT_ARGUMENTS = (
+    ("kind", ua.ObjectIds.String, f"Fault kind: one of {', '.join(ANOMALIES)}"),
+    ("durationSeconds", ua.ObjectIds.Double, f"How long the fault lasts, in seconds (0 < d <= {MAX_FAULT_SECONDS:g})"),
+)
+
+
+def _result(status: int, inputs: list[int] | None = None) -> ua.CallMethodResult:
+    return ua.CallMethodResult(StatusCode=ua.StatusCode(status), InputArgumentResults=[ua.StatusCode(c) for c in inputs or []])
 
 
 def setpoint_name(sensor: str) -> str:
@@ -93,13 +110,36 @@ class DeviceControls:
                                      attrs(ua.VariableAttributes, name, Value=ua.Variant(float(self.nominal[row, k]), ua.VariantType.Double), DataType=ua.NodeId(ua.ObjectIds.Double),
                                            ValueRank=-1, AccessLevel=rw, UserAccessLevel=rw,
                                            Description=ua.LocalizedText(f"Setpoint of {sensor.name} in {sensor.unit}, within [{sensor.min}, {sensor.max}]; the value follows with a first-order lag"))))
+            out += self._method_items(node_item, attrs, device)
         return out
 
+    def _method_items(self, node_item: Any, attrs: Any, device: str) -> list[ua.AddNodesItem]:
+        dev = ua.NodeId(device, self.ns)
+        inject = ua.NodeId(f"{device}/{INJECT_FAULT}", self.ns)
+        arguments = [ua.Argument(Name=name, DataType=ua.NodeId(dtype), ValueRank=-1, ArrayDimensions=[], Description=ua.LocalizedText(text))
+                     for name, dtype, text in INJECT_FAULT_ARGUMENTS]
+        return [
+            node_item(inject, dev, ua.ObjectIds.HasComponent, self.ns, INJECT_FAULT, ua.NodeClass.Method, 0,
+                      attrs(ua.MethodAttributes, INJECT_FAULT, Executable=True, UserExecutable=True,
+                            Description=ua.LocalizedText("Inject a fault the signal model knows on every sensor of the device"))),
+            node_item(ua.NodeId(f"{device}/{INJECT_FAULT}/InputArguments", self.ns), inject, ua.ObjectIds.HasProperty, 0, "InputArguments", ua.NodeClass.Variable,
+                      ua.ObjectIds.PropertyType,
+                      attrs(ua.VariableAttributes, "InputArguments", Value=ua.Variant(arguments, ua.VariantType.ExtensionObject), DataType=ua.NodeId(ua.ObjectIds.Argument),
+                            ValueRank=1, ArrayDimensions=[len(arguments)], AccessLevel=ua.AccessLevel.CurrentRead.mask, UserAccessLevel=ua.AccessLevel.CurrentRead.mask)),
+            node_item(ua.NodeId(f"{device}/{RESET}", self.ns), dev, ua.ObjectIds.HasComponent, self.ns, RESET, ua.NodeClass.Method, 0,
+                      attrs(ua.MethodAttributes, RESET, Executable=True, UserExecutable=True,
+                            Description=ua.LocalizedText("Setpoints back to the nominal levels; injected faults end"))),
+        ]
+
     async def install(self, server: Server) -> None:
-        """The write service, the event type and its generator (after the address space exists)."""
+        """The write service, the methods, the event type and its generator (after the address
+        space exists)."""
         self.server = server
         iserver = server.iserver
         iserver.attribute_service = ControlAttributeService(iserver.aspace, self)
+        for row, device in enumerate(self.devices):
+            iserver.aspace.add_method_callback(ua.NodeId(f"{device}/{INJECT_FAULT}", self.ns), self._inject_fault(row))
+            iserver.aspace.add_method_callback(ua.NodeId(f"{device}/{RESET}", self.ns), self._reset(row))
         etype = await server.create_custom_event_type(self.ns, EVENT_TYPE, ua.ObjectIds.BaseEventType, list(EVENT_FIELDS))
         self.event = await server.get_event_generator(etype, ua.ObjectIds.Server)
 
@@ -136,6 +176,54 @@ class DeviceControls:
 
     def _row(self, device_index: int) -> int:
         return int(np.searchsorted(self.indices, device_index))
+
+    # --- methods (asyncua calls them with the object id, then one Variant per argument) ----------
+    def _inject_fault(self, row: int) -> Any:
+        device = self.devices[row]
+
+        async def inject_fault(parent: ua.NodeId, *args: ua.Variant) -> ua.CallMethodResult:
+            if parent != ua.NodeId(device, self.ns):
+                return _result(ua.StatusCodes.BadMethodInvalid)
+            if len(args) != len(INJECT_FAULT_ARGUMENTS):
+                return _result(ua.StatusCodes.BadArgumentsMissing if len(args) < len(INJECT_FAULT_ARGUMENTS) else ua.StatusCodes.BadTooManyArguments)
+            kind, duration = args
+            checks = [ua.StatusCodes.Good, ua.StatusCodes.Good]
+            if kind.VariantType != ua.VariantType.String:
+                checks[0] = ua.StatusCodes.BadTypeMismatch
+            elif kind.Value not in ANOMALIES:
+                checks[0] = ua.StatusCodes.BadInvalidArgument
+            if duration.VariantType not in NUMERIC_VARIANTS or isinstance(duration.Value, list):
+                checks[1] = ua.StatusCodes.BadTypeMismatch
+            elif not (math.isfinite(float(duration.Value)) and 0 < float(duration.Value) <= MAX_FAULT_SECONDS):
+                checks[1] = ua.StatusCodes.BadInvalidArgument
+            if any(c != ua.StatusCodes.Good for c in checks):
+                bad = next(c for c in checks if c != ua.StatusCodes.Good)
+                return _result(ua.StatusCodes.BadInvalidArgument if bad == ua.StatusCodes.BadInvalidArgument else ua.StatusCodes.BadTypeMismatch, checks)
+            seconds = float(duration.Value)
+            await self.act(ControlAction(time.time(), int(self.indices[row]), "fault", fault=kind.Value, duration=seconds),
+                           f"{device}: InjectFault({kind.Value}, {seconds:g} s)")
+            return _result(ua.StatusCodes.Good, checks)
+
+        return inject_fault
+
+    def _reset(self, row: int) -> Any:
+        device = self.devices[row]
+
+        async def reset(parent: ua.NodeId, *args: ua.Variant) -> ua.CallMethodResult:
+            if parent != ua.NodeId(device, self.ns):
+                return _result(ua.StatusCodes.BadMethodInvalid)
+            if args:
+                return _result(ua.StatusCodes.BadTooManyArguments)
+            at = time.time()
+            await self.act(ControlAction(at, int(self.indices[row]), "reset"), f"{device}: Reset()")
+            # The setpoint variables show the nominal levels again (written past the checks: ours).
+            assert self.server is not None
+            for k, s in enumerate(self.sensors):
+                value = ua.DataValue(ua.Variant(float(self.nominal[row, k]), ua.VariantType.Double), SourceTimestamp=_utc(at), ServerTimestamp=_utc(at))
+                await self.server.iserver.aspace.write_attribute_value(self.setpoint_node(device, s), ua.AttributeIds.Value, value)
+            return _result(ua.StatusCodes.Good)
+
+        return reset
 
     async def setpoint_written(self, nodeid: ua.NodeId, number: float, at: float, client: str) -> None:
         row, s = self.setpoints[nodeid]

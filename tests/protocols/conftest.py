@@ -137,6 +137,22 @@ def seq_accounting(df: pd.DataFrame) -> tuple[int, int]:
     return int((spans["max"] - spans["min"] + 1).sum()), int(spans["count"].sum())
 
 
+def stop_both_and_check_nothing_lost(sim: Component, col: Component, data: Path, protocol: str) -> pd.DataFrame:
+    """Stop the source, then the collector once in-flight values arrived; every reading produced
+    is stored exactly once (no loss, no hole, the tail complete). Returns the stored frame."""
+    import time
+
+    produced = stop(sim)
+    time.sleep(1.5)
+    collected = stop(col)
+    df = stored_frame(data, protocol)
+    assert collected["lost"] == 0 and collected["duplicates"] == 0 and collected["malformed"] == 0, collected
+    span, rows = seq_accounting(df)
+    assert span == rows, "a series has a hole"
+    assert last_tick_sum(df) == produced["last_tick_sum"], "the last readings produced are stored"
+    return df
+
+
 def last_tick_sum(df: pd.DataFrame) -> int:
     """Sum over devices of the last stored seq (all sensors of a device share their ticks)."""
     return int(df.groupby("device")["seq"].max().sum())
@@ -161,7 +177,7 @@ def h():
         start_simulator=start_simulator, start_collector=start_collector, summary=summary, stop=stop,
         labelled=labelled, malformed_by_reason=malformed_by_reason, stored_frame=stored_frame,
         assert_values_match_model=assert_values_match_model, seq_accounting=seq_accounting,
-        last_tick_sum=last_tick_sum, wait_until=wait_until,
+        last_tick_sum=last_tick_sum, wait_until=wait_until, stop_both_and_check_nothing_lost=stop_both_and_check_nothing_lost,
     )
 
 
@@ -181,3 +197,21 @@ def sparkplug_peer():
     assert done.returncode == 0, f"hack/node-modules.sh failed:\n{done.stderr[-3000:]}"
     env = {**os.environ, "NODE_PATH": done.stdout.strip().splitlines()[-1]}
     return ["node", str(SPARKPLUG_PEER / "peer.js")], env
+
+
+# --- two-way OPC UA interop (issue 13): node-opcua's client from npm ---------------------------
+OPCUA_PEER = Path(__file__).parent / "opcua_node"
+
+
+@pytest.fixture(scope="session")
+def opcua_peer():
+    """argv prefix running tests/protocols/opcua_node/client.js with node-opcua (installed once into
+    ~/.cache/sensorfleet/npm by hack/node-modules.sh), and the environment for it."""
+    import os
+    import subprocess
+
+    script = Path(__file__).parents[2] / "hack" / "node-modules.sh"
+    done = subprocess.run([str(script), str(OPCUA_PEER)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"hack/node-modules.sh failed:\n{done.stderr[-3000:]}"
+    env = {**os.environ, "NODE_PATH": done.stdout.strip().splitlines()[-1]}
+    return ["node", str(OPCUA_PEER / "client.js")], env

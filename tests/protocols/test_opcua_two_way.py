@@ -80,16 +80,9 @@ def test_a_setpoint_write_moves_the_signal_is_stored_as_an_event_and_nothing_is_
     time.sleep(max(0.0, wrote["after"].SourceTimestamp.timestamp() + 8 * LAG - time.time()))
     stored_then = col.metric(STORED)
     h.wait_until(lambda: col.metric(STORED) >= stored_then + 4 * devices * SENSORS, 60, message="readings after the write settled")
-    produced = h.stop(sim)
-    time.sleep(1.5)
-    collected = h.stop(col)
-    assert "control: opcua-00001: temperature setpoint" in sim.log()
-
     # Exact accounting while the setpoint changed: a write is not a loss.
-    df = h.stored_frame(data, "opcua")
-    assert collected["lost"] == 0 and collected["duplicates"] == 0 and collected["malformed"] == 0, collected
-    span, rows = h.seq_accounting(df)
-    assert span == rows and h.last_tick_sum(df) == produced["last_tick_sum"]
+    df = h.stop_both_and_check_nothing_lost(sim, col, data, "opcua")
+    assert "control: opcua-00001: temperature setpoint" in sim.log()
 
     # The write is in the events table, and the events alone reproduce every stored value.
     events = read_events(str(data))
@@ -120,6 +113,64 @@ def test_a_setpoint_write_moves_the_signal_is_stored_as_an_event_and_nothing_is_
     assert settled >= 4, "readings long after the write were stored"
 
 
+async def _call_methods(url: str) -> dict:
+    async with Client(url) as client:
+        ns = await client.get_namespace_index(NS_URI)
+        device = client.get_node(ua.NodeId("opcua-00002", ns))
+        inject = ua.NodeId("opcua-00002/InjectFault", ns)
+        refused = {}
+        for name, args in (("kind", [ua.Variant("meltdown", ua.VariantType.String), ua.Variant(1.0, ua.VariantType.Double)]),
+                           ("duration", [ua.Variant("dropout", ua.VariantType.String), ua.Variant(-1.0, ua.VariantType.Double)]),
+                           ("missing", [ua.Variant("dropout", ua.VariantType.String)])):
+            try:
+                await device.call_method(inject, *args)
+            except ua.UaStatusCodeError as exc:
+                refused[name] = exc.code
+        arguments = await client.get_node(ua.NodeId("opcua-00002/InjectFault/InputArguments", ns)).read_value()
+        await device.call_method(inject, ua.Variant("dropout", ua.VariantType.String), ua.Variant(1.5, ua.VariantType.Double))
+        injected_at = time.time()
+        await asyncio.sleep(2.5)
+        await device.call_method(inject, ua.Variant("level_shift", ua.VariantType.String), ua.Variant(3600.0, ua.VariantType.Double))
+        await asyncio.sleep(1.0)
+        sp = client.get_node(ua.NodeId("opcua-00002/HumiditySetpoint", ns))
+        nominal = await sp.read_value()
+        await sp.write_value(ua.DataValue(ua.Variant(nominal - 10.0, ua.VariantType.Double)))
+        await asyncio.sleep(1.0)
+        await device.call_method(ua.NodeId("opcua-00002/Reset", ns))
+        after_reset = await sp.read_value()
+        return {"refused": refused, "arguments": [(a.Name, a.DataType) for a in arguments], "injected_at": injected_at, "nominal": nominal, "after_reset": after_reset}
+
+
+def test_inject_fault_and_reset_change_the_signal_and_are_stored_as_events(write_fleet, procs, h, tmp_path, tcp_port):
+    devices = 3
+    fleet = write_fleet("opcua", devices=devices, interval=0.25, writable=True, setpointLagSeconds=LAG,
+                        anomalies={"spikeProbability": 0, "stuckProbability": 0, "dropoutProbability": 0})
+    data = tmp_path / "data"
+    url = f"opc.tcp://127.0.0.1:{tcp_port}/"
+    sim = h.start_simulator(procs, "opcua", fleet, tmp_path, tcp_port)
+    col = h.start_collector(procs, "opcua", fleet, tmp_path, data, url)
+    h.wait_until(lambda: col.metric(STORED) >= 8 * devices * SENSORS, 60, message="readings stored before the calls")
+    called = asyncio.run(_call_methods(url))
+    assert called["refused"] == {"kind": ua.StatusCodes.BadInvalidArgument, "duration": ua.StatusCodes.BadInvalidArgument, "missing": ua.StatusCodes.BadArgumentsMissing}
+    assert called["arguments"] == [("kind", ua.NodeId(ua.ObjectIds.String)), ("durationSeconds", ua.NodeId(ua.ObjectIds.Double))]
+    assert called["after_reset"] == called["nominal"], "Reset puts the setpoint back to the nominal level"
+    stored_then = col.metric(STORED)
+    h.wait_until(lambda: col.metric(STORED) >= stored_then + 8 * devices * SENSORS, 60, message="readings after the reset")
+    df = h.stop_both_and_check_nothing_lost(sim, col, data, "opcua")
+    events = read_events(str(data))
+    assert list(events["action"]) == ["fault", "fault", "setpoint", "reset"], events
+    assert list(events["fault"][:2]) == ["dropout", "level_shift"] and list(events["duration"][:2]) == [1.5, 3600.0]
+    assert set(events["device"]) == {"opcua-00002"}
+    assert_values_match_model_given(df, fleet, control_log_from_events(events, LAG))
+    # The injected dropout: every sensor of the device reported no value for 1.5 s (6 ticks), and
+    # only then; the level shift ended with the reset.
+    start = events["ts"].iloc[0]
+    mine = df[df["device"] == "opcua-00002"]
+    window = mine[(mine["ts"] > start) & (mine["ts"] <= start + pd.Timedelta(seconds=1.5))]
+    assert len(window) == 6 * SENSORS and (window["quality"] == "bad").all() and window["value"].isna().all()
+    assert (df.loc[~df.index.isin(window.index), "quality"] == "good").all()
+
+
 def test_asyncua_internals_the_control_service_relies_on():
     """simulators/opcua_control.py replaces InternalServer.attribute_service with a subclass of
     AttributeService; the session must still send every Write through that attribute."""
@@ -131,3 +182,7 @@ def test_asyncua_internals_the_control_service_relies_on():
     assert "self.iserver.attribute_service.write(params, user=user)" in inspect.getsource(InternalSession.write)
     assert list(inspect.signature(AttributeService.write).parameters) == ["self", "params", "user"]
     assert list(inspect.signature(AttributeService.__init__).parameters) == ["self", "aspace"]
+    # Methods: asyncua calls the callback with the object id, then the input Variants as they came.
+    from asyncua.server.address_space import MethodService
+
+    assert "self._run_method(node.call, method.ObjectId, *method.InputArguments)" in inspect.getsource(MethodService._call)
