@@ -169,16 +169,18 @@ def summary(c: Component) -> dict:
     return json.loads(lines[-1])
 
 
-def test_coap_full_disk_counts_what_it_could_not_keep_as_lost_exactly(tmp_path: Path, small_disk: Path) -> None:
-    devices, interval = 20, 0.1  # RATE_COAP over UDP: well within one collector's reach
-    fleet = write_fleet(tmp_path, "coap", devices=devices, interval=interval)
+@pytest.mark.parametrize("protocol", ["coap", "opcua"])
+def test_full_disk_counts_what_a_coap_or_opcua_collector_could_not_keep_as_lost_exactly(protocol: str, tmp_path: Path, small_disk: Path) -> None:
+    devices, interval = 20, 0.1  # RATE_COAP: well within one collector's reach
+    fleet = write_fleet(tmp_path, protocol, devices=devices, interval=interval)
     data = str(small_disk / "data")
-    port = free_port(udp=True)
-    simulator = component("simulate", "coap", fleet, tmp_path, "--port", str(port)).start()
+    port = free_port(udp=protocol == "coap")
+    target = f"coap://127.0.0.1:{port}" if protocol == "coap" else f"opc.tcp://127.0.0.1:{port}/"
+    simulator = component("simulate", protocol, fleet, tmp_path, "--port", str(port)).start()
     collector = None
     try:
-        wait_until(lambda: "simulator of fleet" in simulator.log(), 60, message="CoAP simulator serving")
-        collector = component("collect", "coap", fleet, tmp_path, "--data", data, "--target", f"coap://127.0.0.1:{port}").start()
+        wait_until(lambda: "simulator of fleet" in simulator.log(), 60, message=f"{protocol} simulator serving")
+        collector = component("collect", protocol, fleet, tmp_path, "--data", data, "--target", target).start()
         wait_until(lambda: collector.metric("sensorfleet_readings_stored_total") >= 1000, 60, message="readings stored while the disk has room")
         outage = Outage(collector)
         filler = fill(small_disk)
@@ -210,7 +212,7 @@ def test_coap_full_disk_counts_what_it_could_not_keep_as_lost_exactly(tmp_path: 
     assert unstored >= unstored_during > 0 and unstored <= collected["lost"]
     spans = df.groupby(["device", "sensor"])["seq"].agg(["min", "max", "count"])
     assert int((spans["max"] - spans["min"] + 1 - spans["count"]).sum()) == collected["lost"], (produced, collected, unstored)
-    print(f"\nCoAP, disk full for 12 s at {RATE_COAP:.0f} readings/s: published {produced['published']}, received {collected['received']}, "
+    print(f"\n{protocol}, disk full for 12 s at {RATE_COAP:.0f} readings/s: published {produced['published']}, received {collected['received']}, "
           f"stored {collected['stored']}, lost {collected['lost']} (storage_unavailable {unstored:.0f}); peak buffered {outage.peak_buffered:.0f}, "
           f"RSS {outage.baseline_rss:.0f} -> {outage.peak_rss:.0f} MiB; load {os.getloadavg()[0]:.1f}")
     assert outage.peak_buffered <= LIMIT
