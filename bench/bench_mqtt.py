@@ -85,9 +85,9 @@ def reference_mosquitto_clients(workdir: Path, messages: int, payload: bytes) ->
     }
 
 
-def sensorfleet_throughput(workdir: Path, devices: int, interval: float, seconds: float, mode: str) -> dict:
-    """One simulator + one collector, QoS 1."""
-    fleet = fleet_file(workdir, devices, interval, messageMode=mode)
+def sensorfleet_throughput(workdir: Path, devices: int, interval: float, seconds: float, mode: str, **mqtt) -> dict:
+    """One simulator + one collector, QoS 1; `mqtt`: more fields of spec.protocols.mqtt (bench_sparkplug)."""
+    fleet = fleet_file(workdir, devices, interval, messageMode=mode, **mqtt)
     workdir = workdir / f"tp-{mode}-{devices}-{interval}"
     workdir.mkdir()
     with mosquitto_broker(workdir / "tp-broker") as broker:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import lru_cache
 
 from sensorfleet.reading import MalformedReading, format_ts
 from sensorfleet.sparkplug.payload import (
@@ -59,7 +60,9 @@ class Outcome:
     events: list[str] = field(default_factory=list)  # nbirth, ndeath, dbirth, ddeath, seq_gap, stale_ndeath, ...
 
 
+@lru_cache(maxsize=4096)
 def _ts(ms: int) -> str:
+    """The wire timestamp of a Sparkplug one (ms); cached: a message's metrics share theirs."""
     return format_ts(datetime.fromtimestamp(ms / 1000, tz=timezone.utc))
 
 
@@ -164,7 +167,7 @@ class HostState:
                 if dying:  # a DDEATH without the sensor's metrics: the device went silent
                     out.documents.append(self._document(dev_id, name, unit, None, default_ms or 0, tick, "bad", None))
                 continue  # report by exception: a sensor left out has no new value
-            props = properties_of(metric)
+            props = properties_of(metric) if metric.HasField("properties") else {}
             field_name = metric.WhichOneof("value")
             value = None if metric.is_null or field_name is None else getattr(metric, field_name)
             quality_code = props.get(QUALITY_PROPERTY)
