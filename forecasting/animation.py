@@ -46,12 +46,16 @@ def detector_flags(values: np.ndarray) -> np.ndarray:
     return to_score(detect_series(values)["ensemble"]) >= DEFAULT_THRESHOLD
 
 
+def fault_counts(panel: Panel, horizon: int) -> np.ndarray:
+    """Injected faults of each series in the animated stretch."""
+    history = min(panel.n_steps // 2, max(3 * horizon, 240))
+    return (panel.truth[:, max(0, panel.n_steps - 2 * history) :] != 0).sum(axis=1)
+
+
 def pick_series(panel: Panel, horizon: int) -> int:
     """The series with the most injected faults in the animated stretch (else the first): a film
     of a quiet series shows no flag."""
-    history = min(panel.n_steps // 2, max(3 * horizon, 240))
-    tail = panel.truth[:, max(0, panel.n_steps - 2 * history) :] != 0
-    return int(np.argmax(tail.sum(axis=1))) if tail.any() else 0
+    return int(np.argmax(fault_counts(panel, horizon))) if panel.n_series else 0
 
 
 def write_animation(out: Path, panel: Panel, row: int, horizon: int, level: int, frames: int = FRAMES, ffmpeg: str | None = "auto") -> dict[str, str | None]:

@@ -57,10 +57,18 @@ def detect(table: pd.DataFrame, model: str, level: int) -> tuple[pd.DataFrame, d
     scored = table["window"] != "future"
     flags = flag(table, model, level) & scored
     table = table.assign(anomaly_flag=flags)
-    summary = {
+    return table, summarise_flags(table, model, level)
+
+
+def summarise_flags(table: pd.DataFrame, model: str, level: int) -> dict[str, Any]:
+    """The scores of a table's `anomaly_flag` column (counts over rows: a merge of shards'
+    tables scores the same as one run)."""
+    scored = table["window"] != "future"
+    test = table["window"] == "test"
+    flags = table["anomaly_flag"]
+    return {
         "model": model,
         "level": level,
         "scored_windows": score_flags(table[scored], flags[scored]),
-        "holdout": score_flags(table[table["window"] == "test"], flags[table["window"] == "test"]),
+        "holdout": score_flags(table[test], flags[test]),
     }
-    return table, summary

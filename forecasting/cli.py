@@ -89,12 +89,14 @@ def forecast(
     frequency: Annotated[Optional[str], typer.Option("--frequency", help="Resampling frequency, e.g. 1min, 15s, 1h (default 1min).", show_default=False)] = None,
     window_days: Annotated[Optional[float], typer.Option("--window-days", help="Days of history read (default 7).", show_default=False)] = None,
     cv_windows: Annotated[int, typer.Option("--cv-windows", help="Rolling-origin cross-validation windows before the hold-out.")] = 3,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Processes for statsforecast models.")] = 1,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Forecast the series as N hash shards in N processes, then merge them into one report in OUT (shards in OUT/shards/<i>).")] = 1,
     protocol: Annotated[Optional[list[str]], typer.Option("--protocol", "-p", help="Only these protocols (repeatable).", show_default=False)] = None,
     drop_short: Annotated[bool, typer.Option("--drop-short", help="Skip series too short for the horizon instead of failing.")] = False,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Only the hash shard i/N of the series (crc32 of protocol/device/sensor mod N), e.g. 0/4.", show_default=False)] = None,
     wait_for_data: Annotated[bool, typer.Option("--wait-for-data", help="An empty dataset is young (waiting, exit 0), not an error: for a fleet's CronJob whose collectors may not have written yet.")] = False,
     termination_message: Annotated[Optional[Path], typer.Option("--termination-message", help="Also write the outcome as one JSON object to this file (a pod's terminationMessagePath: the operator reads it into status.lastForecast).", show_default=False)] = None,
+    merge_when_done: Annotated[bool, typer.Option("--merge-when-done", help="With --shard: write the shard to OUT/shards/<i>; the shard that finds all N complete merges them into OUT (the Indexed Job's pods).")] = False,
+    run_id: Annotated[Optional[str], typer.Option("--run-id", help="With --merge-when-done: the id shared by the shards of one run (e.g. the Job's name); shards of other runs are not merged.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Forecast every series of the dataset, score the forecasts (hold-out and rolling-origin CV
@@ -102,10 +104,18 @@ def forecast(
     from sensorfleet.forecasting.errors import ForecastInputError, NotEnoughData
     from sensorfleet.forecasting.pipeline import ForecastOptions, Progress, headline_text, outcome_message, run_forecast
 
+    from sensorfleet.forecasting.fanout import run_jobs, run_shard_then_merge
+
+    if jobs < 1:
+        raise _fail(f"--jobs: must be >= 1, got {jobs}")
+    if jobs > 1 and shard is not None:
+        raise _fail("--jobs: runs every shard itself; leave out --shard (or --jobs for one shard)")
+    if merge_when_done and shard is None:
+        raise _fail("--merge-when-done: needs --shard i/N")
     spec_fleet = _load_fleet(fleet) if fleet else None
     options = ForecastOptions.from_fleet(
         spec_fleet, data=data, out=out_dir, horizon=horizon, model=model, level=level, frequency=frequency, window_days=window_days,
-        cv_windows=cv_windows, seed=seed, n_jobs=jobs, protocols=protocol, drop_short=drop_short, shard=shard,
+        cv_windows=cv_windows, seed=seed, protocols=protocol, drop_short=drop_short, shard=shard, run_id=run_id,
         wait_for_data=wait_for_data,
     )
 
@@ -117,7 +127,18 @@ def forecast(
 
     fleet_name = spec_fleet.name if spec_fleet else None
     try:
-        run = run_forecast(options, Progress(enabled=not quiet))
+        options.check()
+        if jobs > 1:
+            run = run_jobs(options, jobs, Progress(enabled=not quiet))
+        elif merge_when_done:
+            merged = run_shard_then_merge(options, Progress(enabled=not quiet))
+            if merged is None:
+                # No termination message: the pod that merges reports the run's outcome.
+                out.print(f"shard {shard} written to {Path(out_dir) / 'shards'}; the last shard to finish writes the merged report", highlight=False)
+                return
+            run = merged
+        else:
+            run = run_forecast(options, Progress(enabled=not quiet))
     except NotEnoughData as young:  # a young dataset: nothing failed, nothing to push
         out.print(str(young), highlight=False, soft_wrap=True)
         report_outcome("WaitingForData", message=str(young), haveSteps=young.have, needSteps=young.need)
@@ -147,7 +168,29 @@ def forecast(
     out.print(f"report: {Path(options.out) / 'report.html'}", highlight=False)
 
 
+def forecast_merge(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Directory the merged forecasts.parquet, metrics.json, plots and report.html are written to.")] = Path("out"),
+    shards: Annotated[Optional[Path], typer.Option("--shards", help="Directory of the shard outputs (default OUT/shards).", show_default=False)] = None,
+    run_id: Annotated[Optional[str], typer.Option("--run-id", help="Merge the shards of this run (default: the newest shard's run).", show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Merge the outputs of `forecast --shard i/N --merge-when-done` (all N) into one report, the
+    same as one run over every series would write."""
+    from sensorfleet.forecasting.errors import ForecastInputError
+    from sensorfleet.forecasting.fanout import merge_into
+    from sensorfleet.forecasting.pipeline import Progress
+
+    try:
+        run = merge_into(shards or out_dir / "shards", out_dir, Progress(enabled=not quiet), run_id)
+    except ForecastInputError as exc:
+        raise _fail(str(exc)) from None
+    head = run.metrics["headline"]
+    out.print(f"merged {run.metrics['options']['shards']} shards, {head['series']} series: {head['model']} MASE / {head['baseline']} "
+              f"{head['mase_vs_baseline']}; report: {out_dir / 'report.html'}", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
-    """Add `generate` and `forecast` to the `sensorfleet` app."""
+    """Add `generate`, `forecast` and `forecast-merge` to the `sensorfleet` app."""
     app.command("generate")(generate)
     app.command("forecast")(forecast)
+    app.command("forecast-merge")(forecast_merge)

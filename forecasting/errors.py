@@ -14,8 +14,13 @@ class NotEnoughData(ForecastInputError):
     (a fleet's forecast CronJob on a new fleet succeeds, and status.lastForecast says why)."""
 
     def __init__(self, have: int, need: int, freq: str, detail: str) -> None:
-        self.have, self.need, self.freq = have, need, freq
+        self.have, self.need, self.freq, self.detail = have, need, freq, detail
         super().__init__(f"waiting for data: have {have} steps of {freq}, need {need} ({detail})")
+
+    def __reduce__(self) -> tuple[type, tuple[int, int, str, str]]:
+        # Raised in a `--jobs` shard process, it crosses to the parent pickled: rebuild it from
+        # its fields, not from the one-string args.
+        return (type(self), (self.have, self.need, self.freq, self.detail))
 
 
 class NoReadings(ForecastInputError):

@@ -87,15 +87,29 @@ def evaluate_forecasts(table: pd.DataFrame, models: list[str], baseline: str, tr
 
     `train` is the history before the earliest origin as a long frame with integer unique_id
     (= sid), or a function returning that frame for an array of sids."""
-    result: dict[str, Any] = {"per_series": {}}
+    per_split, windows = {}, {}
     for split, rows in (("holdout", table[table["window"] == "test"]), ("cv", table[table["window"].str.startswith("cv")])):
         if rows.empty:
             continue
         per_series = score_window(rows, models, train, season).rename(columns={"unique_id": "sid"})
         per_series.insert(0, "unique_id", ids["unique_id"].to_numpy()[per_series["sid"].to_numpy()])
+        per_split[split], windows[split] = per_series, int(rows["window"].nunique())
+    return summarise_scores(per_split, windows, ids, models, baseline)
+
+
+def summarise_scores(per_split: dict[str, pd.DataFrame], windows: dict[str, int], ids: pd.DataFrame, models: list[str], baseline: str) -> dict[str, Any]:
+    """The aggregates of per-series scores (columns unique_id, sid = row of `ids`, metric, one per
+    model), per split: a function of the per-series rows only, so the merge of shards gets the
+    same figures as one run over every series."""
+    result: dict[str, Any] = {"per_series": {}}
+    rank = {m: i for i, m in enumerate(METRICS)}
+    for split, per_series in per_split.items():
+        # One order (series, then metric) whatever the chunking or sharding that produced the rows:
+        # the means below then add the same numbers in the same order.
+        per_series = per_series.assign(_rank=per_series["metric"].map(rank)).sort_values(["sid", "_rank"], kind="stable").drop(columns="_rank").reset_index(drop=True)
         result["per_series"][split] = per_series
         result[split] = {
-            "windows": int(rows["window"].nunique()),
+            "windows": windows[split],
             "series": int(per_series["sid"].nunique()),
             "models": aggregate(per_series, models, baseline),
             "by_protocol": by_group(per_series, ids, models, "protocol"),

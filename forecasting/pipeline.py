@@ -31,7 +31,8 @@ from sensorfleet.events import read_events
 from sensorfleet.forecasting import anomalies, animation, evaluate, plots, report
 from sensorfleet.forecasting.errors import ForecastInputError, NoReadings, NotEnoughData
 from sensorfleet.forecasting.models import BASELINE, MODEL_CHOICES, TIMEGPT_KEY_MISSING, ForecastBlock, SeasonalNaiveBaseline, make_model
-from sensorfleet.forecasting.prepare import TRUTH_NAMES, Panel, finish_prepare, min_steps, need_detail, parse_frequency, read_readings, resample, season_length
+from sensorfleet.forecasting.prepare import TRUTH_NAMES, EmptySelection, Panel, finish_prepare, min_steps, need_detail, parse_frequency, read_selected, resample, season_length
+from sensorfleet.forecasting.shards import parse_shard, shard_filter, write_manifest
 from sensorfleet.spec import SensorFleet
 
 TRUTH_LABELS = np.array([None, *sorted(TRUTH_NAMES, key=TRUTH_NAMES.get)], dtype=object)
@@ -57,6 +58,10 @@ class ForecastOptions:
     fleet: str | None = None
     shard: str | None = None  # "i/N": only the series whose crc32(unique_id) % N == i
     wait_for_data: bool = False  # an empty dataset is young (0 steps), not an error: the fleet's CronJob
+    # A shard of a run to be merged (`--jobs N`, `--merge-when-done`, the Indexed Job's pods):
+    # no plots, animation or report (the merge draws them), plus what the merge needs.
+    for_merge: bool = False
+    run_id: str | None = None  # shards of one run carry the same id (the Job's name in Kubernetes)
 
     @classmethod
     def from_fleet(cls, fleet: SensorFleet | None, **given: Any) -> ForecastOptions:
@@ -96,37 +101,6 @@ class ForecastOptions:
     def steps_needed(self) -> int:
         """History every series needs (`prepare.min_steps` at this frequency)."""
         return min_steps(season_length(parse_frequency(self.frequency)), self.horizon, self.cv_windows)
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """`i/N` -> (i, N) with 0 <= i < N."""
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise ForecastInputError(f"--shard: expected i/N like 0/4, got {text!r}") from None
-    if count < 1 or not 0 <= index < count:
-        raise ForecastInputError(f"--shard: index must be in 0..N-1 and N >= 1, got {text!r}")
-    return index, count
-
-
-def shard_of(unique_ids: Sequence[str], count: int) -> np.ndarray:
-    """The shard of each series: crc32 of its unique_id (protocol/device/sensor) modulo N, the
-    same in every process and on every run (str hash() is salted per process)."""
-    import zlib
-
-    return np.array([zlib.crc32(u.encode()) % count for u in unique_ids], dtype=np.int64)
-
-
-def select_shard(readings: pd.DataFrame, shard: str) -> pd.DataFrame:
-    """The readings of the series of shard `i/N`; fails if the shard holds no series."""
-    index, count = parse_shard(shard)
-    keys = readings[["protocol", "device", "sensor"]].drop_duplicates()
-    ids = keys["protocol"].astype(str) + "/" + keys["device"].astype(str) + "/" + keys["sensor"].astype(str)
-    chosen = keys[shard_of(ids.tolist(), count) == index]
-    if chosen.empty:
-        raise ForecastInputError(f"--shard {shard}: no series of the dataset hashes to shard {index} of {count}")
-    mask = pd.MultiIndex.from_frame(readings[["protocol", "device", "sensor"]].astype(str)).isin(pd.MultiIndex.from_frame(chosen.astype(str)))
-    return readings[mask].reset_index(drop=True)
 
 
 StageCallback = Callable[[int, int], None]
@@ -237,13 +211,14 @@ def forecast_table(panel: Panel, blocks: dict[str, list[ForecastBlock]], labels:
     return table
 
 
-def choose_plot_rows(panel: Panel, count: int, seed: int) -> np.ndarray:
-    """A seeded sample of series to draw, one per sensor first so every kind of signal is shown."""
+def choose_plot_rows(ids: pd.DataFrame, count: int, seed: int) -> np.ndarray:
+    """A seeded sample of series (rows of `ids`, the panel's) to draw, one per sensor first so
+    every kind of signal is shown."""
     rng = np.random.default_rng(seed)
     rows: list[int] = []
-    for _, group in panel.ids.groupby("sensor", sort=True):
+    for _, group in ids.groupby("sensor", sort=True):
         rows.append(int(rng.choice(group.index.to_numpy())))
-    remaining = np.setdiff1d(np.arange(panel.n_series), rows)
+    remaining = np.setdiff1d(np.arange(len(ids)), rows)
     extra = max(0, count - len(rows))
     if extra and len(remaining):
         rows.extend(int(r) for r in rng.choice(remaining, size=min(extra, len(remaining)), replace=False))
@@ -271,6 +246,71 @@ def device_events_summary(events: pd.DataFrame) -> dict[str, Any]:
     return {"count": int(len(events)), "by_action": {k: int(v) for k, v in events["action"].value_counts().items()}, "rows": rows}
 
 
+def options_dict(options: ForecastOptions) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple | list) else str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
+
+
+def build_metrics(model: str, options: dict[str, Any], data: dict[str, Any], scores: dict[str, Any], flagged: dict[str, Any],
+                  cleaning: dict[str, Any], film: dict[str, str | None] | None, device_events: dict[str, Any] | None = None) -> dict[str, Any]:
+    """metrics.json (without timings) from the stages' results; the merge of shards calls it too."""
+    holdout = scores.get("holdout", {}).get("models", {})
+    cv = scores.get("cv", {}).get("models", {})
+    return {
+        "headline": {
+            "model": model,
+            "mae": holdout.get(model, {}).get("mae"),
+            "mase": holdout.get(model, {}).get("mase"),
+            "mase_vs_baseline": holdout.get(model, {}).get("mase_vs_baseline"),
+            "cv_mase_vs_baseline": cv.get(model, {}).get("mase_vs_baseline"),
+            "baseline": BASELINE,
+            "baseline_mase": holdout.get(BASELINE, {}).get("mase"),
+            "anomalies_flagged": flagged["holdout"]["flagged"],
+            "series": data["series"],
+            "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+        "options": options,
+        "data": data,
+        "holdout": {k: v for k, v in scores.get("holdout", {}).items()},
+        "cv": {k: v for k, v in scores.get("cv", {}).items()},
+        "anomalies": flagged,
+        "cleaning": cleaning,
+        "animation": film,
+        "device_events": device_events,
+        "timings_s": {},
+    }
+
+
+def write_outputs(out: Path, table: pd.DataFrame, per_series: dict[str, pd.DataFrame], metrics: dict[str, Any], drawn: list[dict[str, str]],
+                  progress: Progress, started: float, report_html: bool = True) -> None:
+    """metrics_by_series.csv, forecasts.parquet, metrics.json (with timings) and report.html."""
+    frames = [df.drop(columns=["sid"]).assign(split=split) for split, df in per_series.items()]
+    pd.concat(frames, ignore_index=True).to_csv(out / "metrics_by_series.csv", index=False)
+    written = table.drop(columns=["sid"]).assign(ds=lambda d: d["ds"].dt.tz_localize("UTC"), cutoff=lambda d: d["cutoff"].dt.tz_localize("UTC"))
+    pq.write_table(pa.Table.from_pandas(written, preserve_index=False), out / "forecasts.parquet", compression="zstd")
+    metrics["timings_s"] = dict(progress.timings, total=round(time.perf_counter() - started, 3))
+    metrics["peak_rss_mb"] = dict(progress.peak_rss_mb, total=peak_rss_mb())
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
+    if report_html:
+        report.write_report(out / "report.html", metrics, drawn)
+
+
+def write_shard_extras(out: Path, options: ForecastOptions, panel: Panel, model: str, models: list[str], scores: dict[str, Any], span: tuple[Any, Any]) -> None:
+    """What the merge needs beyond the tables: the overview's coarse rows, the animation's
+    candidate, and last the manifest that marks the shard complete."""
+    view = plots.overview_of(panel)
+    np.savez(out / "overview.npz", coarse=view.coarse, times=view.times.to_numpy().astype("datetime64[ns]").astype(np.int64))
+    faults = animation.fault_counts(panel, options.horizon)
+    best = int(np.argmax(faults)) if len(faults) else 0
+    index, count = parse_shard(options.shard or "0/1")
+    write_manifest(out, {
+        "index": index, "count": count, "run_id": options.run_id, "model": model, "models": models,
+        "windows": {split: scores[split]["windows"] for split in ("holdout", "cv") if split in scores},
+        "span": [pd.Timestamp(span[0]).isoformat(), pd.Timestamp(span[1]).isoformat()],
+        "animation": {"unique_id": str(panel.ids["unique_id"].iat[best]), "faults": int(faults[best]) if len(faults) else 0},
+        "options": options_dict(options),
+    })
+
+
 def run_forecast(options: ForecastOptions, progress: Progress | None = None) -> ForecastRun:
     options.check()
     progress = progress or Progress(enabled=False)
@@ -279,20 +319,22 @@ def run_forecast(options: ForecastOptions, progress: Progress | None = None) -> 
     started = time.perf_counter()
     with progress.running():
         with progress.stage("read dataset", 1) as advance:
+            keep = shard_filter(options.shard) if options.shard is not None else None
             try:
-                readings = read_readings(options.data, options.window_days, options.protocols, on_day=advance)
+                readings, span = read_selected(options.data, options.window_days, options.protocols, on_day=advance, keep=keep)
+            except EmptySelection:
+                index, count = parse_shard(options.shard or "0/1")
+                raise EmptySelection(f"--shard {options.shard}: no series of the dataset hashes to shard {index} of {count}") from None
             except NoReadings as empty:
                 if not options.wait_for_data:
                     raise
                 step, need = parse_frequency(options.frequency), options.steps_needed()
                 detail = need_detail(season_length(step), options.horizon, options.cv_windows, need, step)
                 raise NotEnoughData(0, need, options.frequency, f"{empty}; {detail}") from None
-            if options.shard is not None:
-                readings = select_shard(readings, options.shard)
         with progress.stage("prepare (resample, clean)") as advance:
             # The window must hold the origins the CV needs: fail early with what to change.
             n_readings = len(readings)
-            resampled = resample(readings, options.frequency)
+            resampled = resample(readings, options.frequency, span=span)
             del readings  # the panel replaces ten million rows; free them before cleaning
             prepared = finish_prepare(resampled, n_readings, options.horizon, options.cv_windows, drop_short=options.drop_short)
             del resampled
@@ -318,56 +360,33 @@ def run_forecast(options: ForecastOptions, progress: Progress | None = None) -> 
             scores = evaluate.evaluate_forecasts(table, models, BASELINE, train, panel.season, panel.ids)
         with progress.stage("anomaly flags") as advance:
             table, flagged = anomalies.detect(table, model.name, options.level)
-        with progress.stage("device events", 1):
-            events = read_events(options.data, panel.start, panel.start + panel.step * panel.n_steps)
-        with progress.stage("plots", 1) as advance:
-            rows = choose_plot_rows(panel, options.plot_series, options.seed)
-            drawn = plots.draw_all(out, panel, table, rows, model.name, BASELINE, options.level, labels, on_plot=advance, events=events)
-        with progress.stage("animation", 1):
-            film = animation.write_animation(out, panel, animation.pick_series(panel, options.horizon), options.horizon, options.level)
-        holdout = scores.get("holdout", {}).get("models", {})
-        cv = scores.get("cv", {}).get("models", {})
-        metrics = {
-            "headline": {
-                "model": model.name,
-                "mae": holdout.get(model.name, {}).get("mae"),
-                "mase": holdout.get(model.name, {}).get("mase"),
-                "mase_vs_baseline": holdout.get(model.name, {}).get("mase_vs_baseline"),
-                "cv_mase_vs_baseline": cv.get(model.name, {}).get("mase_vs_baseline"),
-                "baseline": BASELINE,
-                "baseline_mase": holdout.get(BASELINE, {}).get("mase"),
-                "anomalies_flagged": flagged["holdout"]["flagged"],
-                "series": panel.n_series,
-                "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            },
-            "options": {k: (list(v) if isinstance(v, tuple | list) else str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
-            "data": {
-                "readings": n_readings,
-                "series": panel.n_series,
-                "steps": panel.n_steps,
-                "frequency": panel.freq,
-                "season": panel.season,
-                "start": panel.start.isoformat(),
-                "end": (panel.start + panel.step * panel.n_steps).isoformat(),
-                "windows": {label: (panel.start + panel.step * origin).isoformat() for origin, label in labels.items()},
-            },
-            "holdout": {k: v for k, v in scores.get("holdout", {}).items()},
-            "cv": {k: v for k, v in scores.get("cv", {}).items()},
-            "anomalies": flagged,
-            "cleaning": cleaning.as_dict(),
-            "animation": film,
-            "device_events": device_events_summary(events),
-            "timings_s": {},
+        drawn: list[dict[str, str]] = []
+        film: dict[str, str | None] | None = None
+        events_summary: dict[str, Any] | None = None
+        if not options.for_merge:  # the merge reads the events and draws for every shard
+            with progress.stage("device events", 1):
+                events = read_events(options.data, panel.start, panel.start + panel.step * panel.n_steps)
+                events_summary = device_events_summary(events)
+            with progress.stage("plots", 1) as advance:
+                rows = choose_plot_rows(panel.ids, options.plot_series, options.seed)
+                drawn = plots.draw_all(out, panel, table, rows, model.name, BASELINE, options.level, labels, on_plot=advance, events=events)
+            with progress.stage("animation", 1):
+                film = animation.write_animation(out, panel, animation.pick_series(panel, options.horizon), options.horizon, options.level)
+        data = {
+            "readings": n_readings,
+            "series": panel.n_series,
+            "steps": panel.n_steps,
+            "frequency": panel.freq,
+            "season": panel.season,
+            "start": panel.start.isoformat(),
+            "end": (panel.start + panel.step * panel.n_steps).isoformat(),
+            "windows": {label: (panel.start + panel.step * origin).isoformat() for origin, label in labels.items()},
         }
-        per_series = [df.drop(columns=["sid"]).assign(split=split) for split, df in scores["per_series"].items()]
+        metrics = build_metrics(model.name, options_dict(options), data, scores, flagged, cleaning.as_dict(), film, events_summary)
         with progress.stage("write outputs") as advance:
-            pd.concat(per_series, ignore_index=True).to_csv(out / "metrics_by_series.csv", index=False)
-            written = table.drop(columns=["sid"]).assign(ds=lambda d: d["ds"].dt.tz_localize("UTC"), cutoff=lambda d: d["cutoff"].dt.tz_localize("UTC"))
-            pq.write_table(pa.Table.from_pandas(written, preserve_index=False), out / "forecasts.parquet", compression="zstd")
-            metrics["timings_s"] = dict(progress.timings, total=round(time.perf_counter() - started, 3))
-            metrics["peak_rss_mb"] = dict(progress.peak_rss_mb, total=peak_rss_mb())
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
-            report.write_report(out / "report.html", metrics, drawn)
+            write_outputs(out, table, scores["per_series"], metrics, drawn, progress, started, report_html=not options.for_merge)
+            if options.for_merge:
+                write_shard_extras(out, options, panel, model.name, models, scores, span)
     return ForecastRun(panel, table, metrics, drawn)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -102,10 +103,12 @@ def forecast_vs_actual(out: Path, panel: Panel, table: pd.DataFrame, rows: np.nd
     return _save(fig, out, "forecast_vs_actual.png")
 
 
-def residuals_over_time(out: Path, table: pd.DataFrame, panel: Panel, rows: np.ndarray, model: str, baseline: str) -> str:
+def residuals_over_time(out: Path, table: pd.DataFrame, panel: Panel, rows: np.ndarray, model: str, baseline: str, fleet_table: pd.DataFrame | None = None) -> str:
     """Forecast errors (actual - forecast) over the scored windows: sampled series, then the mean
-    absolute error of all series at each time."""
+    absolute error of all series (`fleet_table`, default `table`) at each time."""
     scored = table[table["window"] != "future"].dropna(subset=["y"])
+    fleet = fleet_table if fleet_table is not None else table
+    fleet_scored = fleet[fleet["window"] != "future"].dropna(subset=["y"])
     fig, axes = _axes(2, height=2.8)
     for row in rows:
         part = scored[scored["sid"] == row]
@@ -114,8 +117,8 @@ def residuals_over_time(out: Path, table: pd.DataFrame, panel: Panel, rows: np.n
     axes[0].set_title(f"{model} residuals of sampled series", fontsize=9, loc="left")
     axes[0].legend(fontsize=7, loc="upper left")
     for name, color in ((model, COLORS["model"]), (baseline, COLORS["baseline"])):
-        if name in scored:
-            mean_abs = (scored["y"] - scored[name]).abs().groupby(scored["ds"]).mean()
+        if name in fleet_scored:
+            mean_abs = (fleet_scored["y"] - fleet_scored[name]).abs().groupby(fleet_scored["ds"]).mean()
             axes[1].plot(mean_abs.index, mean_abs.to_numpy(), color=color, lw=0.8, marker=".", ms=2, label=name)
     axes[1].set_title("Mean absolute error over all series", fontsize=9, loc="left")
     axes[1].legend(fontsize=7)
@@ -155,22 +158,37 @@ def rolling_statistics(out: Path, panel: Panel, rows: np.ndarray) -> str:
     return _save(fig, out, "rolling_statistics.png")
 
 
-def protocol_overview(out: Path, panel: Panel, table: pd.DataFrame, protocol: str, model: str) -> str:
-    """One protocol's fleet, per sensor: the median of all devices, the 10-90 % band, and the
-    median forecast of the future."""
-    ids = panel.ids
-    sensors = sorted(ids.loc[ids["protocol"] == protocol, "sensor"].unique())
-    # At most ~2,000 points per line: average blocks of steps.
+@dataclass
+class Overview:
+    """What the fleet overview draws from: every series' cleaned values averaged over blocks of
+    steps (at most ~2,000 points a line). A shard writes its rows; the merge stacks them."""
+
+    ids: pd.DataFrame  # unique_id, protocol, device, sensor, unit; row i <-> coarse[i]
+    times: pd.DatetimeIndex  # naive UTC, one per block
+    coarse: np.ndarray  # series x blocks
+
+
+def overview_of(panel: Panel) -> Overview:
     block = max(1, panel.n_steps // 2000)
     usable = (panel.n_steps // block) * block
     times = panel.times(0, usable)[::block].tz_convert(None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        coarse = np.nanmean(panel.y[:, :usable].reshape(panel.n_series, -1, block), axis=2)
+    return Overview(panel.ids, times, coarse)
+
+
+def protocol_overview(out: Path, overview: Overview, table: pd.DataFrame, protocol: str, model: str) -> str:
+    """One protocol's fleet, per sensor: the median of all devices, the 10-90 % band, and the
+    median forecast of the future."""
+    ids, times = overview.ids, overview.times
+    sensors = sorted(ids.loc[ids["protocol"] == protocol, "sensor"].unique())
     fig, axes = _axes(len(sensors), height=2.4)
     for ax, sensor in zip(axes, sensors):
         rows = ids.index[(ids["protocol"] == protocol) & (ids["sensor"] == sensor)].to_numpy()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            coarse = np.nanmean(panel.y[rows, :usable].reshape(len(rows), -1, block), axis=2)
-            q10, q50, q90 = np.nanquantile(coarse, [0.1, 0.5, 0.9], axis=0)
+            q10, q50, q90 = np.nanquantile(overview.coarse[rows], [0.1, 0.5, 0.9], axis=0)
         ax.fill_between(times, q10, q90, color=COLORS["train"], alpha=0.25, label="10-90 % of devices")
         ax.plot(times, q50, color=COLORS["train"], lw=0.9, label="median")
         future = table[(table["window"] == "future") & table["sid"].isin(rows)]
@@ -195,18 +213,26 @@ def draw_all(
     labels: dict[int, str],
     on_plot: Callable[[int, int], None] | None = None,
     events: pd.DataFrame | None = None,
+    overview: Overview | None = None,
+    fleet_table: pd.DataFrame | None = None,
 ) -> list[dict[str, str]]:
-    """Every plot of the report: [{"title", "file"}] in display order."""
+    """Every plot of the report: [{"title", "file"}] in display order.
+
+    `panel` and `table` need only hold the sampled `rows` when `overview` (every series) and
+    `fleet_table` (every series' forecasts, `sid` = row of the overview) are given: the merge of
+    shards draws that way, without the whole fleet's panel."""
     out = Path(out)
-    protocols = sorted(panel.ids["protocol"].unique())
+    overview = overview if overview is not None else overview_of(panel)
+    fleet_table = fleet_table if fleet_table is not None else table
+    protocols = sorted(overview.ids["protocol"].unique())
     jobs: list[tuple[str, Callable[[], str]]] = [
         ("Train / test split", lambda: train_test_split(out, panel, rows, labels, events)),
         ("Forecast vs actual", lambda: forecast_vs_actual(out, panel, table, rows, model, baseline, level, events)),
-        ("Residuals over time", lambda: residuals_over_time(out, table, panel, rows, model, baseline)),
-        ("Error distribution", lambda: error_distribution(out, table, model, baseline)),
+        ("Residuals over time", lambda: residuals_over_time(out, table, panel, rows, model, baseline, fleet_table)),
+        ("Error distribution", lambda: error_distribution(out, fleet_table, model, baseline)),
         ("Rolling statistics", lambda: rolling_statistics(out, panel, rows)),
     ]
-    jobs += [(f"Overview: {p}", (lambda p=p: protocol_overview(out, panel, table, p, model))) for p in protocols]
+    jobs += [(f"Overview: {p}", (lambda p=p: protocol_overview(out, overview, fleet_table, p, model))) for p in protocols]
     drawn = []
     for i, (title, draw) in enumerate(jobs):
         drawn.append({"title": title, "file": draw()})

@@ -32,6 +32,12 @@ KEY_COLUMNS = ("protocol", "device", "sensor")
 # Ground-truth anomaly codes on the panel (the simulator's `anomaly` column).
 TRUTH_NONE, TRUTH_SPIKE, TRUTH_STUCK, TRUTH_DROPOUT = 0, 1, 2, 3
 TRUTH_NAMES = {"spike": TRUTH_SPIKE, "stuck": TRUTH_STUCK, "dropout": TRUTH_DROPOUT}
+
+
+class EmptySelection(ForecastInputError):
+    """The dataset has readings but `keep` (a shard, a device list) selects none of them."""
+
+
 _FREQ = re.compile(r"^([0-9]*)(s|min|h|D)$")
 
 
@@ -171,14 +177,27 @@ def _dictionary_dataset(url: str, partition: str | None = None):
                         ignore_prefixes=[".", "_"], partition_base_dir=root)
 
 
-def read_readings(
+def read_readings(url: str, window_days: float, protocols: Sequence[str] | None = None, on_day: Callable[[int, int], None] | None = None) -> pd.DataFrame:
+    """The last `window_days` days of readings: only the columns forecasting needs, one protocol
+    and day at a time, strings as categoricals, so 10 M readings stay well under 1 GiB."""
+    return read_selected(url, window_days, protocols, on_day)[0]
+
+
+Span = tuple[pd.Timestamp, pd.Timestamp]
+
+
+def read_selected(
     url: str,
     window_days: float,
     protocols: Sequence[str] | None = None,
     on_day: Callable[[int, int], None] | None = None,
-) -> pd.DataFrame:
-    """The last `window_days` days of readings: only the columns forecasting needs, one protocol
-    and day at a time, strings as categoricals, so 10 M readings stay well under 1 GiB."""
+    keep: Callable[[pd.DataFrame], np.ndarray] | None = None,
+    devices: Sequence[str] | None = None,
+) -> tuple[pd.DataFrame, Span]:
+    """`read_readings` keeping only some series: `keep(part) -> bool mask` drops rows of each part
+    as it is read (a shard's series), `devices` reads only those devices. Also returns the span
+    ((first, last) ts) of the window's readings before `keep`, so that every shard resamples onto
+    the grid of the whole dataset."""
     import pyarrow as pa
     import pyarrow.dataset as pads
 
@@ -194,6 +213,7 @@ def read_readings(
         days.append((day, min(end, datetime.combine(day.date() + timedelta(days=1), datetime.min.time(), timezone.utc))))
         day = days[-1][1]
     parts, done, total = [], 0, len(days) * len(chosen)
+    span: tuple[pd.Timestamp, pd.Timestamp] | None = None
     for protocol in chosen:
         for lo, hi in days:
             expr = (
@@ -202,6 +222,8 @@ def read_readings(
                 & (pads.field("ts") >= pa.scalar(lo, pa.timestamp("us", tz="UTC")))
                 & (pads.field("ts") < pa.scalar(hi, pa.timestamp("us", tz="UTC")))
             )
+            if devices is not None:
+                expr = expr & pads.field("device").isin(list(devices))
             # Only the partitions of the window are listed and read (not the whole dataset).
             partition = f"protocol={protocol}/date={lo:%Y-%m-%d}"
             if not fs.exists(f"{root}/{partition}"):
@@ -210,13 +232,21 @@ def read_readings(
                 part = _dictionary_dataset(url, partition).to_table(columns=columns, filter=expr).to_pandas()
             if len(part):
                 part.insert(0, "protocol", pd.Categorical.from_codes(np.zeros(len(part), dtype=np.int8), [protocol]))
-                parts.append(part)
+                first, last = part["ts"].min(), part["ts"].max()
+                span = (first, last) if span is None else (min(span[0], first), max(span[1], last))
+                if keep is not None:
+                    part = part[keep(part)].reset_index(drop=True)
+                if len(part):
+                    parts.append(part)
             done += 1
             if on_day:
                 on_day(done, total)
+    if not parts and span is not None:
+        raise EmptySelection(f"none of the series in {url} between {start:%Y-%m-%d %H:%M} and {end:%Y-%m-%d %H:%M} UTC is selected")
     if not parts:
         raise NoReadings(f"no readings in {url} between {start:%Y-%m-%d %H:%M} and {end:%Y-%m-%d %H:%M} UTC")
-    return _concat_categorical(parts)
+    assert span is not None
+    return _concat_categorical(parts), span
 
 
 def _concat_categorical(parts: list[pd.DataFrame]) -> pd.DataFrame:
@@ -231,8 +261,9 @@ def _concat_categorical(parts: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def resample(readings: pd.DataFrame, freq: str) -> Panel:
-    """Mean of each series' readings per `freq` step on one grid common to all series."""
+def resample(readings: pd.DataFrame, freq: str, span: tuple[pd.Timestamp, pd.Timestamp] | None = None) -> Panel:
+    """Mean of each series' readings per `freq` step on one grid common to all series; the grid
+    covers `span` ((first, last) ts, e.g. of the whole dataset a shard was cut from) when given."""
     missing = [c for c in REQUIRED_COLUMNS if c not in readings.columns]
     if missing:
         raise ForecastInputError(f"readings: missing column(s) {', '.join(missing)}; the dataset needs {', '.join(REQUIRED_COLUMNS)}")
@@ -246,10 +277,13 @@ def resample(readings: pd.DataFrame, freq: str) -> Panel:
     ticks = ts.array.asi8
     per_ns = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000}[ts.dtype.unit]
     step_units = max(1, step.value // per_ns)
-    t0 = (int(ticks.min()) // step_units) * step_units
+    lo, hi = int(ticks.min()), int(ticks.max())
+    if span is not None:  # the span's ends in the column's unit
+        lo, hi = min(lo, pd.Timestamp(span[0]).value // per_ns), max(hi, pd.Timestamp(span[1]).value // per_ns)
+    t0 = (lo // step_units) * step_units
     bins = ticks - t0
     bins //= step_units
-    n_steps = int(bins.max()) + 1
+    n_steps = (hi - t0) // step_units + 1
     # One integer key per series from the categorical codes; a lookup table when the key space is
     # small (the usual case) avoids sorting ten million keys.
     cats, key = [], np.zeros(len(readings), dtype=np.int64)
@@ -408,6 +442,7 @@ def _score(flags: np.ndarray, truth: np.ndarray) -> dict[str, float | int | None
     return {
         "flagged": int(flags.sum()),
         "true": int(truth.sum()),
+        "true_positives": tp,
         "precision": round(tp / (tp + fp), 4) if tp + fp else None,
         "recall": round(tp / (tp + fn), 4) if tp + fn else None,
     }

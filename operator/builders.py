@@ -146,6 +146,10 @@ def compaction_name(fleet: str) -> str:
     return f"{fleet}-compact"
 
 
+ENV_JOB_INDEX = "JOB_COMPLETION_INDEX"  # set in every pod of an Indexed Job by the Job controller
+ENV_JOB_NAME = "JOB_NAME"
+
+
 def forecast_name(fleet: str) -> str:
     return f"{fleet}-forecast"
 
@@ -829,8 +833,26 @@ def forecast_args(fleet: SensorFleet) -> list[str]:
     # A young fleet's dataset (empty, or shorter than horizon + CV + a daily season) is waiting for
     # data, not a failed job; a series that started later than the others is left out of one run
     # rather than failing it (docs/forecasting.md, "A young dataset").
-    return ["forecast", "--data", data_location(fleet), "--out", reports_location(fleet), "--fleet", FLEET_FILE,
+    args = ["forecast", "--data", data_location(fleet), "--out", reports_location(fleet), "--fleet", FLEET_FILE,
             "--wait-for-data", "--drop-short", "--termination-message", TERMINATION_MESSAGE_PATH]
+    shards = fleet.spec.forecasting.parallelism
+    if shards > 1:
+        # Each pod of the Indexed Job forecasts its hash shard; the kubelet expands $(VAR) from the
+        # container's env (JOB_COMPLETION_INDEX is set by the Job controller, JOB_NAME below).
+        args += ["--shard", f"$({ENV_JOB_INDEX})/{shards}", "--merge-when-done", "--run-id", f"$({ENV_JOB_NAME})"]
+    return args
+
+
+def forecast_job_spec(fleet: SensorFleet, template: dict[str, Any]) -> dict[str, Any]:
+    """The spec of the forecast CronJob's Job: one pod, or with `spec.forecasting.parallelism` N
+    an Indexed Job of N pods (completions = parallelism = N), one hash shard each; the pod that
+    finds every shard of its Job complete merges them (docs/forecasting.md, "Sharded runs")."""
+    shards = fleet.spec.forecasting.parallelism
+    spec: dict[str, Any] = {"backoffLimit": 1, "activeDeadlineSeconds": 3600, "ttlSecondsAfterFinished": 86400, "template": template}
+    if shards > 1:
+        spec.update({"completionMode": "Indexed", "completions": shards, "parallelism": shards,
+                     "backoffLimit": shards})  # about one retry per shard
+    return spec
 
 
 def build_forecast_cronjob(fleet: SensorFleet, owner: Owner, options: BuildOptions) -> dict[str, Any]:
@@ -841,6 +863,9 @@ def build_forecast_cronjob(fleet: SensorFleet, owner: Owner, options: BuildOptio
     if fleet.spec.forecasting.api_key:
         env.append(secret_env(ENV_NIXTLA_API_KEY, fleet.spec.forecasting.api_key))
     env += storage_env(fleet)
+    if fleet.spec.forecasting.parallelism > 1:
+        # The run id the shards of one Job share: the Job's name (the label every Job pod carries).
+        env.append({"name": ENV_JOB_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}}})
     container = _app_container("forecast", forecast_args(fleet), "forecast", options, env, [], fleet, with_data=with_data)
     for probe in ("readinessProbe", "livenessProbe"):
         container.pop(probe, None)  # a batch job serves no metrics port
@@ -861,16 +886,11 @@ def build_forecast_cronjob(fleet: SensorFleet, owner: Owner, options: BuildOptio
             "failedJobsHistoryLimit": 3,
             "jobTemplate": {
                 "metadata": {"labels": lbls},
-                "spec": {
-                    "backoffLimit": 1,
-                    "activeDeadlineSeconds": 3600,
-                    "ttlSecondsAfterFinished": 86400,
-                    "template": {
-                        "metadata": {"labels": {**lbls, **claim_user_labels(fleet)},
-                                     "annotations": {HASH_ANNOTATION: spec_hash(_section(fleet, "forecasting", "storage", "monitoring"))}},
-                        "spec": pod_spec,
-                    },
-                },
+                "spec": forecast_job_spec(fleet, {
+                    "metadata": {"labels": {**lbls, **claim_user_labels(fleet)},
+                                 "annotations": {HASH_ANNOTATION: spec_hash(_section(fleet, "forecasting", "storage", "monitoring"))}},
+                    "spec": pod_spec,
+                }),
             },
         },
     }

@@ -83,7 +83,8 @@ def newest_finished_job(jobs: list[dict[str, Any]]) -> tuple[dict[str, Any], str
     finished = []
     for job in jobs:
         status = job.get("status", {})
-        if status.get("succeeded"):
+        # An Indexed Job (spec.forecasting.parallelism) has succeeded when every index has.
+        if (status.get("succeeded") or 0) >= (job.get("spec", {}).get("completions") or 1):
             finished.append((status.get("completionTime") or "", job, "Succeeded"))
         elif any(c.get("type") == "Failed" and c.get("status") == "True" for c in status.get("conditions", [])):
             when = next((c.get("lastTransitionTime") for c in status.get("conditions", []) if c.get("type") == "Failed"), "")

@@ -300,6 +300,7 @@ class ForecastingSpec(SpecModel):
     api_key: Annotated[SecretKeyRef | None, Field(default=None, description="Secret key of the Nixtla API key for `model: timegpt`; the forecast job gets it as NIXTLA_API_KEY.")]
     level: Annotated[int, Field(default=95, ge=50, le=99, description="Prediction-interval level in percent; readings outside it are flagged as anomalies.")]
     window_days: Annotated[float, Field(default=7.0, gt=0, le=365, description="Days of history read for training.")]
+    parallelism: Annotated[int, Field(default=1, ge=1, le=1000, description="Shards of the series forecast in parallel: above 1 the CronJob's Job is an Indexed Job of this many pods, each forecasting the hash shard `$JOB_COMPLETION_INDEX/parallelism`; the last pod to finish merges them into one report.")]
 
     @field_validator("schedule")
     @classmethod

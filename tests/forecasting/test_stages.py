@@ -97,7 +97,7 @@ def test_features_and_design() -> None:
 def test_origins_and_seeded_plot_sample() -> None:
     assert origins_for(1000, 60, 2) == {820: "cv1", 880: "cv2", 940: "test", 1000: "future"}
     panel = panel_of(np.zeros((30, 5)))
-    assert (choose_plot_rows(panel, 4, seed=1) == choose_plot_rows(panel, 4, seed=1)).all()
+    assert (choose_plot_rows(panel.ids, 4, seed=1) == choose_plot_rows(panel.ids, 4, seed=1)).all()
 
 
 def test_too_short_series_are_refused_or_dropped() -> None:

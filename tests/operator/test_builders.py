@@ -245,3 +245,30 @@ def test_the_forecast_cronjob_waits_for_data_and_reports_through_its_termination
     args = container["args"]
     assert "--wait-for-data" in args and "--drop-short" in args
     assert args[args.index("--termination-message") + 1] == container["terminationMessagePath"] == "/dev/termination-log"
+
+
+def test_forecast_parallelism_makes_an_indexed_job_of_shards() -> None:
+    single = children(fleet())[("CronJob", "plant-forecast")]["spec"]["jobTemplate"]["spec"]
+    assert "completionMode" not in single and "completions" not in single and "--shard" not in single["template"]["spec"]["containers"][0]["args"]
+    job = children(fleet(forecasting={"parallelism": 4}))[("CronJob", "plant-forecast")]["spec"]["jobTemplate"]["spec"]
+    assert (job["completionMode"], job["completions"], job["parallelism"], job["backoffLimit"]) == ("Indexed", 4, 4, 4)
+    container = job["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[args.index("--shard") + 1] == "$(JOB_COMPLETION_INDEX)/4" and "--merge-when-done" in args
+    assert args[args.index("--run-id") + 1] == "$(JOB_NAME)"
+    # $(JOB_NAME) expands only from the container's own env: the Job's name, from the pod's label.
+    assert {"name": "JOB_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}}} in container["env"]
+    assert job["template"]["spec"]["restartPolicy"] == "Never"
+
+
+def test_parallelism_is_validated_with_its_field_named() -> None:
+    with pytest.raises(ValueError, match="parallelism"):
+        fleet(forecasting={"parallelism": 0})
+
+
+def test_an_indexed_forecast_job_succeeds_when_every_index_has() -> None:
+    running = {"metadata": {"name": "plant-forecast-3"}, "spec": {"completions": 4}, "status": {"succeeded": 3}}
+    assert status.last_forecast([running]) is None
+    done = {"metadata": {"name": "plant-forecast-3"}, "spec": {"completions": 4},
+            "status": {"succeeded": 4, "completionTime": "2026-01-01T03:00:00Z", "conditions": [{"type": "Complete", "status": "True"}]}}
+    assert status.last_forecast([done])["result"] == "Succeeded"
