@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--days", type=float, default=7.0)
     args = parser.parse_args()
 
-    from sensorfleet.detection import run as detect_run
+    from sensorfleet.detection import detectors, run as detect_run
     from sensorfleet.forecasting.prepare import read_readings
 
     load_start = [round(x, 2) for x in os.getloadavg()]
@@ -60,6 +60,10 @@ def main() -> None:
             timings.append(elapsed)
             cpu.append(spent)
         parts, _, _ = detect_run.score_series(frame, with_parts=True)
+        # "Before": the same ensemble without the ramp test (the drift detector added for issue 14),
+        # scored in this run on these readings.
+        before, _, before_cpu = detect_run.score_series(frame, detectors.DetectorSettings(ramp_weight=0.0))
+        before_report = detect_run.nab_report(frame, {"ensemble": before["ensemble"]})
         started, started_cpu = time.perf_counter(), time.process_time()
         refs = detect_run.reference_scores(frame, seed=0)
         ref_seconds, ref_cpu = time.perf_counter() - started, time.process_time() - started_cpu
@@ -74,6 +78,8 @@ def main() -> None:
                        "ensemble_readings_per_cpu_s": round(n / min(cpu)), "ensemble_cpu_seconds": [round(t, 3) for t in cpu],
                        "references_readings_per_s": round(n / ref_seconds), "references_readings_per_cpu_s": round(n / ref_cpu)},
         "nab": report,
+        "before_ramp": {"nab": before_report["detectors"]["ensemble"], "per_kind": before_report["per_kind"],
+                        "readings_per_cpu_s": round(n / before_cpu)},
         "default_threshold": detect_run.DEFAULT_THRESHOLD,
     }
     RESULTS.mkdir(exist_ok=True)
@@ -84,12 +90,19 @@ def main() -> None:
     for name, profiles in report["detectors"].items():
         table.add_row(name, *(f"{profiles[p]['score']:.1f}" for p in ("standard", "reward_low_fp", "reward_low_fn")), f"{profiles['standard']['threshold']:.3f}")
     console.print(table)
-    kinds = Table(title="ensemble per fault kind at its standard threshold")
-    for column in ("kind", "events", "recall", "precision"):
+    kinds = Table(title="ensemble per fault kind at its standard threshold: without the ramp test (before) -> with it")
+    for column in ("kind", "events", "recall before", "recall", "precision before", "precision"):
         kinds.add_column(column, justify="right")
+
+    def show(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
+    old_kinds = result["before_ramp"]["per_kind"]
     for kind, row in report["per_kind"].items():
         if not kind.startswith("_"):
-            kinds.add_row(kind, str(row["events"]), f"{row['recall']:.2f}", "n/a" if row["precision"] is None else f"{row['precision']:.2f}")
+            was = old_kinds.get(kind, {})
+            kinds.add_row(kind, str(row["events"]), show(was.get("recall")), show(row["recall"]), show(was.get("precision")), show(row["precision"]))
+    kinds.add_row("NAB standard", "", f"{result['before_ramp']['nab']['standard']['score']:.1f}", f"{report['detectors']['ensemble']['standard']['score']:.1f}", "", "")
     console.print(kinds)
     t = result["throughput"]
     console.print(f"ensemble: {t['ensemble_readings_per_cpu_s']:,} readings per CPU-second on one core ({t['ensemble_readings_per_s']:,}/s wall, best of 3); "

@@ -134,3 +134,16 @@ def test_a_csv_with_a_bad_row_names_the_row(tmp_path):
     assert run.returncode == 2 and "expected columns timestamp,value" in run.stderr
     run = sensorfleet("detect")
     assert run.returncode == 2 and "exactly one of --data" in run.stderr
+
+
+def test_the_ramp_test_answers_a_long_walk_not_a_step():
+    """A drift fault (10 sigma over 120 readings) against the same noise with a 10 sigma step."""
+    noise = np.random.default_rng(5).normal(size=4000)
+    ramp, step = noise.copy(), noise.copy()
+    ramp[2000:2120] += np.linspace(0.0, 10.0, 120)
+    step[2000:] += 10.0
+    settings = detectors.DetectorSettings()
+    walked = detectors.ramp_z(ramp, settings)[2000:2120].max()
+    assert walked > 1.5 * detectors.ramp_z(ramp, settings)[:1990].max()  # quiet before the fault
+    assert walked > 1.5 * detectors.ramp_z(step, settings)[1990:2300].max()  # a step is not a walk
+    assert walked * detectors.RAMP_WEIGHT > detectors.Z_AT_HALF * 0.8  # loud enough for the ensemble

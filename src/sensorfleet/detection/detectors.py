@@ -11,10 +11,14 @@ can be compared and combined; `to_score` maps z to [0, 1] (z = 4 gives 0.5).
     shift      windowed mean of standardised residuals of a trend-following (Brown) predictor:
                level shifts and drift faults that a fast predictor adapts to
     variance   log ratio of a fast to a slow EW variance of residuals: noise bursts, oscillations
+    ramp       the OLS slopes of the last RAMP_PARTS windows of RAMP_WINDOW readings, all of one sign:
+               the smallest, over the series' typical slope. A drift fault walks one way for
+               longer than the plant's setpoint ramps (regime_ramp_hours) and weather turn
     gap        a missing value (dropout, outage) is an anomaly by itself
 
 `ensemble` is the maximum of the detectors' z (the shift test's weighted by SHIFT_WEIGHT: weather
-and setpoint ramps make its null wider than its Gaussian calibration), then debounced: a reading
+and setpoint ramps make its null wider than its Gaussian calibration; the ramp test's by
+RAMP_WEIGHT, which maps its null tail onto the others'), then debounced: a reading
 keeps its score only when it exceeds every score of the previous DEBOUNCE readings (an alarm that
 is already raised is not raised again at each reading). Both steps are causal.
 """
@@ -30,7 +34,10 @@ from scipy.special import ndtri
 Z_AT_HALF = 4.0  # the z that maps to score 0.5
 SHIFT_WEIGHT = 0.6  # measured on the fleet's data: 0.5-0.7 add found level shifts without false alarms
 DEBOUNCE = 30  # readings
-DETECTORS = ("residual", "stuck", "shift", "variance", "gap")
+# Measured on the fleet's data (bench/bench_detect.py, docs/detection.md): 1.6 doubles drift-fault
+# recall for 0.2 of NAB standard score; 1.4 finds no more drifts, 2.0 costs 3 points.
+RAMP_WEIGHT = 1.6
+DETECTORS = ("residual", "stuck", "shift", "variance", "ramp", "gap")
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,10 @@ class DetectorSettings:
     variance_fast: float = 0.1  # EW weight of the fast variance (~10 readings)
     variance_slow: float = 0.003  # EW weight of the slow variance (~300 readings)
     repeat: float = 0.002  # EW weight of the repeat-rate estimate
+    ramp_window: int = 30  # readings of each slope window of the ramp test
+    ramp_parts: int = 3  # consecutive windows that must slope the same way
+    ramp_scale: float = 0.002  # EW weight of the typical squared slope (~500 readings)
+    ramp_weight: float = RAMP_WEIGHT  # 0 leaves the ramp test out of the ensemble (the bench's "before")
     warmup: int = 30  # readings before a detector speaks (its estimates are not ready)
 
 
@@ -152,6 +163,52 @@ def shift_z(x: np.ndarray, s: DetectorSettings) -> np.ndarray:
     return np.abs(window_sum) / np.sqrt(count)
 
 
+def window_slopes(x: np.ndarray, window: int) -> np.ndarray:
+    """OLS slope of the `window` readings ending at each t (0 before a full window), from running
+    sums of x and j*x: O(n) whatever the window."""
+    n = len(x)
+    if n < window:
+        return np.zeros(n)
+    x0 = x - x[0]  # the sums stay small: exact enough over a week of readings
+    j = np.arange(n, dtype=np.float64)
+    sum_x = np.concatenate([[0.0], np.cumsum(x0)])
+    sum_jx = np.concatenate([[0.0], np.cumsum(j * x0)])
+    hi = np.arange(window, n + 1)  # windows [hi - window, hi)
+    sx, sjx = sum_x[hi] - sum_x[hi - window], sum_jx[hi] - sum_jx[hi - window]
+    centre = hi - window + (window - 1) / 2.0
+    out = np.zeros(n)
+    out[window - 1 :] = (sjx - centre * sx) / (window * (window * window - 1) / 12.0)
+    return out
+
+
+def ramp_z(x: np.ndarray, s: DetectorSettings) -> np.ndarray:
+    """The smallest |slope| of the last `ramp_parts` windows when all slope one way (else 0), over
+    the EW RMS slope up to t-1: large only when the series has walked one way for
+    ramp_parts x ramp_window readings."""
+    w, k = s.ramp_window, s.ramp_parts
+    b = window_slopes(x, w)
+    n = len(x)
+    if n < w * k:
+        return np.zeros(n)
+    parts = np.stack([lagged_by(b, i * w) for i in range(k)])
+    one_way = np.all(np.sign(parts) == np.sign(parts[0]), axis=0) & (parts[0] != 0)
+    smallest = np.where(one_way, np.min(np.abs(parts), axis=0), 0.0)
+    ready = w * k + s.warmup
+    scale = lagged(np.sqrt(ewma(b * b, s.ramp_scale, initial=float(np.mean(b[w * k : ready] ** 2)) if n > w * k else 0.0)), np.inf)
+    z = smallest / np.maximum(scale, _scale_floor(x, s.warmup) / w)
+    z[: min(n, ready)] = 0.0
+    return z
+
+
+def lagged_by(x: np.ndarray, steps: int) -> np.ndarray:
+    """x shifted `steps` later (zeros before)."""
+    if steps == 0:
+        return x
+    out = np.zeros_like(x)
+    out[steps:] = x[:-steps]
+    return out
+
+
 def variance_z(x: np.ndarray, s: DetectorSettings, residual: np.ndarray | None = None) -> np.ndarray:
     """log(fast EW variance / slow EW variance up to t-1) over its null spread sqrt(2 / dof),
     dof = 2 / alpha_fast - 1, on residuals of the one-step predictor."""
@@ -176,13 +233,14 @@ def detect_series(values: np.ndarray, settings: DetectorSettings | None = None) 
         "stuck": stuck_z(x, missing, s),
         "shift": shift_z(x, s),
         "variance": variance_z(x, s, residual),
+        "ramp": ramp_z(x, s),
         "gap": np.where(missing, 10.0, 0.0),
     }
     warm = np.arange(len(x)) < s.warmup
-    for name in ("residual", "stuck", "shift", "variance"):
+    for name in ("residual", "stuck", "shift", "variance", "ramp"):
         z = out[name]
         z[missing | warm | ~np.isfinite(z)] = 0.0
-    weights = {"shift": SHIFT_WEIGHT}
+    weights = {"shift": SHIFT_WEIGHT, "ramp": s.ramp_weight}
     combined = np.max(np.stack([out[k] * weights.get(k, 1.0) for k in DETECTORS]), axis=0)
     out["ensemble"] = debounce(combined, DEBOUNCE)
     return out
