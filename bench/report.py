@@ -51,13 +51,34 @@ def mqtt_plots(result: dict) -> str:
     return "".join(out)
 
 
+def frontier_plot(result: dict) -> str:
+    """MASE against seconds per series of every model of bench_frontier (green: the Pareto front)."""
+    models = result.get("models", {})
+    if not models:
+        return ""
+    front = set(result.get("pareto_front", []))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, r in models.items():
+        seconds = max(r["seconds_per_series"], 1e-5)  # log axis: a vectorised fit can round to 0
+        ax.scatter(seconds, r["mase"], color="tab:green" if name in front else "tab:grey", zorder=3)
+        ax.annotate(name, (seconds, r["mase"]), fontsize=8, xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds per series (fit + forecast, one process)")
+    ax.set_ylabel("MASE (hold-out)")
+    sample = result.get("sample", {})
+    ax.set_title(f"accuracy-time frontier: {sample.get('series')} series, {sample.get('frequency')}, horizon {sample.get('horizon')} "
+                 f"(load {result.get('load_average', {}).get('start')})", fontsize=9)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def main() -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     sections = []
     for path in sorted(RESULTS.glob("*.json")):
         result = json.loads(path.read_text())
         headline = result.get("headline") or {k: v for k, v in result.items() if not isinstance(v, dict | list)}
-        plots = mqtt_plots(result) if path.stem == "mqtt" else ""
+        plots = {"mqtt": mqtt_plots, "frontier": frontier_plot}.get(path.stem, lambda _: "")(result)
         sections.append(
             f"<section><h2>{html.escape(path.stem)}</h2>{_table(headline)}{plots}"
             f"<details><summary>all figures</summary><pre>{html.escape(json.dumps(result, indent=2))}</pre></details></section>"

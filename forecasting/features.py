@@ -38,6 +38,14 @@ def phase_steps(panel: Panel, lo: int, hi: int) -> np.ndarray:
     return np.arange(lo, hi) + int(offset)
 
 
+def weekend_terms(times: pd.DatetimeIndex, season: int, pairs: int, steps: np.ndarray) -> np.ndarray:
+    """Calendar columns of the harmonic design: a weekend indicator (Saturday and Sunday, UTC) and
+    the daily Fourier terms times it, so weekends get their own level and daily profile (plants
+    run weekday shifts). All zero, and so fitted as 0 by the ridge, when no weekend is seen."""
+    weekend = np.asarray(times.dayofweek >= 5, dtype=np.float64)[:, None]
+    return np.concatenate([weekend, weekend * fourier_terms(steps, season, pairs)], axis=1)
+
+
 def calendar_features(ds: pd.DatetimeIndex) -> pd.DataFrame:
     return pd.DataFrame({"hour": ds.hour + ds.minute / 60.0, "dayofweek": ds.dayofweek}, index=ds)
 

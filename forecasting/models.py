@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from sensorfleet.forecasting.errors import ForecastInputError
-from sensorfleet.forecasting.features import design_matrix, phase_steps
+from sensorfleet.forecasting.features import design_matrix, phase_steps, weekend_terms
 from sensorfleet.forecasting.prepare import Panel, interpolate_gaps
 
 MODEL_CHOICES = ("auto", "harmonic", "mstl", "autoets", "seasonalnaive", "timegpt")
@@ -59,15 +59,21 @@ class HarmonicRegression:
 
     name = "Harmonic"
 
-    def __init__(self, pairs: int = 3, trend: bool = True, ridge: float = 1e-6):
+    def __init__(self, pairs: int = 3, trend: bool = True, ridge: float = 1e-6, calendar: bool = False):
         self.pairs = pairs
         self.trend = trend
         self.ridge = ridge
+        self.calendar = calendar  # weekend level and daily profile (features.weekend_terms)
+        if calendar:
+            self.name = "Harmonic+calendar"
 
     def fit_predict(self, panel: Panel, origin: int, h: int, level: int) -> tuple[ForecastBlock, np.ndarray]:
         """Forecast block from `origin` and the fitted in-sample values of steps [0, origin)."""
         season = panel.season
-        x = design_matrix(phase_steps(panel, 0, origin + h), season, self.pairs, self.trend)
+        steps = phase_steps(panel, 0, origin + h)
+        x = design_matrix(steps, season, self.pairs, self.trend)
+        if self.calendar:
+            x = np.concatenate([x, weekend_terms(panel.times(0, origin + h), season, self.pairs, steps)], axis=1)
         x_fit, x_new = x[:origin], x[origin:]
         y = panel.y[:, :origin]
         mask = ~np.isnan(y)
