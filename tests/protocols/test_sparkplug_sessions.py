@@ -187,3 +187,21 @@ def test_sparkplug_on_the_embedded_broker_is_a_clear_error(tmp_path):
     done = _run(fleet, tmp_path, "--duration", "3")
     assert done.returncode != 0
     assert "payloadFormat: sparkplugB needs an MQTT 5 broker" in done.stdout + done.stderr
+
+
+def test_broker_restart_loses_nothing_and_starts_a_new_session(tmp_path, mosquitto):
+    fleet = write_fleet(tmp_path)
+    data = tmp_path / "data"
+    collector = component("collect", "mqtt", fleet, tmp_path, "--data", str(data), "--broker", mosquitto.url, "--client-id", "spb-host").start()
+    wait_until(lambda: collector.metric("sensorfleet_connected") == 1, 15, message="collector connected")
+    simulator = component("simulate", "mqtt", fleet, tmp_path, "--broker", mosquitto.url, "--duration", "7").start()
+    wait_until(lambda: collector.metric("sensorfleet_readings_stored_total") > 100, 20, message="first readings stored")
+    mosquitto.restart(down_for=1.0)  # persistence on: sessions and queued QoS 1 messages survive
+    assert simulator.wait(60) == 0, simulator.log()[-3000:]
+    published = published_of(simulator)
+    wait_until(lambda: collector.metric("sensorfleet_readings_stored_total") >= published, 40, message=f"{published} stored")
+    counts = totals(collector)
+    assert collector.stop() == 0
+    assert "NBIRTH (bdSeq 1, connected)" in simulator.log(), "the reconnect is a new session with the next bdSeq"
+    assert counts["lost"] == 0 and counts["stored"] == published
+    assert_complete(data, published)
