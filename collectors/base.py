@@ -19,7 +19,7 @@ import pandas as pd
 from sensorfleet.collectors.backpressure import StorageWriter
 from sensorfleet.dataset import DatasetWriter, ReadingBatch, read_dataset
 from sensorfleet.metrics import FleetMetrics
-from sensorfleet.reading import MalformedReading, Reading, reading_from_wire
+from sensorfleet.reading import DecodedPayload, Reading, readings_from_documents
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ MAX_PENDING_GAP = 4096
 class _SeriesState:
     last: int
     pending: set[int] = field(default_factory=set)
+    resumed: bool = False  # `last` came from the dataset, not from this process
 
 
 @dataclass
@@ -41,6 +42,7 @@ class SeqVerdict:
     new: bool
     lost: int = 0  # newly counted lost (gap)
     late: int = 0  # previously counted lost, now arrived
+    offline: int = 0  # skipped across a restart: never produced while the fleet was stopped
 
 
 class SequenceTracker:
@@ -48,6 +50,10 @@ class SequenceTracker:
 
     The first seq seen for a series is its baseline; any later jump counts the skipped seqs as
     lost. A skipped seq that shows up afterwards is stored and un-counts its loss (`late`).
+    A series resumed from the dataset is different: the jump from its last stored seq to the first
+    one received spans the time no collector ran. With a persistent MQTT session the broker
+    redelivers what was published meanwhile, so what is still missing was never produced (the
+    fleet was stopped too), and it is counted `offline`, not lost.
     """
 
     def __init__(self) -> None:
@@ -60,7 +66,7 @@ class SequenceTracker:
         """Start from what the dataset already holds (a restarted collector)."""
         state = self._series.get((device, sensor))
         if state is None or state.last < last_seq:
-            self._series[(device, sensor)] = _SeriesState(last_seq)
+            self._series[(device, sensor)] = _SeriesState(last_seq, resumed=True)
 
     def observe(self, device: str, sensor: str, seq: int) -> SeqVerdict:
         key = (device, sensor)
@@ -70,7 +76,13 @@ class SequenceTracker:
             return SeqVerdict(True)
         if seq == state.last + 1:
             state.last = seq
+            state.resumed = False
             return SeqVerdict(True)
+        if seq > state.last and state.resumed:
+            offline = seq - state.last - 1
+            state.last = seq
+            state.resumed = False
+            return SeqVerdict(True, offline=offline)
         if seq > state.last:
             gap = seq - state.last - 1
             if gap <= MAX_PENDING_GAP:
@@ -140,9 +152,9 @@ class CollectorSink:
         self._batch = ReadingBatch(protocol)
         self._batch_started = time.monotonic()
         self._lock = threading.RLock()
-        self._after_flush: list[Callable[[], None]] = []
         self._logged_kinds: set[str] = set()
-        self.totals = {"received": 0, "stored": 0, "lost": 0, "duplicates": 0, "malformed": 0}
+        self.malformed_by_reason: collections.Counter[str] = collections.Counter()
+        self.totals = {"received": 0, "stored": 0, "lost": 0, "duplicates": 0, "malformed": 0, "late": 0, "offline": 0}
         self.buffer_limit = buffer_limit
         # True when the sender keeps what is not acknowledged (MQTT QoS 1): nothing is dropped at
         # the bound (the adapter stops taking messages), nothing unwritten at exit is lost.
@@ -153,7 +165,8 @@ class CollectorSink:
     def start_storage_thread(self) -> StorageWriter:
         """Write batches in a thread of their own from now on (bounded buffer, retries)."""
         self.storage = StorageWriter(self.writer, self.metrics, self.buffer_limit, self._record_written, merge_up_to=self.batch_size)
-        self.storage.start()
+        # Vital: a collector whose storage thread died would buffer until its bound, then stall.
+        self.metrics.watch(self.storage.start())
         return self.storage
 
     def buffered(self) -> int:
@@ -226,22 +239,22 @@ class CollectorSink:
     def reject(self, kind: str, detail: str) -> None:
         self.metrics.malformed(kind).inc()
         self.totals["malformed"] += 1
+        self.malformed_by_reason[kind] += 1
         if kind not in self._logged_kinds:  # once per kind: a flood of bad payloads must not flood the log
             self._logged_kinds.add(kind)
             log.warning("skipping malformed %s payload (%s): %s; further ones of this kind are only counted", self.protocol, kind, detail)
 
-    def accept_documents(self, documents: Iterable[object], received_at: datetime | None = None) -> int:
-        """Validate decoded wire documents and accept the valid ones; returns how many were new."""
+    def accept_decoded(self, decoded: DecodedPayload, received_at: datetime | None = None, where: str = "") -> int:
+        """Count every refused document by its reason and accept the valid readings; returns how
+        many were new. `where` (e.g. the topic) prefixes the logged detail."""
+        for exc in decoded.rejected:
+            self.reject(exc.kind, f"{where}{exc}")
         received_at = received_at or datetime.now(timezone.utc)
-        new = 0
-        for doc in documents:
-            try:
-                reading = reading_from_wire(doc)
-            except MalformedReading as exc:
-                self.reject(exc.kind, str(exc))
-                continue
-            new += self.accept(reading, received_at)
-        return new
+        return sum(self.accept(reading, received_at) for reading in decoded.readings)
+
+    def accept_documents(self, documents: Iterable[object], received_at: datetime | None = None) -> int:
+        """Validate already-decoded wire documents and accept the valid ones."""
+        return self.accept_decoded(readings_from_documents(list(documents)), received_at)
 
     def accept(self, reading: Reading, received_at: datetime) -> bool:
         if reading.fleet != self.fleet or reading.protocol != self.protocol:
@@ -262,6 +275,10 @@ class CollectorSink:
                 # Counters never go down: the late counter lets PromQL subtract it (lost - late).
                 self.metrics.late.inc(verdict.late)
                 self.totals["lost"] -= verdict.late
+                self.totals["late"] += verdict.late
+            if self.count_gaps and verdict.offline:
+                self.metrics.offline.inc(verdict.offline)
+                self.totals["offline"] += verdict.offline
             if not self.redelivered and self.full():
                 # Observed (a later reading is no gap) but not stored: lost, and counted as such.
                 self._count_unstored(1)
@@ -270,6 +287,10 @@ class CollectorSink:
                 self._batch_started = time.monotonic()
             self._batch.add(reading, received_at)
             return True
+
+    def summary(self) -> dict[str, object]:
+        """The final counts, as the `SUMMARY {json}` line a collector logs when it stops."""
+        return {"component": "collector", "protocol": self.protocol, **self.totals, "malformed_by_reason": dict(self.malformed_by_reason)}
 
     # --- output ---------------------------------------------------------------------------------
     def pending(self) -> int:
@@ -336,12 +357,13 @@ class CollectorSink:
             self.metrics.buffered.set(self.buffered())
 
 
-def drain_into_sink(sink: CollectorSink, intake: collections.deque, done: threading.Event, handle: Callable[[object], None], flush_check_every: int = 2000) -> None:
+def drain_into_sink(sink: CollectorSink, intake: collections.deque, done: threading.Event, handle: Callable[[object], None], flush_check_every: int = 2000, flush: Callable[[], object] | None = None) -> None:
     """The intake thread of a collector whose network loop must never wait on Parquet writes:
     pop what the loop appended to `intake`, `handle` each item into `sink`, flush when due,
     until `done` is set and everything is written. With the sink's storage thread started a
     flush never blocks (the storage thread retries); without, a failed write keeps the batch
-    and this loop retries."""
+    and this loop retries. `flush` replaces `sink.flush` (MQTT hands the batch's acknowledgements
+    over with it, sent once it is written)."""
     while True:
         finished = done.is_set()
         n = 0
@@ -349,9 +371,9 @@ def drain_into_sink(sink: CollectorSink, intake: collections.deque, done: thread
             handle(intake.popleft())
             n += 1
             if n % flush_check_every == 0 and sink.due():
-                _flush_retrying(sink)
+                _flush_retrying(sink, flush)
         if sink.due() or (finished and sink.pending()):
-            _flush_retrying(sink)
+            _flush_retrying(sink, flush)
         sink.update_lag()
         if finished and not intake and not sink.pending():
             sink.close()
@@ -360,9 +382,9 @@ def drain_into_sink(sink: CollectorSink, intake: collections.deque, done: thread
             time.sleep(0.02)
 
 
-def _flush_retrying(sink: CollectorSink) -> None:
+def _flush_retrying(sink: CollectorSink, flush: Callable[[], object] | None = None) -> None:
     try:
-        sink.flush()
+        (flush or sink.flush)()
     except Exception as exc:  # the batch is kept; the next round retries
         log.error("writing a batch failed (%s); retrying", exc)
         time.sleep(1.0)

@@ -28,12 +28,12 @@ import aiocoap
 import cbor2
 from aiocoap import error as coap_error
 from aiocoap.numbers.codes import Code
-from aiocoap.numbers.types import NON
 from aiocoap.util import linkformat
 
 from sensorfleet.collectors.base import CollectorSink, SequenceSpace, drain_into_sink
+from sensorfleet.internals import aiocoap_skip_non_deduplication
 from sensorfleet.metrics import FleetMetrics
-from sensorfleet.reading import MalformedReading, decode_json_payload
+from sensorfleet.reading import DEFAULT_MAX_PAYLOAD_BYTES, DecodedPayload, MalformedReading, decode_json_payload, readings_from_documents
 from sensorfleet.runtime import CollectorOptions, stop_event_on_signals
 
 log = logging.getLogger("sensorfleet.collectors.coap")
@@ -51,17 +51,22 @@ RECEIVE_BUFFER = 4 * 1024 * 1024  # bytes; capped by net.core.rmem_max
 warnings.filterwarnings("ignore", message="register_(call|err)back", category=DeprecationWarning)
 
 
-def decode_payload(payload: bytes, content_format: int | None) -> list[Any]:
-    """The wire documents in a CoAP representation; MalformedReading for anything else."""
+def decode_payload(payload: bytes, content_format: int | None, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> DecodedPayload:
+    """The readings in a CoAP representation, and a reason for every document refused. Never raises."""
     if content_format == CF_CBOR:
+        if len(payload) > max_bytes:
+            return DecodedPayload([], [MalformedReading("too_large", f"payload of {len(payload):,} bytes is larger than the limit of {max_bytes:,}")])
         try:
             doc = cbor2.loads(payload)
+        except RecursionError:
+            return DecodedPayload([], [MalformedReading("too_deep", "CBOR payload nests deeper than the decoder allows")])
         except Exception as exc:  # cbor2 raises several types for garbage; all mean the same here
-            raise MalformedReading("not_cbor", f"payload is not CBOR: {exc}") from None
-        return doc if isinstance(doc, list) else [doc]
+            kind = "too_deep" if "nesting depth" in str(exc) else "not_cbor"
+            return DecodedPayload([], [MalformedReading(kind, f"payload is not CBOR: {exc}")])
+        return readings_from_documents(doc)
     if content_format in (CF_JSON, None):
-        return decode_json_payload(payload)
-    raise MalformedReading("bad_content_format", f"content-format {content_format} is neither 50 (JSON) nor 60 (CBOR)")
+        return decode_json_payload(payload, max_bytes)
+    return DecodedPayload([], [MalformedReading("bad_content_format", f"content-format {content_format} is neither 50 (JSON) nor 60 (CBOR)")])
 
 
 def tune_context(context: aiocoap.Context) -> None:
@@ -73,13 +78,11 @@ def tune_context(context: aiocoap.Context) -> None:
       dropped as "duplicates" -- the collapse measured in the notes. Readings are de-duplicated on
       (device, sensor, seq) by the sink instead, which is exact.
     - The socket's receive buffer is enlarged so a burst survives a moment of GIL contention.
-    Both touch aiocoap internals defensively: if they are absent the collector still works.
+    The first uses an aiocoap internal, wrapped in sensorfleet.internals (it fails loudly if gone).
     """
+    aiocoap_skip_non_deduplication(context)
     for ri in context.request_interfaces:
         manager = getattr(ri, "token_interface", None)
-        original = getattr(manager, "_deduplicate_message", None)
-        if original is not None:
-            manager._deduplicate_message = lambda message, _orig=original: False if message.mtype is NON else _orig(message)  # type: ignore[union-attr]
         transport = getattr(getattr(manager, "message_interface", None), "transport", None)
         sock = transport.get_extra_info("socket") if transport is not None else None
         if sock is not None:
@@ -265,19 +268,15 @@ async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
         pass
 
 
+def handle_item(sink: CollectorSink, item: tuple) -> None:
+    """One received representation -> readings in the sink, or counted refusals."""
+    payload, content_format, received_at = item
+    sink.accept_decoded(decode_payload(payload, content_format), received_at)
+
+
 def sink_worker(sink: CollectorSink, intake: collections.deque, done: threading.Event) -> None:
     """Decode, validate and store what the network loop received, until `done` and drained."""
-
-    def handle(item) -> None:
-        payload, content_format, received_at = item
-        try:
-            documents = decode_payload(payload, content_format)
-        except MalformedReading as exc:
-            sink.reject(exc.kind, str(exc))
-            return
-        sink.accept_documents(documents, received_at)
-
-    drain_into_sink(sink, intake, done, handle, flush_check_every=2000)
+    drain_into_sink(sink, intake, done, lambda item: handle_item(sink, item), flush_check_every=2000)
 
 
 async def collect(opts: CollectorOptions, sink: CollectorSink, intake: collections.deque, stop_flag: threading.Event) -> None:
@@ -291,7 +290,7 @@ async def collect(opts: CollectorOptions, sink: CollectorSink, intake: collectio
     deadline = time.monotonic() + opts.duration if opts.duration else math.inf
 
     async def watch_stop() -> None:
-        while not stop_flag.is_set() and time.monotonic() < deadline:
+        while not stop_flag.is_set() and time.monotonic() < deadline and not sink.metrics.dead_workers():
             sink.metrics.connected.set(1 if all(t.resources and t.observing == len(t.resources) for t in targets) else 0)
             await asyncio.sleep(0.2)
         stop.set()
@@ -324,7 +323,7 @@ def run(opts: CollectorOptions) -> int:
     intake: collections.deque = collections.deque()
     sink.start_storage_thread()  # bounded buffer; beyond it readings are counted lost (backpressure.py)
     done = threading.Event()
-    worker = threading.Thread(target=sink_worker, args=(sink, intake, done), name="coap-sink", daemon=True)
+    worker = metrics.watch(threading.Thread(target=sink_worker, args=(sink, intake, done), name="coap-sink", daemon=True))
     worker.start()
     code = 0
     try:
@@ -333,7 +332,12 @@ def run(opts: CollectorOptions) -> int:
         log.error("%s", exc)
         code = 2
     finally:
+        died = metrics.dead_workers()  # before `done`: from then on the worker ends by design
         done.set()
         worker.join(timeout=60)
-    log.info("SUMMARY %s", json.dumps({"component": "collector", "protocol": PROTOCOL, **sink.totals}))
+    if died and code == 0:
+        log.error("thread(s) %s ended unexpectedly; exiting so the collector is restarted", ", ".join(died))
+        metrics.error("worker_died").inc()
+        code = 1
+    log.info("SUMMARY %s", json.dumps(sink.summary()))
     return code

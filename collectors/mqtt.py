@@ -16,10 +16,17 @@ again paho reconnects and the broker redelivers everything unacknowledged.
 With `collectorReplicas > 1`, replicas share the load through a shared subscription
 (`$share/<group>/...`, Mosquitto); a device's readings then spread over replicas, so each replica
 cannot see gaps: gap accounting is switched off there (see README, "Loss accounting").
+
+Threads: paho's network loop only appends each message to a deque (it must keep answering the
+broker: a loop busy writing Parquet misses keep-alives); the writer thread decodes, validates,
+writes batches and then acknowledges what they hold. The process exits non-zero, and /healthz
+fails, as soon as either thread has ended.
 """
 
 from __future__ import annotations
 
+import collections
+import json
 import logging
 import threading
 import time
@@ -27,17 +34,26 @@ from datetime import datetime, timezone
 
 import paho.mqtt.client as mqtt
 
-from sensorfleet.collectors.base import CollectorSink, SequenceSpace
+from sensorfleet.collectors.base import CollectorSink, SequenceSpace, drain_into_sink
 from sensorfleet.metrics import FleetMetrics
-from sensorfleet.reading import MalformedReading, decode_json_payload
+from sensorfleet.reading import DEFAULT_MAX_PAYLOAD_BYTES, decode_json_payload
 from sensorfleet.runtime import BrokerAddress, CollectorOptions, mqtt_client, parse_broker_url, stop_event_on_signals
+from sensorfleet.spec import SensorFleet
 
 log = logging.getLogger(__name__)
+
+# Bytes a reading may take on the wire at most (five names of MAX_NAME characters, escaped).
+MAX_READING_BYTES = 2048
 
 
 def subscription_topic(prefix: str, fleet: str, shared_group: str | None) -> str:
     topic = f"{prefix}/{fleet}/#"
     return f"$share/{shared_group}/{topic}" if shared_group else topic
+
+
+def max_payload_bytes(fleet: SensorFleet) -> int:
+    """The largest payload this fleet's publishers may send (a full gateway batch)."""
+    return max(DEFAULT_MAX_PAYLOAD_BYTES, fleet.spec.protocols.mqtt.gateway_batch * MAX_READING_BYTES)
 
 
 class MqttCollector:
@@ -46,9 +62,12 @@ class MqttCollector:
         spec = fleet.spec
         self.broker = broker
         self.metrics = metrics
-        shared = spec.protocols.mqtt.collector_replicas > 1
-        self.topic = subscription_topic(spec.protocols.mqtt.topic_prefix, fleet.name, f"{fleet.name}-collectors" if shared else None)
+        self.replicas = spec.protocols.mqtt.collector_replicas
+        shared = self.replicas > 1
+        group = f"{fleet.name}-collectors"
+        self.topic = subscription_topic(spec.protocols.mqtt.topic_prefix, fleet.name, group if shared else None)
         self.client_id = opts.client_id or f"{fleet.name}-mqtt-collector-0"
+        self.max_payload = max_payload_bytes(fleet)
         self.sink = CollectorSink(
             fleet.name, "mqtt", opts.data_url, metrics,
             batch_size=spec.collector.batch_size, flush_interval=spec.collector.flush_interval,
@@ -56,10 +75,13 @@ class MqttCollector:
             buffer_limit=spec.storage.max_buffered_readings, redelivered=True,
         )
         self.sequence_space = SequenceSpace.of(spec, "mqtt")
-        self._unacked: list[tuple[int, int, int]] = []  # (mid, qos, connection) of messages in the current batch
-        self._lock = threading.Lock()
-        # Packet ids are per connection: a message received on an earlier one is redelivered by
-        # the broker and must not be acknowledged on this one (the tracker drops the copy).
+        # (payload, topic, mid, qos, connection, received_at), appended by paho's network thread.
+        self.intake: collections.deque = collections.deque()
+        # (mid, qos, connection) of handled messages whose readings are not handed to storage yet;
+        # only the writer thread touches it.
+        self._unacked: list[tuple[int, int, int]] = []
+        # Packet ids are per connection: a message received on an earlier connection is
+        # redelivered by the broker, never acknowledged on the new one (the tracker drops the copy).
         self._connection = 0
         self._stop = threading.Event()
         self.client = mqtt_client(broker, self.client_id, clean_session=False, manual_ack=True)
@@ -72,6 +94,7 @@ class MqttCollector:
             log.error("broker %s refused the connection: %s", self.broker.url, reason_code)
             self.metrics.error("connect_refused").inc()
             return
+        self._connection += 1
         # Subscribe on every connect: a broker restarted without persistence forgot the session.
         client.subscribe(self.topic, qos=1)
         self.metrics.connected.set(1)
@@ -79,68 +102,86 @@ class MqttCollector:
 
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
         self.metrics.connected.set(0)
-        # Unacknowledged messages will be redelivered by the broker; acking them on a new
-        # connection would acknowledge the wrong packet ids, so forget them (the tracker
-        # recognises the redeliveries as duplicates).
-        with self._lock:
-            self._connection += 1
-            self._unacked.clear()
+        self._connection += 1  # acks of messages received so far would name the wrong packets
         if reason_code != 0:
             log.warning("lost the broker %s (%s); reconnecting with back-off", self.broker.url, reason_code)
             self.metrics.error("connection_lost").inc()
 
     def _on_message(self, _client, _userdata, message: mqtt.MQTTMessage) -> None:
-        if not self.sink.wait_for_room(self._stop):
-            return  # stopping: not taken, not acknowledged; the broker redelivers it
-        received_at = datetime.now(timezone.utc)
-        try:
-            documents = decode_json_payload(message.payload)
-        except MalformedReading as exc:
-            self.sink.reject(exc.kind, f"topic {message.topic}: {exc}")
-            documents = []
-        self.sink.accept_documents(documents, received_at)
-        with self._lock:
-            self._unacked.append((message.mid, message.qos, self._connection))
-        if self.sink.pending() >= self.sink.batch_size:
+        # Runs in paho's network thread: nothing here may raise. It blocks only at the buffer
+        # bound (backpressure.py): nothing more is read or acknowledged, the broker keeps the rest.
+        while len(self.intake) + self.sink.buffered() >= self.sink.buffer_limit:
+            if self._stop.wait(0.05):
+                return  # stopping: not taken, not acknowledged; the broker redelivers it
+        self.intake.append((message.payload, message.topic, message.mid, message.qos, self._connection, datetime.now(timezone.utc)))
+
+    # --- writer thread --------------------------------------------------------------------------
+    def handle(self, item: tuple) -> None:
+        """Decode, validate and batch one message; acknowledge it once its readings are written."""
+        payload, topic, mid, qos, connection, received_at = item
+        self.sink.accept_decoded(decode_json_payload(payload, self.max_payload), received_at, where=f"topic {topic}: ")
+        self._unacked.append((mid, qos, connection))
+        if not self.sink.pending():
+            # None of the messages since the last hand-over left a reading in the open batch
+            # (refused, duplicates): acknowledge them now, so the broker never redelivers them.
+            acks, self._unacked = self._unacked, []
+            self._ack(acks)
+        elif self.sink.pending() >= self.sink.batch_size:
             self.flush_and_ack()
 
     def flush_and_ack(self) -> None:
         """Hand the batch to the storage thread; its messages are acknowledged once it is written."""
-        with self._lock:
-            acks, self._unacked = self._unacked, []
+        acks, self._unacked = self._unacked, []
         self.sink.flush(on_written=lambda: self._ack(acks))
 
     def _ack(self, acks: list[tuple[int, int, int]]) -> None:
-        with self._lock:
-            current = self._connection
+        current = self._connection
         for mid, qos, connection in acks:
             if qos and connection == current:
                 self.client.ack(mid, qos)
 
-    def run(self, stop: threading.Event, duration: float | None) -> None:
+    def drain(self, done: threading.Event) -> None:
+        drain_into_sink(self.sink, self.intake, done, self.handle, flush_check_every=2000, flush=self.flush_and_ack)
+
+    def _network(self) -> None:
+        self.client.loop_forever(retry_first_connection=True)
+
+    def run(self, stop: threading.Event, duration: float | None) -> int:
+        """Collect until `stop` or `duration`; 0, or 1 when a vital thread died."""
         resumed = self.sink.resume_from_dataset(space=self.sequence_space)
         if resumed:
             log.info("resuming %d series from the dataset", resumed)
-        self.sink.start_storage_thread()
+        self.sink.start_storage_thread()  # watched too: /healthz fails if it dies
+        done = threading.Event()
+        writer = self.metrics.watch(threading.Thread(target=self.drain, args=(done,), name="mqtt-writer", daemon=True))
+        network = self.metrics.watch(threading.Thread(target=self._network, name="mqtt-network", daemon=True))
         self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
-        self.client.loop_start()
+        writer.start()
+        network.start()
         deadline = time.monotonic() + duration if duration else None
+        code = 0
         try:
             while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
                 stop.wait(0.1)
-                self.sink.update_lag()
-                if self.sink.due():
-                    self.flush_and_ack()
+                dead = self.metrics.dead_workers()
+                if dead:
+                    log.error("thread(s) %s ended unexpectedly; exiting so the collector is restarted (unacknowledged messages are redelivered)", ", ".join(dead))
+                    self.metrics.error("worker_died").inc()
+                    code = 1
+                    break
         finally:
-            # Flush before disconnecting, so the final acks still reach the broker.
+            # Write and acknowledge everything received before disconnecting (the writer thread
+            # ends with sink.close(), which waits for the storage thread).
             self._stop.set()
-            self.flush_and_ack()
-            self.sink.close()
+            done.set()
+            writer.join(timeout=60)
             time.sleep(0.1)
             self.client.disconnect()
-            self.client.loop_stop()
+            network.join(timeout=10)
             t = self.sink.totals
             log.info("stored %d readings (received %d, lost %d, duplicates %d, malformed %d)", t["stored"], t["received"], t["lost"], t["duplicates"], t["malformed"])
+            log.info("SUMMARY %s", json.dumps(self.sink.summary()))
+        return code
 
 
 def run(opts: CollectorOptions) -> int:
@@ -150,7 +191,7 @@ def run(opts: CollectorOptions) -> int:
         return run_sparkplug(opts)
     broker = parse_broker_url(opts.broker_url or "mqtt://127.0.0.1:1883")
     metrics = FleetMetrics(opts.fleet.name, "mqtt", "collector")
+    collector = MqttCollector(opts, broker, metrics)  # fails (an unusable dataset) before it looks ready
     metrics.serve(opts.metrics_port, opts.metrics_host)
     stop = stop_event_on_signals()
-    MqttCollector(opts, broker, metrics).run(stop, opts.duration)
-    return 0
+    return collector.run(stop, opts.duration)

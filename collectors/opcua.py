@@ -263,7 +263,7 @@ class TargetCollector:
             ts = ts.replace(tzinfo=timezone.utc)
         position = (ts.timestamp() - self.model.epoch) / self.model.interval - node.phase
         seq = round(position)
-        if abs(position - seq) > MAX_TICK_OFFSET or seq < 0:
+        if abs(position - seq) > MAX_TICK_OFFSET or not 0 <= seq < 2**63:
             return "bad_seq", f"{node.device}/{node.sensor}: source timestamp {ts.isoformat()} is off the device's tick schedule"
         status = value.StatusCode
         code = status.value if status is not None else 0
@@ -271,11 +271,17 @@ class TargetCollector:
         if severity >= 2:
             return Reading(self.fleet.name, PROTOCOL, node.device, node.sensor, None, node.unit, ts, seq, "bad", "dropout")
         raw = value.Value.Value if value.Value is not None else None
-        if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
-            return "bad_value", f"{node.device}/{node.sensor}: value {raw!r:.40} is not a finite number"
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            return "bad_value", f"{node.device}/{node.sensor}: value {raw!r:.40} is not a number"
+        try:
+            number = float(raw)  # an Int64 / UInt64 beyond a double's range raises here
+        except OverflowError:
+            return "out_of_range", f"{node.device}/{node.sensor}: value {raw!r:.40} does not fit a double"
+        if not math.isfinite(number):
+            return "non_finite", f"{node.device}/{node.sensor}: value {number} is not a finite number"
         if severity == 1:
-            return Reading(self.fleet.name, PROTOCOL, node.device, node.sensor, float(raw), node.unit, ts, seq, "uncertain", "stuck")
-        return Reading(self.fleet.name, PROTOCOL, node.device, node.sensor, float(raw), node.unit, ts, seq, "good", None)
+            return Reading(self.fleet.name, PROTOCOL, node.device, node.sensor, number, node.unit, ts, seq, "uncertain", "stuck")
+        return Reading(self.fleet.name, PROTOCOL, node.device, node.sensor, number, node.unit, ts, seq, "good", None)
 
 
 async def _browse_names(client: Client, nodeids: list[ua.NodeId]) -> list[str]:
@@ -309,22 +315,23 @@ async def _ensure_client_certificate(app_uri: str, fleet: str) -> tuple[Path, Pa
     return cert, key
 
 
+def handle_item(sink: CollectorSink, target: TargetCollector, item: tuple) -> None:
+    """One data-change notification -> a reading in the sink, or a counted refusal."""
+    node, value, received_at = item
+    if node is None:
+        sink.reject("unknown_handle", "notification for a monitored item this collector did not create")
+        return
+    result = target.to_reading(node, value)
+    if isinstance(result, Reading):
+        sink.accept(result, received_at)
+    else:
+        sink.reject(*result)
+
+
 def sink_worker(sink: CollectorSink, targets: list[TargetCollector], intake: collections.deque, done: threading.Event) -> None:
     """Turn notifications into readings and store them, until `done` and drained."""
-    convert = targets[0].to_reading  # every target serves the same fleet: one schedule
-
-    def handle(item) -> None:
-        node, value, received_at = item
-        if node is None:
-            sink.reject("unknown_handle", "notification for a monitored item this collector did not create")
-            return
-        result = convert(node, value)
-        if isinstance(result, Reading):
-            sink.accept(result, received_at)
-        else:
-            sink.reject(*result)
-
-    drain_into_sink(sink, intake, done, handle, flush_check_every=5000)
+    target = targets[0]  # every target serves the same fleet: one schedule
+    drain_into_sink(sink, intake, done, lambda item: handle_item(sink, target, item), flush_check_every=5000)
 
 
 async def collect(targets: list[TargetCollector], metrics: FleetMetrics, stop_flag: threading.Event, duration: float | None) -> None:
@@ -332,7 +339,7 @@ async def collect(targets: list[TargetCollector], metrics: FleetMetrics, stop_fl
     deadline = time.monotonic() + duration if duration else math.inf
 
     async def watch_stop() -> None:
-        while not stop_flag.is_set() and time.monotonic() < deadline:
+        while not stop_flag.is_set() and time.monotonic() < deadline and not metrics.dead_workers():
             metrics.connected.set(1 if all(t.subscribed for t in targets) else 0)
             await asyncio.sleep(0.2)
         stop.set()
@@ -369,7 +376,7 @@ def run(opts: CollectorOptions) -> int:
         log.info("resuming %d series from the dataset", resumed)
     sink.start_storage_thread()  # bounded buffer; beyond it readings are counted lost (backpressure.py)
     done = threading.Event()
-    worker = threading.Thread(target=sink_worker, args=(sink, targets, intake, done), name="opcua-sink", daemon=True)
+    worker = metrics.watch(threading.Thread(target=sink_worker, args=(sink, targets, intake, done), name="opcua-sink", daemon=True))
     worker.start()
     code = 0
     try:
@@ -378,7 +385,12 @@ def run(opts: CollectorOptions) -> int:
         log.error("%s", exc)
         code = 2
     finally:
+        died = metrics.dead_workers()  # before `done`: from then on the worker ends by design
         done.set()
         worker.join(timeout=60)
-    log.info("SUMMARY %s", json.dumps({"component": "collector", "protocol": PROTOCOL, **sink.totals}))
+    if died and code == 0:
+        log.error("thread(s) %s ended unexpectedly; exiting so the collector is restarted", ", ".join(died))
+        metrics.error("worker_died").inc()
+        code = 1
+    log.info("SUMMARY %s", json.dumps(sink.summary()))
     return code

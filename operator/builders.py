@@ -337,7 +337,8 @@ def _probes(fleet: SensorFleet) -> dict[str, Any]:
         return {}
     return {
         "readinessProbe": {"httpGet": {"path": "/metrics", "port": "metrics"}, "periodSeconds": 10, "failureThreshold": 3},
-        "livenessProbe": {"tcpSocket": {"port": "metrics"}, "initialDelaySeconds": 20, "periodSeconds": 20, "failureThreshold": 6},
+        # /healthz fails once a vital thread (network loop, writer) has died, which an open port would not show.
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "initialDelaySeconds": 20, "periodSeconds": 10, "failureThreshold": 3},
     }
 
 

@@ -38,6 +38,7 @@ import numpy as np
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import CON, NON
 
+from sensorfleet.internals import aiocoap_backlog
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.reading import format_ts
 from sensorfleet.runtime import SimulatorOptions, stop_event_on_signals
@@ -255,15 +256,8 @@ class CoapSimulator:
         return aiocoap.Message(code=Code.CONTENT, payload=payload, content_format=content_format, max_age=self.max_age)
 
     def _backlog(self, remote: Any) -> int:
-        """CON notifications aiocoap holds back for `remote` (NSTART = 1); 0 if unknown."""
-        try:
-            for ri in self.context.request_interfaces:  # type: ignore[union-attr]
-                backlogs = getattr(getattr(ri, "token_interface", None), "_backlogs", None)
-                if backlogs is not None and remote in backlogs:
-                    return len(backlogs[remote])
-        except Exception:  # a private structure of aiocoap; without it the cap just does not apply
-            return 0
-        return 0
+        """CON notifications aiocoap holds back for `remote` (NSTART = 1)."""
+        return aiocoap_backlog(self.context, remote) if self.context is not None else 0
 
     def count_published(self, n: int) -> None:
         self.metrics.published.inc(n)

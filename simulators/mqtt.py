@@ -26,6 +26,7 @@ import uuid
 import numpy as np
 import paho.mqtt.client as mqtt
 
+from sensorfleet.internals import paho_unacknowledged
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.reading import Reading
 from sensorfleet.replay import ReplaySource
@@ -141,7 +142,7 @@ class PahoPublisher:
         return handed
 
     def backlog(self) -> int:
-        return len(self.client._out_messages)  # paho exposes no public getter
+        return paho_unacknowledged(self.client)
 
     async def drain(self, timeout: float) -> int:
         deadline = time.monotonic() + timeout

@@ -46,6 +46,7 @@ from asyncua import Server, ua
 from asyncua.crypto.permission_rules import SimpleRoleRuleset, User, UserRole
 from asyncua.server.user_managers import UserManager
 
+from sensorfleet.internals import asyncua_add_nodes, asyncua_value_attribute
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.runtime import SimulatorOptions, stop_event_on_signals
 from sensorfleet.signals import QUALITY_BAD, SignalModel, device_id, shard_devices
@@ -291,13 +292,13 @@ class OpcuaSimulator:
         if self.cfg.writable:
             self.controls = DeviceControls(self.model, self.cfg, ns, self.devices, self.indices)
             items += self.controls.items(_node_item, _attrs)
-        results = await self.server.iserver.isession.add_nodes(items)
+        results = await asyncua_add_nodes(self.server, items)
         bad = [r.StatusCode for r in results if not r.StatusCode.is_good()]
         if bad:
             raise RuntimeError(f"building the address space failed for {len(bad)} nodes, first: {bad[0]}")
         names = [s.name for s in self.model.sensors]
         aspace = self.server.iserver.aspace
-        self.value_attributes = [[aspace._nodes[ua.NodeId(f"{d}/{name}", ns)].attributes[ua.AttributeIds.Value] for name in names] for d in self.devices]
+        self.value_attributes = [[asyncua_value_attribute(self.server, ua.NodeId(f"{d}/{name}", ns)) for name in names] for d in self.devices]
         # Seq is computed when read (exact, and costs nothing per tick), not written every tick.
         for row, device in enumerate(self.devices):
             aspace.set_attribute_value_callback(ua.NodeId(f"{device}/{SEQ_VARIABLE}", ns), ua.AttributeIds.Value, self._seq_reader(row))

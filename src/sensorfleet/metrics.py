@@ -7,7 +7,10 @@ fixed set of reasons; never a device or sensor label.
 
 from __future__ import annotations
 
+import socketserver
+import threading
 from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -16,8 +19,10 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
+    make_wsgi_app,
 )
+
+from sensorfleet.reading import MALFORMED_REASONS
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 # Why a write to the dataset store failed (collectors/backpressure.py classifies).
@@ -33,6 +38,9 @@ class FleetMetrics:
     protocol: str
     component: str
     registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=True))
+    # Threads this process cannot work without (network loop, writer): /healthz fails, so the
+    # kubelet restarts the container, as soon as one of them has ended.
+    workers: dict[str, threading.Thread] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -62,6 +70,7 @@ class FleetMetrics:
         self._stored = counter("sensorfleet_readings_stored_total", "Readings written to the dataset.")
         self._lost = counter("sensorfleet_readings_lost_total", "Readings missing from a device's sequence (gaps in seq), and readings dropped at the buffer bound (see readings_unstored_total).")
         self._recovered = counter("sensorfleet_readings_late_total", "Readings first counted lost that arrived later (reordered); lost_total was corrected.")
+        self._offline = counter("sensorfleet_readings_offline_total", "Readings missing between the dataset's last reading of a series and the first one received after a collector (re)start: never produced while the fleet was stopped; not counted lost.")
         self._duplicates = counter("sensorfleet_readings_duplicate_total", "Readings received again (same device, sensor and seq) and not stored twice.")
         self._malformed = counter("sensorfleet_payloads_malformed_total", "Payloads or readings that failed validation and were skipped, by reason.", ["reason"])
         self.latency = Histogram("sensorfleet_reading_latency_seconds", "End-to-end latency: source timestamp to stored in the dataset.", labels, buckets=LATENCY_BUCKETS, registry=r).labels(*values)
@@ -88,6 +97,7 @@ class FleetMetrics:
         self.stored = self._stored.labels(*values)
         self.lost = self._lost.labels(*values)
         self.late = self._recovered.labels(*values)
+        self.offline = self._offline.labels(*values)
         self.duplicates = self._duplicates.labels(*values)
         self.batches = self._batches.labels(*values)
         self.batch_lag = self._batch_lag.labels(*values)
@@ -99,7 +109,7 @@ class FleetMetrics:
         for reason in WRITE_FAILURE_REASONS:
             self._write_failures.labels(*values, reason)
         self._unstored.labels(*values, "storage_unavailable")
-        for reason in ("not_json", "not_utf8", "not_object", "missing_field", "bad_field", "bad_value", "bad_seq", "bad_ts", "foreign_fleet", "bad_content_format"):
+        for reason in MALFORMED_REASONS:
             self._malformed.labels(*values, reason)
         self._dropped.labels(*values, "queue_full")
 
@@ -118,10 +128,40 @@ class FleetMetrics:
     def error(self, kind: str) -> Counter:
         return self._errors.labels(self.fleet, self.protocol, self.component, kind)
 
+    def watch(self, thread: threading.Thread) -> threading.Thread:
+        """Count `thread` as vital: /healthz answers 503 once it has ended."""
+        self.workers[thread.name] = thread
+        return thread
+
+    def dead_workers(self) -> list[str]:
+        return [name for name, thread in self.workers.items() if thread.ident is not None and not thread.is_alive()]
+
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        """Serve /metrics; port 0 means do not serve. A port in use raises OSError naming it."""
-        if port:
-            try:
-                start_http_server(port, addr=host, registry=self.registry)
-            except OSError as exc:
-                raise OSError(exc.errno, f"metrics port {host}:{port} is not available ({exc.strerror})") from None
+        """Serve /metrics and /healthz; port 0 means do not serve. A port in use raises OSError naming it."""
+        if not port:
+            return
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ, start_response):
+            if environ.get("PATH_INFO") == "/healthz":
+                dead = self.dead_workers()
+                body = (f"dead: {', '.join(dead)}\n" if dead else "ok\n").encode()
+                start_response("503 Service Unavailable" if dead else "200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+                return [body]
+            return metrics_app(environ, start_response)
+
+        try:
+            server = make_server(host, port, app, _ThreadingWSGIServer, handler_class=_QuietHandler)
+        except OSError as exc:
+            raise OSError(exc.errno, f"metrics port {host}:{port} is not available ({exc.strerror})") from None
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+
+
+class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *_args) -> None:  # every scrape would be a log line
+        pass

@@ -15,15 +15,28 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import msgspec
 
 QUALITIES = ("good", "uncertain", "bad")
 # The simulator's fault kinds (sensorfleet.signals.ANOMALY_NAMES checks it agrees).
 ANOMALIES = ("spike", "stuck", "dropout", "drift", "level_shift", "noise_burst", "oscillation")
 WIRE_FIELDS = ("fleet", "protocol", "device", "sensor", "value", "unit", "ts", "seq", "quality", "anomaly")
 MAX_NAME = 128
+# A payload larger than this is refused unread (`too_large`); collectors pass a limit derived
+# from the spec (a gateway batch may hold up to 100,000 readings).
+DEFAULT_MAX_PAYLOAD_BYTES = 1 << 20
+# Every reason a payload or document may be refused for: the `reason` label of
+# sensorfleet_payloads_malformed_total, so it must stay a small fixed set.
+MALFORMED_REASONS = (
+    "too_large", "too_deep", "invalid_utf8", "not_json", "not_cbor", "wrong_type", "non_finite", "out_of_range",
+    "duplicate_key", "missing_field", "bad_field", "bad_value", "bad_ts", "bad_seq", "empty_batch", "foreign_fleet",
+    "bad_content_format", "unknown_handle",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,69 +80,209 @@ def parse_ts(text: str) -> datetime:
     return ts.astimezone(timezone.utc)
 
 
-def _name(doc: dict[str, Any], field: str) -> str:
-    value = doc.get(field)
-    if not isinstance(value, str) or not value:
-        raise MalformedReading("bad_field", f"field '{field}': expected a non-empty string, got {value!r:.60}")
-    if len(value) > MAX_NAME:
-        raise MalformedReading("bad_field", f"field '{field}': longer than {MAX_NAME} characters")
-    return value
+# --- decoding: bytes -> readings, never an exception ---------------------------------------------
+# The schema is declared once, as a msgspec Struct: msgspec decodes and validates in one pass in C,
+# with a bounded recursion depth (a deeper payload raises RecursionError, caught below as
+# `too_deep`), so no byte sequence can take a collector's thread down.
+
+_Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
+
+
+class WireReading(msgspec.Struct, frozen=True):
+    """One wire document as it must arrive; unknown fields are ignored (forward compatible)."""
+
+    fleet: _Name
+    protocol: _Name
+    device: _Name
+    sensor: _Name
+    unit: _Name
+    ts: Annotated[datetime, msgspec.Meta(tz=True)]
+    seq: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+    value: float | None = None
+    quality: Literal[QUALITIES] = "good"  # type: ignore[valid-type]  # Literal of the tuple's members
+    anomaly: Literal[ANOMALIES] | None = None  # type: ignore[valid-type]
+
+
+@dataclass(slots=True)
+class DecodedPayload:
+    """What one payload held: the valid readings and one MalformedReading per refused document
+    (or one for the whole payload when it is not even a well-formed container)."""
+
+    readings: list[Reading]
+    rejected: list[MalformedReading]
+
+    @property
+    def documents(self) -> int:
+        return len(self.readings) + len(self.rejected)
+
+
+_payload_decoder = msgspec.json.Decoder(WireReading | list[WireReading])
+_document_decoder = msgspec.json.Decoder(WireReading)
+_array_decoder = msgspec.json.Decoder(list[msgspec.Raw])
+_KEY_PATTERNS = tuple(f'"{name}"'.encode() for name in WIRE_FIELDS)
+_BYTE_POSITION = re.compile(r"\(byte (\d+)\)")
+_NON_FINITE_LITERALS = (b"NaN", b"Infinity", b"-Infinity")
+
+
+def decode_json_payload(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> DecodedPayload:
+    """Decode a JSON payload holding one reading document or an array of them. Never raises:
+    every refused document is returned with a reason from MALFORMED_REASONS and a detail naming
+    the field or byte."""
+    if len(payload) > max_bytes:
+        return _whole("too_large", f"payload of {len(payload):,} bytes is larger than the limit of {max_bytes:,}")
+    try:
+        decoded = _payload_decoder.decode(payload)
+    except msgspec.ValidationError:
+        return _document_by_document(payload)  # one bad document must not cost its neighbours
+    except msgspec.DecodeError as exc:
+        return _whole(*_syntax_error(payload, exc))
+    except RecursionError:
+        return _whole("too_deep", "payload nests deeper than the decoder allows")
+    documents = decoded if isinstance(decoded, list) else [decoded]
+    if not documents:
+        return _whole("empty_batch", "payload is an empty array: no reading in it")
+    if _may_repeat_a_key(payload, len(documents)):
+        return _document_by_document(payload)
+    out = DecodedPayload([], [])
+    for index, doc in enumerate(documents):
+        _add(out, doc, index if isinstance(decoded, list) else None)
+    return out
+
+
+def readings_from_documents(documents: Any) -> DecodedPayload:
+    """Validate already-decoded documents (CBOR, tests) against the same schema."""
+    documents = documents if isinstance(documents, list) else [documents]
+    if not documents:
+        return _whole("empty_batch", "payload is an empty array: no reading in it")
+    out = DecodedPayload([], [])
+    for index, doc in enumerate(documents):
+        try:
+            wire = msgspec.convert(doc, WireReading)
+        except msgspec.ValidationError as exc:
+            out.rejected.append(_invalid(exc, index if len(documents) > 1 else None))
+            continue
+        except RecursionError:
+            out.rejected.append(MalformedReading("too_deep", "document nests deeper than the validator allows"))
+            continue
+        _add(out, wire, index if len(documents) > 1 else None)
+    return out
 
 
 def reading_from_wire(doc: Any) -> Reading:
-    """Validate one decoded wire document into a Reading; errors name the offending field."""
+    """Validate one decoded wire document into a Reading; MalformedReading names the field."""
     if not isinstance(doc, dict):
-        raise MalformedReading("not_object", f"expected a JSON object, got {type(doc).__name__}")
-    missing = [f for f in ("fleet", "protocol", "device", "sensor", "unit", "ts", "seq") if f not in doc]
-    if missing:
-        raise MalformedReading("missing_field", f"missing field(s): {', '.join(missing)}")
-    value = doc.get("value")
-    if value is not None:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise MalformedReading("bad_value", f"field 'value': expected a number or null, got {value!r:.60}")
-        value = float(value)
-        if not math.isfinite(value):
-            raise MalformedReading("bad_value", f"field 'value': must be finite, got {value}")
-    seq = doc["seq"]
-    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0 or seq >= 2**63:
-        raise MalformedReading("bad_seq", f"field 'seq': expected a non-negative integer, got {seq!r:.60}")
-    ts_text = doc["ts"]
-    try:
-        ts = parse_ts(ts_text) if isinstance(ts_text, str) else None
-    except ValueError:
-        ts = None
-    if ts is None:
-        raise MalformedReading("bad_ts", f"field 'ts': expected an ISO-8601 UTC timestamp, got {ts_text!r:.60}")
-    quality = doc.get("quality", "good")
-    if quality not in QUALITIES:
-        raise MalformedReading("bad_field", f"field 'quality': expected one of {QUALITIES}, got {quality!r:.60}")
-    anomaly = doc.get("anomaly")
-    if anomaly is not None and anomaly not in ANOMALIES:
-        raise MalformedReading("bad_field", f"field 'anomaly': expected one of {ANOMALIES} or null, got {anomaly!r:.60}")
-    if value is None and quality == "good":
-        raise MalformedReading("bad_value", "field 'value': null is only allowed with quality 'bad' or 'uncertain'")
-    return Reading(
-        fleet=_name(doc, "fleet"),
-        protocol=_name(doc, "protocol"),
-        device=_name(doc, "device"),
-        sensor=_name(doc, "sensor"),
-        value=value,
-        unit=_name(doc, "unit"),
-        ts=ts,
-        seq=seq,
-        quality=quality,
-        anomaly=anomaly,
-    )
+        raise MalformedReading("wrong_type", f"expected a JSON object, got {type(doc).__name__}")
+    result = readings_from_documents([doc])
+    if result.rejected:
+        raise result.rejected[0]
+    return result.readings[0]
 
 
-def decode_json_payload(payload: bytes) -> list[Any]:
-    """Decode a JSON payload holding one reading document or an array of them."""
+def _add(out: DecodedPayload, wire: WireReading, index: int | None) -> None:
+    where = "" if index is None else f"document {index}: "
+    value = wire.value
+    if value is not None and not math.isfinite(value):
+        out.rejected.append(MalformedReading("non_finite", f"{where}field 'value': must be finite, got {value}"))
+    elif value is None and wire.quality == "good":
+        out.rejected.append(MalformedReading("bad_value", f"{where}field 'value': null is only allowed with quality 'bad' or 'uncertain'"))
+    else:
+        ts = wire.ts if wire.ts.tzinfo is timezone.utc else wire.ts.astimezone(timezone.utc)
+        out.readings.append(Reading(wire.fleet, wire.protocol, wire.device, wire.sensor, value, wire.unit, ts, wire.seq, wire.quality, wire.anomaly))
+
+
+def _document_by_document(payload: bytes) -> DecodedPayload:
+    """The slow path, taken only when something is wrong: each document on its own."""
+    if payload.lstrip()[:1] == b"[":
+        try:
+            raws = _array_decoder.decode(payload)
+        except msgspec.DecodeError as exc:
+            return _whole(*_syntax_error(payload, exc))
+        except RecursionError:
+            return _whole("too_deep", "payload nests deeper than the decoder allows")
+        if not raws:
+            return _whole("empty_batch", "payload is an empty array: no reading in it")
+        documents: list[tuple[bytes, int | None]] = [(bytes(raw), i) for i, raw in enumerate(raws)]
+    else:
+        documents = [(payload, None)]
+    out = DecodedPayload([], [])
+    for document, index in documents:
+        try:
+            wire = _document_decoder.decode(document)
+        except msgspec.ValidationError as exc:
+            out.rejected.append(_invalid(exc, index))
+            continue
+        except msgspec.DecodeError as exc:
+            out.rejected.append(MalformedReading(*_syntax_error(document, exc)))
+            continue
+        except RecursionError:
+            out.rejected.append(MalformedReading("too_deep", "document nests deeper than the decoder allows"))
+            continue
+        duplicate = _repeated_key(document)
+        if duplicate:
+            where = "" if index is None else f"document {index}: "
+            out.rejected.append(MalformedReading("duplicate_key", f"{where}field '{duplicate}' appears more than once"))
+            continue
+        _add(out, wire, index)
+    return out
+
+
+def _may_repeat_a_key(payload: bytes, documents: int) -> bool:
+    """Cheap pre-check: a payload whose field names each occur once per document repeats none.
+    A name also used as a string value only sends the payload down the exact (slow) path."""
+    return any(payload.count(key) > documents for key in _KEY_PATTERNS)
+
+
+def _repeated_key(document: bytes) -> str | None:
+    """The first top-level field name of the document that occurs twice (msgspec keeps the last)."""
+    if not _may_repeat_a_key(document, 1):
+        return None
+    repeated: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in items:
+            if key in seen and not repeated:
+                repeated.append(key)
+            seen.add(key)
+        return dict(items)
+
     try:
-        text = payload.decode("utf-8")  # explicitly: json.loads(bytes) would guess UTF-16/32
-    except UnicodeDecodeError as exc:
-        raise MalformedReading("not_utf8", f"payload is not UTF-8 at byte {exc.start} (0x{payload[exc.start]:02x})") from None
+        # Safe: msgspec has just decoded this document, so it is valid JSON of bounded depth.
+        json.loads(document, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return None
+    return repeated[0] if repeated else None
+
+
+def _whole(kind: str, detail: str) -> DecodedPayload:
+    return DecodedPayload([], [MalformedReading(kind, detail)])
+
+
+def _syntax_error(payload: bytes, exc: msgspec.DecodeError) -> tuple[str, str]:
     try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise MalformedReading("not_json", f"payload is not JSON: {exc.msg} at byte {exc.pos}") from None
-    return doc if isinstance(doc, list) else [doc]
+        payload.decode("utf-8")  # explicit, so the message names the byte
+    except UnicodeDecodeError as bad:
+        return "invalid_utf8", f"payload is not UTF-8 at byte {bad.start} (0x{payload[bad.start]:02x})"
+    position = _BYTE_POSITION.search(str(exc))
+    if position and payload[int(position.group(1)) :].startswith(_NON_FINITE_LITERALS):
+        return "non_finite", f"payload holds a non-finite number (NaN or Infinity, not JSON) at byte {position.group(1)}"
+    return "not_json", f"payload is not JSON: {exc}"
+
+
+def _invalid(exc: msgspec.ValidationError, index: int | None) -> MalformedReading:
+    """Name the reason from msgspec's message (its wording is held by tests/spine/test_library_guards.py);
+    an unforeseen wording is still refused, as `wrong_type`."""
+    message = str(exc)
+    where = "" if index is None else f"document {index}: "
+    detail = where + message.replace("`$.", "field `").replace("`$`", "the document")
+    if message.startswith("Object missing required field"):
+        kind = "missing_field"
+    elif "- at `$.ts`" in message:
+        kind = "bad_ts"
+    elif message.startswith("Invalid enum value") or "of length" in message:
+        kind = "bad_field"
+    elif message.startswith("Number out of range") or " >= " in message or " <= " in message:
+        kind = "out_of_range"
+    else:
+        kind = "wrong_type"
+    return MalformedReading(kind, detail)

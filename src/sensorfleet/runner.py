@@ -180,6 +180,8 @@ def scrape(port: int, timeout: float = 1.0) -> dict[str, float] | None:
         for sample in family.samples:
             key = sample.name + (f"{{le={sample.labels['le']}}}" if "le" in sample.labels else "")
             totals[key] += sample.value
+            if "reason" in sample.labels:
+                totals[f"{sample.name}{{reason={sample.labels['reason']}}}"] += sample.value
     return totals
 
 

@@ -1,0 +1,102 @@
+"""Guards for every library internal SensorFleet relies on (sensorfleet/internals.py, and the
+wording of msgspec's errors the decoder reads its reasons from). Each test uses the installed
+library the way the hot path does and fails, naming the internal, when a release changed it."""
+
+from __future__ import annotations
+
+import copy
+
+import aiocoap
+from aiocoap import resource
+import msgspec
+import paho.mqtt.client as mqtt
+import pytest
+from aiocoap.numbers.types import CON, NON
+from asyncua import Server, ua
+from asyncua.server.monitored_item_service import MonitoredItemValues
+
+from sensorfleet import internals
+from sensorfleet.reading import WireReading
+from sensorfleet.runtime import free_port
+from sensorfleet.simulators.opcua import SharedDataValue
+
+
+def test_paho_counts_the_messages_it_holds_until_acknowledged():
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="guard", protocol=mqtt.MQTTv311, clean_session=False)
+    assert internals.paho_unacknowledged(client) == 0
+    client.publish("guard/topic", b"x", qos=1)  # not connected: QoS 1 is queued for the next connection
+    client.publish("guard/topic", b"y", qos=1)
+    assert internals.paho_unacknowledged(client) == 2
+
+
+def test_a_missing_internal_fails_loudly_naming_the_library_and_the_name():
+    class NotPaho:
+        pass
+
+    with pytest.raises(internals.LibraryInternalsChanged, match=r"paho-mqtt \d.* no longer has Client._out_messages"):
+        internals.paho_unacknowledged(NotPaho())
+
+
+async def test_aiocoap_duplicate_detection_is_off_for_non_and_backlogs_are_readable():
+    context = await aiocoap.Context.create_server_context(resource.Site(), bind=("127.0.0.1", free_port(udp=True)))
+    try:
+        internals.aiocoap_skip_non_deduplication(context)
+        manager = next(ri.token_interface for ri in context.request_interfaces if hasattr(getattr(ri, "token_interface", None), "_deduplicate_message"))
+        remote = object()
+        for mtype, second_is_duplicate in ((NON, False), (CON, True)):
+            message = aiocoap.Message(code=aiocoap.GET)
+            message.mtype, message.mid, message.remote = mtype, 4242 if mtype is NON else 4343, remote
+            assert manager._deduplicate_message(message) is False
+            manager._recent_messages[(remote, message.mid)] = None  # what aiocoap records for a message it saw
+            assert manager._deduplicate_message(message) is second_is_duplicate, mtype
+        assert internals.aiocoap_backlog(context, remote) == 0
+        manager._backlogs[remote] = [object(), object()]
+        assert internals.aiocoap_backlog(context, remote) == 2
+    finally:
+        await context.shutdown()
+
+
+async def test_asyncua_builds_nodes_in_one_call_exposes_value_attributes_and_deep_copies_values():
+    server = Server()
+    await server.init()
+    ns = await server.register_namespace("urn:guard")
+    item = ua.AddNodesItem()
+    item.RequestedNewNodeId = ua.NodeId("guard/value", ns)
+    item.BrowseName = ua.QualifiedName("value", ns)
+    item.NodeClass = ua.NodeClass.Variable
+    item.ParentNodeId = ua.NodeId(ua.ObjectIds.ObjectsFolder)
+    item.ReferenceTypeId = ua.NodeId(ua.ObjectIds.Organizes)
+    item.TypeDefinition = ua.NodeId(ua.ObjectIds.BaseDataVariableType)
+    attributes = ua.VariableAttributes()
+    attributes.Value = ua.Variant(1.5, ua.VariantType.Double)
+    attributes.DataType = ua.NodeId(ua.ObjectIds.Double)
+    item.NodeAttributes = attributes
+    results = await internals.asyncua_add_nodes(server, [item])
+    assert results[0].StatusCode.is_good()
+    attribute = internals.asyncua_value_attribute(server, ua.NodeId("guard/value", ns))
+    assert attribute.value.Value.Value == 1.5
+    # The simulator's SharedDataValue relies on asyncua deep-copying each value per monitored item.
+    values = MonitoredItemValues()
+    plain, shared = ua.DataValue(ua.Variant(2.0)), SharedDataValue(ua.Variant(3.0))
+    values.set_current_datavalue(plain)
+    assert values.get_current_datavalue() is not plain, "asyncua no longer copies values: SharedDataValue is pointless"
+    values.set_current_datavalue(shared)
+    assert values.get_current_datavalue() is shared and copy.deepcopy(shared) is shared
+
+
+@pytest.mark.parametrize(("payload", "starts"), [
+    (b'{"fleet":"a"}', "Object missing required field"),
+    (b'{"fleet":"a","protocol":"p","device":"d","sensor":"s","unit":"u","ts":"2026-01-01T00:00:00Z","seq":1,"value":1e400}', "Number out of range"),
+    (b'{"fleet":"a","protocol":"p","device":"d","sensor":"s","unit":"u","ts":"2026-01-01T00:00:00Z","seq":-1}', "Expected `int` >= 0"),
+    (b'{"fleet":"a","protocol":"p","device":"d","sensor":"s","unit":"u","ts":"2026-01-01T00:00:00Z","seq":1,"quality":"x"}', "Invalid enum value"),
+    (b'{"fleet":""}', "Expected `str` of length >= 1"),
+])
+def test_msgspec_validation_messages_keep_the_wording_reasons_are_read_from(payload, starts):
+    with pytest.raises(msgspec.ValidationError) as caught:
+        msgspec.json.decode(payload, type=WireReading)
+    assert str(caught.value).startswith(starts), str(caught.value)
+
+
+def test_msgspec_syntax_errors_name_the_byte():
+    with pytest.raises(msgspec.DecodeError, match=r"\(byte 8\)"):
+        msgspec.json.decode(b'{"a": 1 x}')
