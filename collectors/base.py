@@ -167,6 +167,7 @@ class CollectorSink:
         self.storage = StorageWriter(self.writer, self.metrics, self.buffer_limit, self._record_written, merge_up_to=self.batch_size)
         # Vital: a collector whose storage thread died would buffer until its bound, then stall.
         self.metrics.watch(self.storage.start())
+        self.metrics.readiness = self.storage.health.report  # /readyz: 503 while writes fail
         return self.storage
 
     def buffered(self) -> int:

@@ -124,8 +124,10 @@ class MqttCollector:
         if not self.sink.pending():
             # None of the messages since the last hand-over left a reading in the open batch
             # (refused, duplicates): acknowledge them now, so the broker never redelivers them.
+            # Once what was handed over before is written: a duplicate's first copy may still wait
+            # for a failing store, and acknowledging it now would lose it if we died meanwhile.
             acks, self._unacked = self._unacked, []
-            self._ack(acks)
+            self.sink.when_written(lambda: self._ack(acks))
         elif self.sink.pending() >= self.sink.batch_size:
             self.flush_and_ack()
 

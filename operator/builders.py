@@ -332,11 +332,14 @@ def _metrics_port(fleet: SensorFleet) -> list[dict[str, Any]]:
     return [{"name": "metrics", "containerPort": fleet.spec.monitoring.port, "protocol": "TCP"}]
 
 
-def _probes(fleet: SensorFleet) -> dict[str, Any]:
+def _probes(fleet: SensorFleet, role: str) -> dict[str, Any]:
     if not fleet.spec.monitoring.enabled:
         return {}
+    # A collector is ready while it can write the dataset store: /readyz answers 503 with the cause
+    # while writes fail (collectors/backpressure.py); the fleet's StorageDegraded follows it.
+    ready_path = "/readyz" if role == "collector" else "/metrics"
     return {
-        "readinessProbe": {"httpGet": {"path": "/metrics", "port": "metrics"}, "periodSeconds": 10, "failureThreshold": 3},
+        "readinessProbe": {"httpGet": {"path": ready_path, "port": "metrics"}, "periodSeconds": 10, "failureThreshold": 3},
         # /healthz fails once a vital thread (network loop, writer) has died, which an open port would not show.
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "initialDelaySeconds": 20, "periodSeconds": 10, "failureThreshold": 3},
     }
@@ -504,7 +507,7 @@ def _app_container(name: str, args: list[str], role: str, options: BuildOptions,
         "resources": pod_resources(fleet, role, protocol),
         "securityContext": _container_security(),
         "volumeMounts": _app_mounts(with_data),
-        **_probes(fleet),
+        **_probes(fleet, role),
     }
     return container
 
@@ -906,6 +909,8 @@ def build_metrics_service(fleet: SensorFleet, owner: Owner, options: BuildOption
         "metadata": _metadata(metrics_service_name(fleet.name), owner, labels(fleet.name, "metrics", options)),
         "spec": {
             "clusterIP": "None",
+            # A collector whose store fails is not ready, and exactly then its metrics matter.
+            "publishNotReadyAddresses": True,
             "selector": {"app.kubernetes.io/name": APP_NAME, INSTANCE: fleet.name},
             "ports": [{"name": "metrics", "port": fleet.spec.monitoring.port, "targetPort": "metrics", "protocol": "TCP"}],
         },

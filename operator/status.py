@@ -45,19 +45,54 @@ def _deployment_failure(deployment: dict[str, Any]) -> str | None:
     return None
 
 
+def _rolled_out(deployment: dict[str, Any]) -> bool:
+    """Its current template became available once: the Deployment controller keeps Progressing at
+    NewReplicaSetAvailable until the next rollout, also when a pod loses its readiness later."""
+    meta, status = deployment.get("metadata", {}), deployment.get("status", {})
+    return status.get("observedGeneration", 0) >= meta.get("generation", 1) and any(
+        c.get("type") == "Progressing" and c.get("reason") == "NewReplicaSetAvailable" for c in status.get("conditions", []))
+
+
+def storage_condition(fleet: SensorFleet, deployments: dict[str, dict[str, Any]]) -> tuple[str, str, str]:
+    """(status, reason, message) of StorageDegraded, from the collectors' readiness: a collector's
+    readinessProbe is its /readyz, which fails only while its writes to the dataset store fail
+    (collectors/backpressure.py). A rolled-out collector Deployment that lost ready pods is a
+    collector that cannot store; one still rolling out says nothing yet."""
+    if not fleet.spec.monitoring.enabled:
+        return "Unknown", "NoReadinessProbe", "spec.monitoring.enabled is false: collectors serve no /readyz to tell"
+    failing, starting = [], []
+    for protocol, pods in builders.desired_pods(fleet).items():
+        for i in range(pods["collectors"]):
+            name = builders.collector_name(fleet.name, protocol, i)
+            deployment = deployments.get(name)
+            if deployment is not None and _deployment_ready(deployment):
+                continue
+            if deployment is not None and _rolled_out(deployment):
+                status = deployment.get("status", {})
+                failing.append(f"{name} ({status.get('readyReplicas', 0)}/{deployment.get('spec', {}).get('replicas', 1)} ready)")
+            else:
+                starting.append(name)
+    if failing:
+        return ("True", "StoreUnwritable",
+                f"collector(s) {', '.join(sorted(failing))} lost readiness after rolling out: their /readyz fails while writes to the "
+                f"dataset store fail (or a pod is restarting). Writes are retried and readings buffered up to "
+                f"spec.storage.maxBufferedReadings; the collector's log and /readyz name the path or endpoint and the errno")
+    if starting:
+        return "Unknown", "CollectorsStarting", f"waiting for {', '.join(sorted(starting)[:5])} to become ready once"
+    return "False", "StoreWritable", "every collector writes to the dataset store"
+
+
 def _condition(kind: str, ok: bool, reason: str, message: str, generation: int,
                previous: dict[str, dict[str, Any]], now: str) -> dict[str, Any]:
-    status = "True" if ok else "False"
+    return _tristate_condition(kind, "True" if ok else "False", reason, message, generation, previous, now)
+
+
+def _tristate_condition(kind: str, status: str, reason: str, message: str, generation: int,
+                        previous: dict[str, dict[str, Any]], now: str) -> dict[str, Any]:
     before = previous.get(kind)
     changed = before is None or before.get("status") != status
-    return {
-        "type": kind,
-        "status": status,
-        "reason": reason,
-        "message": message,
-        "observedGeneration": generation,
-        "lastTransitionTime": now if changed else before.get("lastTransitionTime", now),  # type: ignore[union-attr]
-    }
+    return {"type": kind, "status": status, "reason": reason, "message": message[:1000], "observedGeneration": generation,
+            "lastTransitionTime": now if changed else before.get("lastTransitionTime", now)}  # type: ignore[union-attr]
 
 
 def forecast_outcome(message: str | None) -> dict[str, Any]:
@@ -168,6 +203,10 @@ def compute_status(
     if claim is not None and claim.get("status", {}).get("phase") not in (None, "Bound", "Pending"):
         problems.append(f"ClaimLost: {claim['metadata']['name']} is {claim['status']['phase']}")
 
+    storage, storage_reason, storage_message = storage_condition(fleet, by_name)
+    if storage == "True":
+        problems.append(f"{storage_reason}: {storage_message}")
+
     forecast = last_forecast(jobs, pods_by_job) if fleet.spec.forecasting.enabled else None
     if forecast and forecast["result"] == "Failed":
         problems.append(f"ForecastFailed: job {forecast['job']} failed" + (f": {forecast['message']}" if forecast.get("message") else ""))
@@ -194,6 +233,7 @@ def compute_status(
                    generation, prev_conditions, now),
         _condition("Degraded", degraded, problems[0].split(":", 1)[0] if degraded else "AsExpected",
                    "; ".join(problems)[:1000] if degraded else "no failures", generation, prev_conditions, now),
+        _tristate_condition("StorageDegraded", storage, storage_reason, storage_message, generation, prev_conditions, now),
     ]
     status: dict[str, Any] = {
         "observedGeneration": generation,

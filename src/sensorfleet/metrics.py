@@ -7,8 +7,10 @@ fixed set of reasons; never a device or sensor label.
 
 from __future__ import annotations
 
+import json
 import socketserver
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -41,6 +43,9 @@ class FleetMetrics:
     # Threads this process cannot work without (network loop, writer): /healthz fails, so the
     # kubelet restarts the container, as soon as one of them has ended.
     workers: dict[str, threading.Thread] = field(default_factory=dict)
+    # What /readyz reports (a collector's storage health, collectors/backpressure.py): 503 while
+    # it says "degraded". The collectors' readinessProbe; the operator's StorageDegraded follows it.
+    readiness: Callable[[], dict[str, object]] | None = None
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -137,7 +142,7 @@ class FleetMetrics:
         return [name for name, thread in self.workers.items() if thread.ident is not None and not thread.is_alive()]
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        """Serve /metrics and /healthz; port 0 means do not serve. A port in use raises OSError naming it."""
+        """Serve /metrics, /healthz and /readyz; port 0 means do not serve. A port in use raises OSError naming it."""
         if not port:
             return
         metrics_app = make_wsgi_app(self.registry)
@@ -147,6 +152,12 @@ class FleetMetrics:
                 dead = self.dead_workers()
                 body = (f"dead: {', '.join(dead)}\n" if dead else "ok\n").encode()
                 start_response("503 Service Unavailable" if dead else "200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+                return [body]
+            if environ.get("PATH_INFO") == "/readyz":
+                report = self.readiness() if self.readiness is not None else {"storage": "ok"}
+                body = (json.dumps(report) + "\n").encode()
+                start_response("503 Service Unavailable" if report.get("storage") == "degraded" else "200 OK",
+                               [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
                 return [body]
             return metrics_app(environ, start_response)
 

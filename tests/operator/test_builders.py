@@ -272,3 +272,43 @@ def test_an_indexed_forecast_job_succeeds_when_every_index_has() -> None:
     done = {"metadata": {"name": "plant-forecast-3"}, "spec": {"completions": 4},
             "status": {"succeeded": 4, "completionTime": "2026-01-01T03:00:00Z", "conditions": [{"type": "Complete", "status": "True"}]}}
     assert status.last_forecast([done])["result"] == "Succeeded"
+
+
+def test_storage_degraded_follows_the_collectors_readiness() -> None:
+    """A collector's readiness is its /readyz (the store is writable): a rolled-out collector that
+    lost its ready pod makes StorageDegraded True (and Degraded); one still starting says nothing yet."""
+    f = fleet(protocols={"mqtt": {}})
+    names = ["plant-broker", "plant-mqtt-simulator-0", "plant-mqtt-collector-0"]
+    rolled_out = {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"}
+
+    def deployments(collector_ready: bool, collector_rolled_out: bool) -> list[dict]:
+        out = [_deployment(n, n != "plant-mqtt-collector-0" or collector_ready) for n in names]
+        if collector_rolled_out:
+            out[2]["status"]["conditions"] = [rolled_out]
+        return out
+
+    def conditions(st: dict) -> dict:
+        return {c["type"]: c for c in st["conditions"]}
+
+    fine = conditions(status.compute_status(f, 2, deployments(True, True), [], [], None, "T1"))
+    assert (fine["StorageDegraded"]["status"], fine["StorageDegraded"]["reason"]) == ("False", "StoreWritable")
+    starting = conditions(status.compute_status(f, 2, deployments(False, False), [], [], None, "T1"))
+    assert (starting["StorageDegraded"]["status"], starting["StorageDegraded"]["reason"]) == ("Unknown", "CollectorsStarting")
+    assert starting["Degraded"]["status"] == "False"
+    failing = status.compute_status(f, 2, deployments(False, True), [], [], status.compute_status(f, 2, deployments(True, True), [], [], None, "T1"), "T2")
+    cond = conditions(failing)
+    assert (cond["StorageDegraded"]["status"], cond["StorageDegraded"]["reason"]) == ("True", "StoreUnwritable")
+    assert "plant-mqtt-collector-0 (0/1 ready)" in cond["StorageDegraded"]["message"] and cond["StorageDegraded"]["lastTransitionTime"] == "T2"
+    assert cond["Degraded"]["status"] == "True" and cond["Degraded"]["reason"] == "StoreUnwritable"
+    unprobed = fleet(protocols={"mqtt": {}}, monitoring={"enabled": False})
+    cond = conditions(status.compute_status(unprobed, 1, deployments(True, True), [], [], None, "T1"))
+    assert (cond["StorageDegraded"]["status"], cond["StorageDegraded"]["reason"]) == ("Unknown", "NoReadinessProbe")
+
+
+def test_collectors_are_ready_while_they_can_store_and_their_metrics_stay_scraped() -> None:
+    kids = children(fleet(protocols={"mqtt": {}}))
+    collector = next(c for c in containers(kids[("Deployment", "plant-mqtt-collector-0")]) if c["name"] == "collector")
+    simulator = next(c for c in containers(kids[("Deployment", "plant-mqtt-simulator-0")]) if c["name"] == "simulator")
+    assert collector["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert simulator["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    assert kids[("Service", "plant-metrics")]["spec"]["publishNotReadyAddresses"] is True

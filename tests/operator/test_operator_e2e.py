@@ -125,7 +125,7 @@ def test_example_fleet_becomes_ready_with_every_child(env: dict[str, Any]) -> No
     assert status["enabledProtocols"] == "mqtt,coap,opcua" and status["devices"] == 90
     assert status["protocols"]["mqtt"]["simulatorsReady"] == 1
     assert status["brokerEndpoint"] == f"mqtt://demo-broker.{NS}.svc:1883"
-    assert {c["type"]: c["status"] for c in status["conditions"]} == {"Ready": "True", "Progressing": "False", "Degraded": "False"}
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {"Ready": "True", "Progressing": "False", "Degraded": "False", "StorageDegraded": "False"}
     table = cluster.kubectl("get", "sf", "-n", NS).stdout.splitlines()
     assert table[0].split() == ["NAME", "PROTOCOLS", "DEVICES", "READY", "LAST", "FORECAST", "AGE"]
     assert table[1].split()[:4] == ["demo", "mqtt,coap,opcua", "90", "True"]

@@ -122,10 +122,12 @@ def run_mqtt_outage(tmp_path: Path, data: str, break_store, repair_store, outage
             break_store()
             wait_until(lambda: collector.metric("sensorfleet_storage_degraded") == 1, 30, message=f"sensorfleet_storage_degraded = 1 ({env_note})")
             received_at_break = collector.metric("sensorfleet_readings_received_total")
+            degraded_report = readyz(collector)
             outage.watch(outage_seconds)
             received_during = collector.metric("sensorfleet_readings_received_total") - received_at_break
             repair_store()
             wait_until(lambda: collector.metric("sensorfleet_storage_degraded") == 0, 60, message="the store writable again")
+            assert readyz(collector) == (200, {"storage": "ok"})
             assert simulator.wait(seconds + 60) == 0, simulator.log()[-2000:]
             total = published(simulator)
             wait_until(lambda: collector.metric("sensorfleet_readings_stored_total") >= total, 90, message=f"all {total} readings stored")
@@ -137,12 +139,27 @@ def run_mqtt_outage(tmp_path: Path, data: str, break_store, repair_store, outage
                     c.stop()
     df = read_dataset(data, columns=["device", "sensor", "seq"])
     assert lost == 0
+    # The readiness probe of the collector pod (and so the fleet's StorageDegraded) said why.
+    code, report = degraded_report
+    assert code == 503 and report["storage"] == "degraded" and data in report["message"] and report["errno"], degraded_report
     # While the store failed the collector took only what fits its buffer (plus the message being
     # taken when it filled); the broker kept the rest.
     assert outage.peak_buffered <= LIMIT + GATEWAY_BATCH, outage.peak_buffered
     assert received_during <= LIMIT + 2 * GATEWAY_BATCH, f"received {received_during:.0f} readings while the store was down"
     assert received_during < RATE * outage_seconds / 4, "backpressure: the collector stopped taking messages"
     return outage, collector, total, df
+
+
+def readyz(c: Component) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{c.metrics_port}/readyz", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
 
 
 def test_mqtt_full_disk_bounded_memory_then_everything_stored(tmp_path: Path, small_disk: Path) -> None:
