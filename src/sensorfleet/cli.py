@@ -121,13 +121,14 @@ def run(
     broker: Annotated[Optional[str], typer.Option(help="Use this MQTT broker (mqtt://host:port) instead of starting one.")] = None,
     logs: Annotated[Optional[Path], typer.Option(help="Folder for the run's log files (default: ./runs/<fleet>-<time>).")] = None,
     live: Annotated[bool, typer.Option(help="Show the live table (off: print a line every few seconds).")] = True,
+    summary: Annotated[Optional[Path], typer.Option(help="Write the final per-protocol summary (published, stored, lost, late, duplicate, malformed by reason, offline) to this JSON file.")] = None,
 ) -> None:
     """Run a whole fleet on this machine: broker, simulators and collectors as local processes."""
     from sensorfleet.runner import FleetRunError, run_fleet
 
     parsed = _load(fleet)
     try:
-        code = run_fleet(parsed, fleet, duration=duration, data_url=data, broker_url=broker, log_dir=logs, live=live)
+        code = run_fleet(parsed, fleet, duration=duration, data_url=data, broker_url=broker, log_dir=logs, live=live, summary_path=summary)
     except FleetRunError as exc:
         err.print(f"[red]error[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None

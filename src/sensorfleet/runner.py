@@ -28,6 +28,7 @@ from rich.live import Live
 from rich.table import Table
 
 from sensorfleet.broker import current_user, find_mosquitto, mosquitto_config
+from sensorfleet.run_summary import ProtocolCounts, ProtocolSummary, child_summary, summarize, summary_document
 from sensorfleet.runtime import free_port, parse_broker_url, port_is_free
 from sensorfleet.spec import SensorFleet
 
@@ -210,6 +211,9 @@ class ProtocolRow:
     lost: float = 0
     duplicates: float = 0
     malformed: float = 0
+    late: float = 0
+    offline: float = 0
+    malformed_by_reason: dict[str, float] = field(default_factory=dict)
     rate: float = 0.0
     p50: float | None = None
     p99: float | None = None
@@ -311,6 +315,12 @@ class FleetRun:
                 row.lost += samples.get("sensorfleet_readings_lost_total", 0) - samples.get("sensorfleet_readings_late_total", 0)
                 row.duplicates += samples.get("sensorfleet_readings_duplicate_total", 0)
                 row.malformed += samples.get("sensorfleet_payloads_malformed_total", 0)
+                row.late += samples.get("sensorfleet_readings_late_total", 0)
+                row.offline += samples.get("sensorfleet_readings_offline_total", 0)
+                for key, value in samples.items():
+                    if key.startswith("sensorfleet_payloads_malformed_total{reason="):
+                        reason = key.split("reason=", 1)[1].rstrip("}")
+                        row.malformed_by_reason[reason] = row.malformed_by_reason.get(reason, 0) + value
                 for key, value in samples.items():
                     if key.startswith("sensorfleet_reading_latency_seconds_bucket"):
                         latency[child.spec.protocol][key] += value
@@ -397,6 +407,33 @@ class FleetRun:
         self._terminate("broker", 10.0)
         self.run_log.close()
 
+    def final_counts(self) -> dict[str, ProtocolCounts]:
+        """The run's counts per protocol: each child's own final SUMMARY line where it logged one
+        (written after its last reading), else its last scrape."""
+        out: dict[str, ProtocolCounts] = {}
+        for protocol, row in self.rows.items():
+            counts = ProtocolCounts(row.published, row.received, row.stored, row.lost, row.late, row.duplicates, row.malformed, row.offline, dict(row.malformed_by_reason))
+            for role in ("simulator", "collector"):
+                children = [c for c in self.children if c.spec.protocol == protocol and c.spec.role == role]
+                finals = [child_summary(c.log_path) for c in children]
+                if not children or not all(finals):
+                    continue
+                if role == "simulator":
+                    counts.published = sum(f.get("published", 0) for f in finals)
+                    continue
+                for name in ("received", "stored", "lost", "late", "duplicates", "malformed", "offline"):
+                    setattr(counts, name, sum(f.get(name, 0) for f in finals))
+                reasons: dict[str, float] = {}
+                for f in finals:
+                    for reason, n in f.get("malformed_by_reason", {}).items():
+                        reasons[reason] = reasons.get(reason, 0) + n
+                counts.malformed_by_reason = reasons
+            out[protocol] = counts
+        return out
+
+    def collectors_healthy(self, protocol: str) -> bool:
+        return all(c.process.poll() == 0 for c in self.children if c.spec.protocol == protocol and c.spec.role == "collector")
+
     def kill_all(self) -> None:
         for child in self.children:
             if child.process.poll() is None:
@@ -404,7 +441,7 @@ class FleetRun:
                 child.process.wait()
 
 
-def run_fleet(fleet: SensorFleet, fleet_path: Path, duration: float | None = None, data_url: str | None = None, broker_url: str | None = None, log_dir: Path | None = None, live: bool = True) -> int:
+def run_fleet(fleet: SensorFleet, fleet_path: Path, duration: float | None = None, data_url: str | None = None, broker_url: str | None = None, log_dir: Path | None = None, live: bool = True, summary_path: Path | None = None) -> int:
     console = Console()
     data_url = data_url or fleet.spec.storage.url or str(Path("data") / fleet.name)
     log_dir = log_dir or Path("runs") / f"{fleet.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -463,7 +500,7 @@ def run_fleet(fleet: SensorFleet, fleet_path: Path, duration: float | None = Non
         run.kill_all()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    _print_summary(console, fleet, data_url, run)
+    _print_summary(console, fleet, data_url, run, exit_code, summary_path)
     return exit_code
 
 
@@ -478,7 +515,7 @@ class _NoLive:
         pass
 
 
-def _print_summary(console: Console, fleet: SensorFleet, data_url: str, run: FleetRun) -> None:
+def _print_summary(console: Console, fleet: SensorFleet, data_url: str, run: FleetRun, exit_code: int, summary_path: Path | None) -> None:
     from sensorfleet.dataset import read_dataset
 
     try:
@@ -487,10 +524,18 @@ def _print_summary(console: Console, fleet: SensorFleet, data_url: str, run: Fle
     except Exception as exc:  # the summary must not hide the run's outcome
         console.print(f"[yellow]could not read the dataset for the summary: {exc}[/yellow]")
         stored = {}
+    summaries: dict[str, ProtocolSummary] = {}
+    for protocol, counts in run.final_counts().items():
+        summary = summaries[protocol] = summarize(protocol, counts, run.collectors_healthy(protocol))
+        row = run.rows[protocol]
+        row.published, row.stored, row.lost, row.duplicates, row.malformed = summary.published, summary.stored, summary.lost, summary.duplicate, summary.malformed
     console.print(run.table(f"final summary — fleet {fleet.name}"))
-    unobserved = [p for p, r in run.rows.items() if p != "mqtt" and r.stored + r.lost < r.published]
-    if unobserved:
-        # CoAP and OPC UA devices are servers: they produce readings whether or not a collector
-        # is subscribed yet, so readings from before the first subscription were never sent.
-        console.print(f"note: {', '.join(unobserved)} servers count readings produced before a collector subscribed as published; those were never sent, not lost (gaps after subscribing are counted in 'lost').")
+    for protocol, summary in summaries.items():
+        for note in summary.notes:
+            console.print(f"note: {protocol}: {note}", highlight=False)
     console.print("rows in the dataset (all runs): " + ", ".join(f"{p} {n:,}" for p, n in sorted(stored.items())) + f"   ({data_url})")
+    if summary_path is not None:
+        document = summary_document(fleet.name, exit_code, summaries, {p: int(n) for p, n in stored.items()})
+        summary_path.parent.mkdir(parents=True, exist_ok=True)
+        summary_path.write_text(json.dumps(document, indent=2) + "\n")
+        console.print(f"summary written to {summary_path}")
