@@ -14,6 +14,10 @@ Address space (see docs/protocols.md), namespace `urn:sensorfleet:<fleet>`:
 
 Node ids are stable strings: `ns=<i>;s=<device>/<sensor>`, `ns=<i>;s=<device>/Seq`.
 
+Two-way (spec.protocols.opcua.writable): `<Sensor>Setpoint` variables and the methods
+`InjectFault(kind, durationSeconds)` / `Reset()` per device, see simulators/opcua_control.py.
+HistoryRead of every sensor variable (historyHours > 0) from the model: simulators/opcua_history.py.
+
 A value's StatusCode follows the signal model's quality: Good; Uncertain_LastUsableValue during a
 stuck-at run; Bad_NoCommunication (value null) during a dropout -- as Microsoft's OPC PLC does.
 The source timestamp is the reading's exact tick time `epoch + (seq + phase) * interval`, so a
@@ -51,6 +55,7 @@ from sensorfleet.metrics import FleetMetrics
 from sensorfleet.runtime import SimulatorOptions, stop_event_on_signals
 from sensorfleet.signals import QUALITY_BAD, SignalModel, device_id, shard_devices
 from sensorfleet.simulators.opcua_control import DeviceControls
+from sensorfleet.simulators.opcua_history import ModelHistory
 
 log = logging.getLogger("sensorfleet.simulators.opcua")
 
@@ -156,12 +161,14 @@ def _node_item(nodeid: ua.NodeId, parent: ua.NodeId, ref: int, ns: int, name: st
     return item
 
 
-def address_space_items(ns: int, devices: list[str], sensors: list[Any]) -> tuple[list[ua.AddNodesItem], ua.NodeId]:
+def address_space_items(ns: int, devices: list[str], sensors: list[Any], history: bool = False) -> tuple[list[ua.AddNodesItem], ua.NodeId]:
     """AddNodes items for the whole address space, added in one call (thousands of nodes one by
-    one through the high-level API take minutes)."""
+    one through the high-level API take minutes). `history`: sensor variables are Historizing
+    and allow HistoryRead (simulators/opcua_history.py answers it)."""
     objects = ua.NodeId(ua.ObjectIds.ObjectsFolder)
     folder = ua.NodeId(FOLDER, ns)
     read = ua.AccessLevel.CurrentRead.mask
+    value_access = read | (ua.AccessLevel.HistoryRead.mask if history else 0)
     items = [_node_item(folder, objects, ua.ObjectIds.Organizes, ns, FOLDER, ua.NodeClass.Object, ua.ObjectIds.FolderType,
                         _attrs(ua.ObjectAttributes, FOLDER, Description=ua.LocalizedText("Simulated SensorFleet devices")))]
     for device in devices:
@@ -170,8 +177,8 @@ def address_space_items(ns: int, devices: list[str], sensors: list[Any]) -> tupl
         for sensor in sensors:
             var = ua.NodeId(f"{device}/{sensor.name}", ns)
             items.append(_node_item(var, dev, ua.ObjectIds.HasComponent, ns, sensor.name, ua.NodeClass.Variable, ua.ObjectIds.AnalogItemType,
-                                    _attrs(ua.VariableAttributes, sensor.name, Value=ua.Variant(0.0, ua.VariantType.Double),
-                                           DataType=ua.NodeId(ua.ObjectIds.Double), ValueRank=-1, AccessLevel=read, UserAccessLevel=read,
+                                    _attrs(ua.VariableAttributes, sensor.name, Value=ua.Variant(0.0, ua.VariantType.Double), Historizing=history,
+                                           DataType=ua.NodeId(ua.ObjectIds.Double), ValueRank=-1, AccessLevel=value_access, UserAccessLevel=value_access,
                                            Description=ua.LocalizedText(f"{sensor.name} in {sensor.unit}"))))
             for prop, value, vtype, dtype in (
                 ("EngineeringUnits", eu_information(sensor.unit), ua.VariantType.ExtensionObject, ua.ObjectIds.EUInformation),
@@ -288,7 +295,8 @@ class OpcuaSimulator:
     async def run(self, stop: threading.Event, duration: float | None) -> None:
         self.server, ns = await build_server(self.fleet_name, self.cfg, self.host, self.port)
         started = time.perf_counter()
-        items, _ = address_space_items(ns, self.devices, self.model.sensors)
+        history = self.cfg.history_hours > 0
+        items, _ = address_space_items(ns, self.devices, self.model.sensors, history)
         if self.cfg.writable:
             self.controls = DeviceControls(self.model, self.cfg, ns, self.devices, self.indices)
             items += self.controls.items(_node_item, _attrs)
@@ -304,6 +312,11 @@ class OpcuaSimulator:
             aspace.set_attribute_value_callback(ua.NodeId(f"{device}/{SEQ_VARIABLE}", ns), ua.AttributeIds.Value, self._seq_reader(row))
         if self.controls:
             await self.controls.install(self.server)
+        if history:
+            variables = {ua.NodeId(f"{d}/{name}", ns): (row, s) for row, d in enumerate(self.devices) for s, name in enumerate(names)}
+            self.server.iserver.history_manager.set_storage(
+                ModelHistory(self.model, variables, self.indices, self.phase, lambda row: int(self.last_tick[row]),
+                             lambda: self.controls.log if self.controls else None, self.cfg.history_hours))
         log.info("address space: %d nodes in %.1f s", len(items), time.perf_counter() - started)
         # The address space lives as long as the process: keep the cyclic GC from walking its
         # hundreds of thousands of objects again and again (a full pass stalls the loop for

@@ -1,15 +1,20 @@
 """Two-way OPC UA with an independent client: node-opcua (npm) writes a setpoint, calls
-InjectFault and Reset on the running simulator; the OPC UA collector stores what followed, the
-events included, with exact accounting."""
+InjectFault and Reset on the running simulator (the OPC UA collector stores what followed, the
+events included, with exact accounting) and backfills with HistoryRead."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import time
+from datetime import datetime, timedelta, timezone
 
+import numpy as np
 import pandas as pd
 
 from sensorfleet.events import read_events
+from sensorfleet.signals import SignalModel
+from sensorfleet.spec import load_fleet
 
 SENSORS = 3
 STORED = "sensorfleet_readings_stored_total"
@@ -63,3 +68,27 @@ def test_node_opcua_writes_a_setpoint_and_calls_the_methods(opcua_peer, write_fl
     mine = df[(df["device"] == "opcua-00001") & (df["ts"] > start) & (df["ts"] <= start + pd.Timedelta(seconds=2.0))]
     assert len(mine) == 8 * SENSORS and (mine["quality"] == "uncertain").all() and (mine["anomaly"] == "stuck").all()
     assert mine.groupby("sensor")["value"].nunique().max() == 1, "a stuck sensor repeats its value"
+
+
+def test_node_opcua_backfills_from_history_read_with_continuation_points(opcua_peer, write_fleet, procs, h, tmp_path, tcp_port):
+    """A historian's backfill: node-opcua HistoryRead (raw) of the last seconds, 5 values per
+    page; the pages join into one value per tick, each exactly what the signal model gives."""
+    fleet = write_fleet("opcua", devices=2, interval=0.25, historyHours=1)
+    url = f"opc.tcp://127.0.0.1:{tcp_port}/"
+    h.start_simulator(procs, "opcua", fleet, tmp_path, tcp_port)
+    time.sleep(6)  # ticks served to read back
+    end = datetime.now(timezone.utc) - timedelta(seconds=1)  # every tick of the window served
+    start = end - timedelta(seconds=4)
+    iso = lambda t: t.isoformat().replace("+00:00", "Z")  # noqa: E731
+    result = node_client(opcua_peer, url, [{"op": "history", "node": "opcua-00000/humidity", "start": iso(start), "end": iso(end), "numValuesPerNode": 5}])[0]
+    pages, values = result["pages"], result["values"]
+    assert len(pages) >= 3 and all(p["status"] == "Good" and p["values"] <= 5 for p in pages), pages
+    times = np.array([datetime.fromisoformat(v["sourceTimestamp"].replace("Z", "+00:00")).timestamp() for v in values])
+    assert len(values) == 16 and np.allclose(np.diff(times), 0.25, atol=2e-3), "one value per tick, none twice"
+    spec = load_fleet(fleet)
+    model = SignalModel(spec.spec, spec.name, "opcua")
+    ticks = np.round((times - model.epoch) / 0.25 - model.phase(np.array([0]))[0]).astype(np.int64)
+    block = model.block(np.zeros(len(ticks), dtype=np.int64), ticks)
+    for v, value, quality in zip(values, block.values[:, 1], block.quality[:, 1]):
+        assert v["status"] == ("BadNoCommunication" if quality == 2 else "Good" if quality == 0 else "UncertainLastUsableValue")
+        assert (v["value"] is None) if quality == 2 else (v["value"] == value)
