@@ -139,16 +139,19 @@ def seq_accounting(df: pd.DataFrame) -> tuple[int, int]:
 
 def stop_both_and_check_nothing_lost(sim: Component, col: Component, data: Path, protocol: str) -> pd.DataFrame:
     """Stop the source, then the collector once in-flight values arrived; every reading produced
-    is stored exactly once (no loss, no hole, the tail complete). Returns the stored frame."""
+    is stored exactly once (the tail complete), and the only holes are the ticks the simulator
+    itself skipped when it fell behind schedule on a loaded machine (its `dropped`), each counted
+    lost once. Returns the stored frame."""
     import time
 
     produced = stop(sim)
     time.sleep(1.5)
     collected = stop(col)
     df = stored_frame(data, protocol)
-    assert collected["lost"] == 0 and collected["duplicates"] == 0 and collected["malformed"] == 0, collected
+    both = f"simulator {produced}, collector {collected}"
+    assert collected["duplicates"] == 0 and collected["malformed"] == 0, both
     span, rows = seq_accounting(df)
-    assert span == rows, "a series has a hole"
+    assert span - rows == collected["lost"] == produced["dropped"], f"holes {span - rows}; {both}"
     assert last_tick_sum(df) == produced["last_tick_sum"], "the last readings produced are stored"
     return df
 
