@@ -315,10 +315,16 @@ class Reconciler:
         if not builders.uses_broker(fleet):
             return None
         name = builders.broker_secret_name(fleet.name)
+        ident = (fleet.metadata.namespace, "Secret", name)
         secret = await self.client.get("Secret", fleet.metadata.namespace, name)
-        if secret is not None:
+        if secret is None:
+            # Secrets are not watched, so no DELETED event clears what an earlier GET cached: a
+            # fleet deleted and recreated under the same name would find its predecessor's uid here
+            # and refuse the Secret it is about to create as NotOwned, for ever (issue 12).
+            self.owners.pop(ident, None)
+        else:
             owner = _controller_uid(secret["metadata"])
-            self.owners[(fleet.metadata.namespace, "Secret", name)] = owner
+            self.owners[ident] = owner
             if owner != state.body["metadata"]["uid"]:
                 return self._refuse(state, "Secret", name, owner)
         data = (secret or {}).get("data") or {}

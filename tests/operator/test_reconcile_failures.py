@@ -75,3 +75,47 @@ def test_a_foreign_object_is_never_adopted_and_the_fleet_recovers_once_it_is_gon
         assert "fleet.yaml" in ours["data"]
     finally:
         cluster.kubectl("delete", "namespace", NS, "--wait=false", check=False)
+
+
+def test_a_fleet_deleted_and_recreated_under_its_name_owns_its_broker_secret_again(deployed: dict[str, Any]) -> None:
+    """Issue 12: the recreated fleet stayed Degraded NotOwned on `<fleet>-broker-credentials`. The
+    operator had cached the deleted fleet's uid as the Secret's owner (Secrets are not watched, so
+    nothing cleared it) and refused the Secret the new fleet was about to create."""
+    cluster = deployed["cluster"]
+    namespace, name = "sf-recreate", "again"
+    secret_name = builders.broker_secret_name(name)
+    cluster.kubectl("create", "namespace", namespace, check=False)
+    fleet = {"apiVersion": "sensorfleet.io/v1alpha1", "kind": "SensorFleet", "metadata": {"name": name, "namespace": namespace},
+             "spec": {"protocols": {"mqtt": {"devices": 2}, "coap": {"enabled": False}, "opcua": {"enabled": False}},
+                      "storage": {"url": "memory://recreate"}, "forecasting": {"enabled": False}}}
+
+    def body() -> dict[str, Any] | None:
+        return kjson(cluster, "get", "sensorfleet", name, "-n", namespace)
+
+    def ready_at(generation: int) -> Any:
+        def check() -> dict[str, Any] | None:
+            b = body()
+            ready = condition(b or {}, "Ready")
+            return b if ready.get("status") == "True" and ready.get("observedGeneration") == generation else None
+        return check
+
+    try:
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(fleet))
+        first = wait_for("the first fleet Ready", ready_at(1), 90)
+        # A second full pass (a spec edit; in production the 5-minute resync) reads the Secret,
+        # which is when its owner was cached.
+        cluster.kubectl("patch", "sensorfleet", name, "-n", namespace, "--type=merge", "-p", json.dumps({"spec": {"protocols": {"mqtt": {"devices": 3}}}}))
+        wait_for("the edited fleet Ready", ready_at(2), 90)
+        cluster.kubectl("delete", "sensorfleet", name, "-n", namespace, "--wait=true")
+        wait_for("the first fleet's Secret garbage-collected", lambda: kjson(cluster, "get", "secret", secret_name, "-n", namespace) is None, 60)
+
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(fleet))
+        second = wait_for("the recreated fleet Ready", ready_at(1), 90)
+        assert second["metadata"]["uid"] != first["metadata"]["uid"]
+        assert condition(second, "Degraded")["status"] == "False", condition(second, "Degraded")
+        secret = kjson(cluster, "get", "secret", secret_name, "-n", namespace)
+        assert secret["metadata"]["ownerReferences"][0]["uid"] == second["metadata"]["uid"]
+        events = kjson(cluster, "get", "events", "-n", namespace, "--field-selector", "reason=NotOwned") or {"items": []}
+        assert not events["items"], [e["message"] for e in events["items"]]
+    finally:
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
