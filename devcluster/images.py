@@ -270,7 +270,24 @@ def snapshot_context(target: Path, repo: Path = REPO) -> Path:
     return target
 
 
+def _image_id(ref: str) -> str | None:
+    found = subprocess.run(_podman("image", "inspect", "--format", "{{.Id}}", ref), capture_output=True, text=True)
+    return found.stdout.strip() or None if found.returncode == 0 else None
+
+
+def _remove_replaced(steps: _Steps, ref: str, previous: str | None) -> None:
+    """Remove the image a rebuild took the tag from: left untagged (dangling), its own layers — the
+    app's whole virtualenv, copied from the build stage — would pile up with every code edit. Only
+    that image: the build cache (the dependency layer above all) is other images and stays, so an
+    edit still rebuilds in a minute. Not forced: an image a container still uses stays."""
+    if previous is None or previous == _image_id(ref):
+        return
+    if subprocess.run(_podman("rmi", previous), capture_output=True).returncode == 0:
+        steps.say(f"removed the replaced image {previous[:12]} (was {ref})")
+
+
 def _build(steps: _Steps, name: str, context: Path, containerfile: Path, base_ref: str, ref: str, archive: Path) -> None:
+    previous = _image_id(ref)
     argv = _podman(
         "build", "--network", "host", *ULIMITS, "--pull=never",
         "--build-arg", f"BASE_IMAGE={base_ref}",
@@ -283,6 +300,7 @@ def _build(steps: _Steps, name: str, context: Path, containerfile: Path, base_re
     partial.unlink(missing_ok=True)
     steps.run(f"save-{name}", _podman("save", "--format", "oci-archive", "--output", str(partial), ref))
     partial.rename(archive)
+    _remove_replaced(steps, ref, previous)
 
 
 def ensure_images(progress: Progress = _stderr_progress) -> list[ImageArchive]:

@@ -106,3 +106,39 @@ def test_docker_references_are_normalised_like_the_kubelet_does():
     assert images.qualified_ref("acme/sf:1") == "docker.io/acme/sf:1"
     assert images.qualified_ref("registry.example:5000/sf:1") == "registry.example:5000/sf:1"
     assert images.qualified_ref("localhost/sf:1") == "localhost/sf:1"
+
+
+def test_a_rebuild_removes_the_image_it_replaced_and_keeps_the_build_cache(tmp_path):
+    """Every app rebuild moves the tag and leaves the previous image dangling, with its own copy of
+    the virtualenv: hundreds of MB of podman storage per code edit until removed. A two-stage build
+    like the Dockerfile's, with nothing to download (scratch + COPY)."""
+    tag = f"localhost/sensorfleet-prune-test:{tmp_path.name[-12:].lower()}"
+    label = f"sensorfleet.test.prune={tmp_path.name[-12:].lower()}"  # on every image of this test, for the clean-up
+    (tmp_path / "Containerfile").write_text(
+        f"FROM scratch AS build\nLABEL {label}\nCOPY deps /deps\nCOPY code /code\n"
+        f"FROM scratch\nLABEL {label}\nCOPY --from=build /code /app\n")
+    (tmp_path / "deps").write_text("the dependency layer: the same in both builds\n")
+    steps = images._Steps(tmp_path / "logs", lambda line: None)
+
+    def build(code: str) -> tuple[str | None, str]:
+        (tmp_path / "code").write_text(code)
+        previous = images._image_id(tag)
+        out = subprocess.run(["podman", "build", "--pull=never", "--tag", tag, "--file", str(tmp_path / "Containerfile"), str(tmp_path)],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        images._remove_replaced(steps, tag, previous)
+        return images._image_id(tag), out.stdout + out.stderr
+
+    try:
+        first, _ = build("version 1\n")
+        again, _ = build("version 1\n")
+        assert again == first  # nothing changed: the same image, nothing removed
+        second, log = build("version 2\n")
+        assert second and second != first
+        assert subprocess.run(["podman", "image", "exists", first]).returncode != 0, "the replaced image is gone"
+        assert "Using cache" in log, "the unchanged dependency step came from the build cache"
+    finally:
+        subprocess.run(["podman", "rmi", "--force", tag], capture_output=True)
+        ours = subprocess.run(["podman", "images", "--all", "--quiet", "--filter", f"label={label}"], capture_output=True, text=True).stdout.split()
+        for image in ours:  # the build stage's images this test made (newest first: children before parents)
+            subprocess.run(["podman", "rmi", image], capture_output=True)
