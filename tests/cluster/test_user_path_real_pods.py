@@ -1,7 +1,12 @@
 """The user's path with real containers on sf-node-0: `helm install` runs the operator as a pod from
 the image (identity and hardening enforced by the runtime); `kubectl apply -f examples/fleet.yaml`
 (unchanged) becomes Ready with every pod on the real node; readings land on the claim (bound by the
-default StorageClass) with no gap and no duplicate.
+default StorageClass) with no gap and no duplicate. Then, on that one fleet, in order: a forecast
+Job made from its CronJob on the young dataset succeeds and says it waits for data; `helm test`
+passes; a deleted collector pod comes back and nothing is lost or doubled; with two days of
+history generated onto the claim inside a pod, the forecast Job writes report.html and
+metrics.json next to the data and its headline becomes status.lastForecast; deleting the fleet
+removes its pods and keeps the claim.
 
 It sits in tests/cluster so that it runs before tests/operator, whose session-wide operator (a
 local process, cluster-wide) would otherwise reconcile these fleets too.
@@ -10,7 +15,10 @@ local process, cluster-wide) would otherwise reconcile these fleets too.
 from __future__ import annotations
 
 import json
+import re
+import time
 import uuid
+from datetime import datetime, timedelta
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +28,7 @@ import pytest
 import devcluster
 from devcluster import deploy
 from sensorfleet.dataset import read_dataset
+from sensorfleet.operator import builders
 
 pytestmark = pytest.mark.cluster
 
@@ -97,9 +106,10 @@ def _claim_folder(cluster: devcluster.Cluster, namespace: str) -> Path:
     return Path((volume["spec"].get("hostPath") or volume["spec"]["local"])["path"])
 
 
-def _readings(cluster: devcluster.Cluster, namespace: str, minimum: int) -> tuple[Any] | None:
-    """(frame,) once the claim holds `minimum` readings (a tuple: a DataFrame has no truth value)."""
-    frame = read_dataset(str(_claim_folder(cluster, namespace)))
+def _readings(cluster: devcluster.Cluster, namespace: str, minimum: int, since: datetime | None = None) -> tuple[Any] | None:
+    """(frame,) once the claim holds `minimum` readings taken at or after `since` (a tuple: a
+    DataFrame has no truth value)."""
+    frame = read_dataset(str(_claim_folder(cluster, namespace)), start=since)
     return (frame,) if len(frame) >= minimum else None
 
 
@@ -109,3 +119,125 @@ def assert_no_gaps_or_duplicates(frame: Any) -> None:
         assert seq.is_unique, f"duplicates in {protocol}/{device}/{sensor}"
         missing = int(seq.iloc[-1] - seq.iloc[0] + 1 - len(seq))
         assert missing == 0, f"{missing} readings missing in {protocol}/{device}/{sensor}"
+
+
+# --- on the Ready example fleet, in file order ----------------------------------------------------
+
+JOB_TIMEOUT = 600  # a cold Python + pandas start and the forecast itself, in a pod on a loaded machine
+
+
+def _created(cluster: devcluster.Cluster, namespace: str) -> datetime:
+    stamp = cluster.kubectl_json("get", "sensorfleet", FLEET, "-n", namespace)["metadata"]["creationTimestamp"]
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+
+def _run_forecast_job(cluster: devcluster.Cluster, namespace: str, job: str) -> dict[str, Any]:
+    """`kubectl create job --from=cronjob/<fleet>-forecast` and wait until it finished; its pods."""
+    cluster.kubectl("create", "job", job, "-n", namespace, f"--from=cronjob/{builders.forecast_name(FLEET)}")
+
+    def finished() -> dict[str, Any] | None:
+        status = cluster.kubectl_json("get", "job", job, "-n", namespace).get("status", {})
+        done = [c["type"] for c in status.get("conditions", []) if c["type"] in ("Complete", "Failed") and c["status"] == "True"]
+        return {"result": done[0]} if done else None
+
+    try:
+        outcome = devcluster.wait_for(finished, timeout=JOB_TIMEOUT, interval=3, what=f"job {job} to finish")
+    except TimeoutError as error:
+        raise AssertionError(f"{error}\n{diagnosis(cluster, namespace)}") from None
+    logs = cluster.kubectl("logs", "-n", namespace, f"job/{job}", check=False).stdout
+    assert outcome["result"] == "Complete", f"job {job} failed:\n{logs[-3000:]}\n{diagnosis(cluster, namespace)}"
+    pods = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", f"batch.kubernetes.io/job-name={job}")["items"]
+    assert pods and all(p["spec"]["nodeName"] == devcluster.NODE_NAME for p in pods)
+    return {"logs": logs, "pods": pods}
+
+
+def _last_forecast_of(cluster: devcluster.Cluster, namespace: str, job: str) -> dict[str, Any]:
+    def shown() -> dict[str, Any] | None:
+        last = cluster.kubectl_json("get", "sensorfleet", FLEET, "-n", namespace).get("status", {}).get("lastForecast", {})
+        return last if last.get("job") == job and last.get("reason") else None
+    return devcluster.wait_for(shown, timeout=60, interval=2, what=f"status.lastForecast of job {job}")
+
+
+def test_a_forecast_job_on_the_young_dataset_succeeds_and_says_it_waits_for_data(real: dict[str, Any]) -> None:
+    cluster, fleets = real["cluster"], real["fleets"]
+    ran = _run_forecast_job(cluster, fleets, "demo-forecast-young")
+    assert "waiting for data: have" in ran["logs"], ran["logs"][-2000:]
+    last = _last_forecast_of(cluster, fleets, "demo-forecast-young")
+    assert last["result"] == "Succeeded" and last["reason"] == "WaitingForData"
+    assert last["message"].startswith("waiting for data: have ") and "need 1681" in last["message"]
+    assert "time" not in last  # no forecast has been made yet
+    body = cluster.kubectl_json("get", "sensorfleet", FLEET, "-n", fleets)
+    degraded = next(c for c in body["status"]["conditions"] if c["type"] == "Degraded")
+    assert degraded["status"] == "False", degraded
+
+
+def test_helm_test_passes_against_the_operator_pod(real: dict[str, Any]) -> None:
+    cluster = real["cluster"]
+    result = cluster.helm("test", real["release"], "--namespace", real["system"], "--logs", "--timeout", "300s", check=False, timeout=360)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"Phase:\s+Succeeded", result.stdout) and "operator healthy:" in result.stdout, result.stdout
+
+
+def test_a_deleted_collector_pod_comes_back_and_nothing_is_lost_or_doubled(real: dict[str, Any]) -> None:
+    cluster, fleets = real["cluster"], real["fleets"]
+    selector = f"{builders.FLEET_LABEL}={FLEET},{builders.COMPONENT}=mqtt-collector"
+    (old,) = [p for p in cluster.kubectl_json("get", "pods", "-n", fleets, "-l", selector)["items"]
+              if not p["metadata"].get("deletionTimestamp")]
+    since = _created(cluster, fleets)
+    (before,) = _readings(cluster, fleets, minimum=0, since=since)
+    cluster.kubectl("delete", "pod", old["metadata"]["name"], "-n", fleets, "--wait=true", timeout=180)
+
+    def replaced() -> dict[str, Any] | None:
+        pods = cluster.kubectl_json("get", "pods", "-n", fleets, "-l", selector)["items"]
+        fresh = [p for p in pods if p["metadata"]["uid"] != old["metadata"]["uid"] and any(
+            c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
+        return fresh[0] if fresh else None
+    new = devcluster.wait_for(replaced, timeout=READY_TIMEOUT, interval=3, what="a new MQTT collector pod Ready")
+    assert new["spec"]["nodeName"] == devcluster.NODE_NAME
+    # The new collector catches up on what the broker kept for its session, then goes on.
+    mqtt_before = int((before["protocol"] == "mqtt").sum())
+    (after,) = devcluster.wait_for(lambda: (lambda r: r if r and int((r[0]["protocol"] == "mqtt").sum()) >= mqtt_before + 2000 else None)(
+        _readings(cluster, fleets, minimum=0, since=since)), timeout=300, interval=5, what="MQTT readings after the restart")
+    assert_no_gaps_or_duplicates(after)
+
+
+def test_with_history_on_the_claim_the_forecast_job_reports_and_fills_last_forecast(real: dict[str, Any]) -> None:
+    cluster, fleets = real["cluster"], real["fleets"]
+    # Two days of history, as the fleet would have collected them before it was created, written
+    # onto the claim from inside a pod of the fleet (its image, its user, its mount). At 60 s a
+    # reading: another sequence space than the live 1 s readings, which the collectors ignore.
+    end = _created(cluster, fleets) - timedelta(seconds=60)
+    start = end - timedelta(days=2)
+    selector = f"{builders.FLEET_LABEL}={FLEET},{builders.COMPONENT}=mqtt-collector"
+    pod = next(p for p in cluster.kubectl_json("get", "pods", "-n", fleets, "-l", selector)["items"] if not p["metadata"].get("deletionTimestamp"))
+    cluster.kubectl("exec", "-n", fleets, pod["metadata"]["name"], "--", "sensorfleet", "generate", builders.FLEET_FILE,
+                    "--days", "2", "--start", start.strftime("%Y-%m-%dT%H:%M:%S"), "--interval", "60", "--data", "/data", "--quiet",
+                    timeout=300)
+    started = time.monotonic()
+    ran = _run_forecast_job(cluster, fleets, "demo-forecast-history")
+    took = time.monotonic() - started
+    reports = _claim_folder(cluster, fleets) / "_reports"
+    metrics = json.loads((reports / "metrics.json").read_text())
+    html = (reports / "report.html").read_text()
+    drawn = re.findall(r'<img src="([^"]+)"', html)
+    assert "forecast_vs_actual.png" in drawn and all((reports / name).stat().st_size > 1000 for name in drawn), drawn
+    head = metrics["headline"]
+    assert head["series"] == (50 + 20 + 20) * 3 and metrics["data"]["steps"] >= 2 * 1440, metrics["data"]
+    last = _last_forecast_of(cluster, fleets, "demo-forecast-history")
+    assert last["result"] == "Succeeded" and last["reason"] == "Forecast" and last["time"], last
+    assert last["headline"].startswith(f"{head['model']} MASE ") and f"{head['series']} series" in last["headline"], last
+    print(f"forecast job with 2 days of history: {took:.0f}s")
+
+
+def test_deleting_the_fleet_removes_its_pods_and_keeps_the_claim(real: dict[str, Any]) -> None:
+    cluster, fleets = real["cluster"], real["fleets"]
+    folder = _claim_folder(cluster, fleets)
+    cluster.kubectl("delete", "sensorfleet", FLEET, "-n", fleets, "--wait=true", timeout=180)
+
+    def pods_gone() -> bool:
+        return not cluster.kubectl_json("get", "pods", "-n", fleets, "-l", f"{builders.FLEET_LABEL}={FLEET}")["items"]
+    devcluster.wait_for(pods_gone, timeout=300, interval=3, what="every pod of the fleet gone")
+    claim = cluster.kubectl_json("get", "pvc", builders.data_claim_name(FLEET), "-n", fleets)
+    assert claim["status"]["phase"] == "Bound" and not claim["metadata"].get("ownerReferences")
+    assert claim["metadata"]["labels"][builders.CLAIM_RETENTION_LABEL] == "Retain"
+    assert len(read_dataset(str(folder))) > 0  # the dataset is still there for a fleet of the same name
