@@ -22,7 +22,7 @@ import yaml
 
 from devcluster import node_config
 from devcluster.binaries import REPO_ROOT, bin_dir, kubectl_binary, node_bin_dir
-from devcluster.components import COMPONENTS, NODE_COUNT, PORT_NAMES, component_argv, kwok_node_manifest
+from devcluster.components import ADMISSION_CONFIG_FILE, COMPONENTS, NODE_COUNT, PORT_NAMES, component_argv, kwok_node_manifest
 from devcluster.errors import ClusterError, CommandError
 from devcluster.node import NodeState, start_node, stop_node
 from devcluster.pki import make_control_plane_pki, write_kubeconfig
@@ -227,6 +227,7 @@ def start_cluster(
 
     try:
         make_control_plane_pki(pki, server, cluster.kubeconfig)
+        (state_dir / ADMISSION_CONFIG_FILE).write_text(json.dumps(node_config.admission_configuration(), indent=2))
         argv = component_argv(binaries, state_dir, pki, ports)
         ca_context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
         ca_context.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))

@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from devcluster.binaries import KWOK_STAGES_FILE
+from devcluster.node_config import KWOK_NODE_TAINT, REAL_NODE_LABEL
 
 NODE_COUNT = 3
+ADMISSION_CONFIG_FILE = "admission.json"  # in the cluster's state folder: node_config.admission_configuration()
 NODE_ANNOTATION = "kwok.x-k8s.io/node"  # kwok manages only Nodes carrying this annotation = "fake"
 SERVICE_CIDR = "10.0.0.0/24"
 POD_CIDR = "10.244.0.0/16"
@@ -18,7 +20,8 @@ PORT_NAMES = ("etcd", "etcd-peer", "kube-apiserver", "kube-controller-manager", 
 
 
 def kwok_node_manifest(name: str) -> dict[str, Any]:
-    """A fake Node for kwok: no taints, so every Pod can land on it without tolerations."""
+    """A fake Node for kwok, tainted: only pods outside the real-pod namespaces tolerate it (by the
+    API server's default toleration, node_config.admission_configuration)."""
     resources = {"cpu": "32", "memory": "256Gi", "pods": "110"}
     return {
         "apiVersion": "v1",
@@ -31,9 +34,10 @@ def kwok_node_manifest(name: str) -> dict[str, Any]:
                 "kubernetes.io/os": "linux",
                 "kubernetes.io/arch": "amd64",
                 "type": "kwok",
-                "sensorfleet.dev/node": "kwok",  # node_config.REAL_NODE_LABEL
+                REAL_NODE_LABEL: "kwok",
             },
         },
+        "spec": {"taints": [KWOK_NODE_TAINT]},
         "status": {"allocatable": resources, "capacity": resources},
     }
 
@@ -82,6 +86,8 @@ def component_argv(binaries: Path, state_dir: Path, pki: Path, ports: dict[str, 
             # act only on namespaces annotated for them: the real node's placement defaults
             # (devcluster/node_config.py); no effect anywhere else
             "--enable-admission-plugins=PodNodeSelector,PodTolerationRestriction",
+            # the cluster-wide default toleration of the kwok nodes' taint (written by cluster.py)
+            f"--admission-control-config-file={state_dir / ADMISSION_CONFIG_FILE}",
             f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
             f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
             "--kubelet-preferred-address-types=InternalIP",

@@ -22,17 +22,42 @@ STORAGE_CLASS = "standard"  # the name kind uses too, so tests need not care whi
 STORAGE_NAMESPACE = "local-path-storage"
 
 # Placement: real pods go to the real node, everything else to kwok's fake nodes.
-# The real node carries a taint no pod tolerates by itself, so pods of kwok-driven tests never land
-# there. Namespaces meant for real pods (`default`, `sensorfleet-system`, and any namespace made by
-# node.real_pods_namespace) carry two annotations the API server's PodNodeSelector and
-# PodTolerationRestriction admission plugins act on: every pod created there gets the node
-# selector and the toleration, so neither a user nor the chart adds anything.
+# Both kinds of node are tainted. The real node's taint is tolerated by no pod by itself, so pods
+# of kwok-driven tests never land there; the kwok nodes' taint is tolerated by every pod outside
+# the real-pod namespaces, through the cluster-wide default of the PodTolerationRestriction
+# admission plugin (admission_configuration). Namespaces meant for real pods (`default`,
+# `sensorfleet-system`, and any namespace made by node.real_pods_namespace) carry two annotations
+# the API server's PodNodeSelector and PodTolerationRestriction plugins act on: every pod created
+# there gets the node selector and the real node's toleration *instead of* the cluster default, so
+# it can land on no kwok node even if its own spec named one; neither a user nor the chart adds
+# anything.
 REAL_NODE_LABEL = "sensorfleet.dev/node"  # = "real" on sf-node-0, "kwok" on the fake nodes
 REAL_NODE_TAINT_KEY = "sensorfleet.dev/real-node"
 REAL_POD_NAMESPACES = ("default", "sensorfleet-system")
 NODE_SELECTOR_ANNOTATION = "scheduler.alpha.kubernetes.io/node-selector"
 DEFAULT_TOLERATIONS_ANNOTATION = "scheduler.alpha.kubernetes.io/defaultTolerations"
 REAL_NODE_TOLERATION = {"key": REAL_NODE_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}
+KWOK_NODE_TAINT_KEY = "sensorfleet.dev/kwok-node"
+KWOK_NODE_TAINT = {"key": KWOK_NODE_TAINT_KEY, "value": "true", "effect": "NoSchedule"}
+KWOK_NODE_TOLERATION = {"key": KWOK_NODE_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}
+
+
+def admission_configuration() -> dict[str, Any]:
+    """kube-apiserver's --admission-control-config-file: every pod of a namespace without its own
+    defaultTolerations annotation tolerates the kwok nodes' taint (the real-pod namespaces' own
+    annotation replaces this default, it does not add to it)."""
+    return {
+        "apiVersion": "apiserver.config.k8s.io/v1",
+        "kind": "AdmissionConfiguration",
+        "plugins": [{
+            "name": "PodTolerationRestriction",
+            "configuration": {
+                "apiVersion": "podtolerationrestriction.admission.k8s.io/v1alpha1",
+                "kind": "Configuration",
+                "default": [KWOK_NODE_TOLERATION],
+            },
+        }],
+    }
 
 
 def real_pods_annotations() -> dict[str, str]:

@@ -80,6 +80,7 @@ def test_the_real_node_is_ready_tainted_and_labelled_apart_from_kwok(k8s_cluster
     kwok = [n for name, n in nodes.items() if name.startswith("kwok-node-")]
     assert len(kwok) == devcluster.NODE_COUNT
     assert all(n["metadata"]["labels"][node_config.REAL_NODE_LABEL] == "kwok" for n in kwok)
+    assert all(node_config.KWOK_NODE_TAINT in n["spec"]["taints"] for n in kwok)
 
 
 def test_pods_go_to_the_real_node_only_from_real_pod_namespaces(k8s_cluster: devcluster.Cluster, real_ns: str) -> None:
@@ -94,6 +95,30 @@ def test_pods_go_to_the_real_node_only_from_real_pod_namespaces(k8s_cluster: dev
         placed = wait_phase(k8s_cluster, real_ns, "placed", ("Running",))
         assert placed["spec"]["nodeName"] == devcluster.NODE_NAME
         assert placed["status"]["podIP"].startswith("10.88.0.")
+        # The kwok nodes are tainted: a pod of a plain namespace tolerates them by the API server's
+        # default, a real pod does not, so even a pod that asks for every node but the real one
+        # (a nodeSelector PodNodeSelector lets through) finds none and stays Pending.
+        fake_live = k8s_cluster.kubectl_json("get", "pod", "fake", "-n", plain)
+        assert node_config.KWOK_NODE_TOLERATION in fake_live["spec"]["tolerations"]
+        assert node_config.KWOK_NODE_TOLERATION not in placed["spec"].get("tolerations", [])
+        real_ns_annotations = k8s_cluster.kubectl_json("get", "namespace", real_ns)["metadata"]["annotations"]
+        bare = f"bare-{uuid.uuid4().hex[:6]}"  # a real-pod namespace's toleration, but no node selector
+        k8s_cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+            "name": bare, "annotations": {node_config.DEFAULT_TOLERATIONS_ANNOTATION: real_ns_annotations[node_config.DEFAULT_TOLERATIONS_ANNOTATION]}}}))
+        try:
+            off_real = pod("off-real", "sleep 3600")
+            off_real["spec"]["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": node_config.REAL_NODE_LABEL, "operator": "NotIn", "values": ["real"]}]}]}}}
+            apply(k8s_cluster, bare, off_real)
+
+            def unschedulable() -> dict[str, Any] | None:
+                live = k8s_cluster.kubectl_json("get", "pod", "off-real", "-n", bare)
+                scheduled = next((c for c in live["status"].get("conditions", []) if c["type"] == "PodScheduled"), {})
+                return live if scheduled.get("reason") == "Unschedulable" else None
+            stuck = devcluster.wait_for(unschedulable, timeout=60, what="the pod Unschedulable")
+            assert not stuck["spec"].get("nodeName") and "untolerated taint" in json.dumps(stuck["status"]["conditions"])
+        finally:
+            k8s_cluster.kubectl("delete", "namespace", bare, "--wait=false", check=False)
     finally:
         k8s_cluster.kubectl("delete", "namespace", plain, "--wait=false", check=False)
 
