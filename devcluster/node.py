@@ -102,8 +102,11 @@ class NodeState:
 # --------------------------------------------------------------------------------------------
 
 
-def _sh(*argv: str, input: str | None = None) -> str:
-    result = subprocess.run(list(argv), capture_output=True, text=True, input=input, timeout=60)
+def _sh(*argv: str, input: str | None = None, timeout: float = 60) -> str:
+    try:
+        result = subprocess.run(list(argv), capture_output=True, text=True, input=input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ClusterError(f"`{' '.join(argv)}` did not finish within {timeout:.0f}s") from None
     if result.returncode != 0:
         raise ClusterError(f"`{' '.join(argv)}` exited {result.returncode}: {result.stderr.strip()}")
     return result.stdout
@@ -371,11 +374,15 @@ def _holder_ready(pid: int) -> bool:
     return False
 
 
+IMAGE_IMPORT_TIMEOUT = 600.0
+
+
 def import_images(paths: config.NodePaths, node_bin: Path, archives: list[Path]) -> None:
     """Load image archives (docker-archive or OCI) into the node's containerd, for the kubelet."""
     ctr = [str(node_bin / "ctr"), f"--address={paths.containerd_socket}", f"--namespace={CONTAINERD_NAMESPACE}"]
     for archive in archives:
-        _sh(*ctr, "images", "import", "--local", str(archive))
+        # Unpacking the app image (~1 GB) took over 60 s at a load average of 15 on 2 cores.
+        _sh(*ctr, "images", "import", "--local", str(archive), timeout=IMAGE_IMPORT_TIMEOUT)
 
 
 def real_pods_namespace(cluster: Cluster, name: str) -> None:
