@@ -218,3 +218,51 @@ def opcua_peer():
     assert done.returncode == 0, f"hack/node-modules.sh failed:\n{done.stderr[-3000:]}"
     env = {**os.environ, "NODE_PATH": done.stdout.strip().splitlines()[-1]}
     return ["node", str(OPCUA_PEER / "client.js")], env
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    from sensorfleet.testing import mosquitto_broker
+
+    with mosquitto_broker(tmp_path / "mosquitto") as server:
+        yield server
+
+
+class TahuListener:
+    """`peer.js listen`: every Sparkplug message on the broker (STATE aside) as Tahu decodes it,
+    one JSON a line: {topic, tahu (Tahu's decoding), raw (every protobuf field)}."""
+
+    def __init__(self, peer, url: str, seconds: float, workdir: Path):
+        import subprocess
+
+        argv, env = peer
+        self.out, self.err = workdir / "tahu-listen.jsonl", workdir / "tahu-listen.log"
+        self.process = subprocess.Popen([*argv, "listen", url, "spBv1.0/#", str(seconds)], stdout=open(self.out, "w"), stderr=open(self.err, "w"), env=env)
+        wait_until(lambda: "subscribed" in self.err.read_text(), 20, message="Tahu listener subscribed")
+
+    def stop(self, settle: float = 1.0) -> None:
+        """Stop listening once what was published had `settle` seconds to arrive."""
+        import signal
+        import time
+
+        time.sleep(settle)
+        self.process.send_signal(signal.SIGTERM)
+        assert self.process.wait(30) == 0, self.err.read_text()
+
+    def messages(self) -> list[dict]:
+        return [json.loads(line) for line in self.out.read_text().splitlines()]
+
+
+@pytest.fixture
+def tahu_listener(sparkplug_peer):
+    started: list[TahuListener] = []
+
+    def start(url: str, seconds: float, workdir: Path) -> TahuListener:
+        started.append(TahuListener(sparkplug_peer, url, seconds, workdir))
+        return started[-1]
+
+    yield start
+    for listener in started:
+        if listener.process.poll() is None:
+            listener.process.kill()
+            listener.process.wait(10)

@@ -9,19 +9,17 @@ payload codec (npm `sparkplug-payload`) with the `mqtt` npm client.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 import yaml
 
 from sensorfleet.signals import SignalModel, device_index
 from sensorfleet.spec import load_fleet
-from sensorfleet.testing import component, mosquitto_broker, wait_until
+from sensorfleet.testing import component, wait_until
 
 FLEET = "spb"
 
@@ -42,43 +40,23 @@ def write_fleet(tmp_path: Path, **mqtt) -> Path:
     return path
 
 
-@pytest.fixture
-def mosquitto(tmp_path):
-    with mosquitto_broker(tmp_path / "mosquitto") as server:
-        yield server
-
-
-class Listener:
-    """`peer.js listen`: every Sparkplug message on the broker, as Tahu decodes it."""
-
-    def __init__(self, peer, url: str, seconds: float, workdir: Path):
-        argv, env = peer
-        self.out = workdir / "tahu-listen.jsonl"
-        self.err = workdir / "tahu-listen.log"
-        self.process = subprocess.Popen([*argv, "listen", url, "spBv1.0/#", str(seconds)], stdout=open(self.out, "w"), stderr=open(self.err, "w"), env=env)
-        wait_until(lambda: "subscribed" in self.err.read_text(), 20, message="Tahu listener subscribed")
-
-    def messages(self, timeout: float) -> list[dict]:
-        assert self.process.wait(timeout) == 0, self.err.read_text()
-        return [json.loads(line) for line in self.out.read_text().splitlines()]
-
-
 def published_of(simulator) -> int:
     line = next(line for line in simulator.log().splitlines() if "readings, dropped" in line)
     return int(line.split("published ")[1].split(" readings")[0])
 
 
-def test_edge_node_as_tahu_reads_it_and_the_collector_stores_it_all(tmp_path, mosquitto, sparkplug_peer):
+def test_edge_node_as_tahu_reads_it_and_the_collector_stores_it_all(tmp_path, mosquitto, tahu_listener):
     fleet_path = write_fleet(tmp_path)
     fleet = load_fleet(fleet_path)
     data = tmp_path / "data"
     collector = component("collect", "mqtt", fleet_path, tmp_path, "--data", str(data), "--broker", mosquitto.url, "--client-id", "spb-collector").start()
     wait_until(lambda: collector.metric("sensorfleet_connected") == 1, 15, message="collector connected")
-    listener = Listener(sparkplug_peer, mosquitto.url, 9, tmp_path)
+    listener = tahu_listener(mosquitto.url, 300, tmp_path)
     simulator = component("simulate", "mqtt", fleet_path, tmp_path, "--broker", mosquitto.url, "--duration", "5").start()
     assert simulator.wait(60) == 0, simulator.log()[-3000:]
     published = published_of(simulator)
-    messages = listener.messages(30)
+    listener.stop()
+    messages = listener.messages()
     wait_until(lambda: collector.metric("sensorfleet_readings_stored_total") >= published, 30, message=f"{published} readings stored")
     lost = collector.metric("sensorfleet_readings_lost_total") - collector.metric("sensorfleet_readings_late_total")
     duplicates, malformed = collector.metric("sensorfleet_readings_duplicate_total"), collector.metric("sensorfleet_readings_malformed_total")

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pandas as pd
-import pytest
 import yaml
 
 from sensorfleet.sparkplug.payload import rebirth_request
-from sensorfleet.testing import component, mosquitto_broker, wait_until
+from sensorfleet.testing import component, wait_until
 
 FLEET = "spb"
 
@@ -36,22 +35,9 @@ def write_fleet(tmp_path: Path, **sparkplug) -> Path:
     return path
 
 
-@pytest.fixture
-def mosquitto(tmp_path):
-    with mosquitto_broker(tmp_path / "mosquitto") as server:
-        yield server
-
-
-def listen(peer, url: str, seconds: float, workdir: Path) -> tuple[subprocess.Popen, Path]:
-    argv, env = peer
-    out, err = workdir / "tahu-listen.jsonl", workdir / "tahu-listen.log"
-    process = subprocess.Popen([*argv, "listen", url, "spBv1.0/#", str(seconds)], stdout=open(out, "w"), stderr=open(err, "w"), env=env)
-    wait_until(lambda: "subscribed" in err.read_text(), 20, message="Tahu listener subscribed")
-    return process, out
-
-
-def heard(out: Path) -> list[tuple[str, dict]]:
-    return [(m["topic"].split("/", 2)[2], m["tahu"]) for m in map(json.loads, out.read_text().splitlines())]
+def heard(listener) -> list[tuple[str, dict]]:
+    """(topic after the group, Tahu's decoding) of every message the listener got so far."""
+    return [(m["topic"].split("/", 2)[2], m["tahu"]) for m in listener.messages()]
 
 
 def published_of(simulator) -> int:
@@ -73,12 +59,12 @@ def assert_complete(data: Path, published: int) -> None:
     assert holes.sum() == 0, "sequence gaps in the dataset"
 
 
-def test_rebirth_on_request_is_neither_loss_nor_duplicate(tmp_path, mosquitto, sparkplug_peer):
+def test_rebirth_on_request_is_neither_loss_nor_duplicate(tmp_path, mosquitto, tahu_listener):
     fleet = write_fleet(tmp_path)
     data = tmp_path / "data"
     collector = component("collect", "mqtt", fleet, tmp_path, "--data", str(data), "--broker", mosquitto.url, "--client-id", "spb-host").start()
     wait_until(lambda: collector.metric("sensorfleet_connected") == 1, 15, message="collector connected")
-    listener, out = listen(sparkplug_peer, mosquitto.url, 8, tmp_path)
+    listener = tahu_listener(mosquitto.url, 300, tmp_path)
     simulator = component("simulate", "mqtt", fleet, tmp_path, "--broker", mosquitto.url, "--duration", "5").start()
     wait_until(lambda: collector.metric("sensorfleet_readings_stored_total") > 100, 20, message="first readings stored")
     host = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-host", protocol=mqtt.MQTTv311)
@@ -92,8 +78,8 @@ def test_rebirth_on_request_is_neither_loss_nor_duplicate(tmp_path, mosquitto, s
     wait_until(lambda: collector.metric("sensorfleet_readings_stored_total") >= published, 30, message=f"{published} stored")
     counts = totals(collector)
     assert collector.stop() == 0
-    assert listener.wait(30) == 0
-    messages = heard(out)
+    listener.stop()
+    messages = heard(listener)
     kinds = [topic.split("/")[0] for topic, _ in messages]
     assert kinds.count("NBIRTH") == 2, "one NBIRTH on connect, one for the rebirth"
     second = kinds.index("NBIRTH", 1)
@@ -105,21 +91,21 @@ def test_rebirth_on_request_is_neither_loss_nor_duplicate(tmp_path, mosquitto, s
     assert_complete(data, published)
 
 
-def test_last_will_is_the_ndeath_of_the_session(tmp_path, mosquitto, sparkplug_peer):
+def test_last_will_is_the_ndeath_of_the_session(tmp_path, mosquitto, tahu_listener):
     fleet = write_fleet(tmp_path)
     data = tmp_path / "data"
     collector = component("collect", "mqtt", fleet, tmp_path, "--data", str(data), "--broker", mosquitto.url, "--client-id", "spb-host").start()
     wait_until(lambda: collector.metric("sensorfleet_connected") == 1, 15, message="collector connected")
-    listener, out = listen(sparkplug_peer, mosquitto.url, 6, tmp_path)
+    listener = tahu_listener(mosquitto.url, 300, tmp_path)
     simulator = component("simulate", "mqtt", fleet, tmp_path, "--broker", mosquitto.url).start()
     wait_until(lambda: collector.metric("sensorfleet_readings_stored_total") > 100, 20, message="readings stored")
     simulator.signal(signal.SIGKILL)  # no goodbye: the broker publishes the Last Will
     simulator.wait(10)
-    assert listener.wait(30) == 0
+    listener.stop()
     collector_log_ready = lambda: collector.metric("sensorfleet_readings_stored_total") > 0  # noqa: E731
     assert collector_log_ready()
     assert collector.stop() == 0
-    messages = heard(out)
+    messages = heard(listener)
     births = [m for topic, m in messages if topic == "NBIRTH/sim-0"]
     deaths = [m for topic, m in messages if topic == "NDEATH/sim-0"]
     assert len(births) == 1 and len(deaths) == 1, [topic for topic, _ in messages if topic.startswith("N")]
@@ -129,14 +115,14 @@ def test_last_will_is_the_ndeath_of_the_session(tmp_path, mosquitto, sparkplug_p
     assert summary["sparkplug"].get("ndeath") == 1 and summary["lost"] == 0
 
 
-def test_primary_host_state_gates_the_edge_node(tmp_path, mosquitto, sparkplug_peer):
+def test_primary_host_state_gates_the_edge_node(tmp_path, mosquitto, tahu_listener):
     fleet = write_fleet(tmp_path, primaryHostId="scada")
     data = tmp_path / "data"
     args = ("--data", str(data), "--broker", mosquitto.url, "--client-id", "spb-primary")
-    listener, out = listen(sparkplug_peer, mosquitto.url, 25, tmp_path)
+    listener = tahu_listener(mosquitto.url, 300, tmp_path)
     simulator = component("simulate", "mqtt", fleet, tmp_path, "--broker", mosquitto.url).start()
     time.sleep(2.0)
-    assert heard(out) == [], "no STATE from the primary host yet: the edge node must not publish"
+    assert heard(listener) == [], "no STATE from the primary host yet: the edge node must not publish"
     first = component("collect", "mqtt", fleet, tmp_path, *args).start()  # the primary host comes online
     wait_until(lambda: first.metric("sensorfleet_readings_stored_total") > 100, 20, message="readings stored")
     assert first.stop() == 0  # STATE offline: the node sends NDEATH, disconnects and waits
@@ -150,8 +136,8 @@ def test_primary_host_state_gates_the_edge_node(tmp_path, mosquitto, sparkplug_p
     wait_until(lambda: len(pd.read_parquet(data)) >= published, 30, message=f"{published} stored")
     counts = totals(second)
     assert second.stop() == 0
-    assert listener.wait(30) == 0
-    kinds = [topic.split("/")[0] for topic, _ in heard(out)]
+    listener.stop()
+    kinds = [topic.split("/")[0] for topic, _ in heard(listener)]
     assert kinds[0] == "NBIRTH" and kinds.count("NBIRTH") >= 2 and "NDEATH" in kinds[1:]
     assert "primary host scada offline" in simulator.log()
     assert counts["lost"] == 0 and counts["duplicate"] == 0

@@ -2,7 +2,7 @@
 // (sparkplug-payload) and the mqtt client, both from the npm registry.
 //
 //   node peer.js decode                 stdin: one base64 payload a line; stdout: one JSON a line
-//   node peer.js listen URL FILTER SECS  subscribe, print {topic, tahu, raw} a line for SECS seconds
+//   node peer.js listen URL FILTER SECS  subscribe, print {topic, tahu, raw} a line for SECS seconds (or until SIGTERM)
 //   node peer.js publish URL GROUP NODE DEVICE COUNT [INTERVAL_MS]
 //                                        an edge node: NBIRTH, DBIRTH, COUNT DDATA, then NDEATH
 "use strict";
@@ -38,7 +38,9 @@ function listen(url, filter, seconds) {
     if (topic.startsWith("spBv1.0/STATE/")) return;
     process.stdout.write(json({ topic, ...decoded(buffer) }) + "\n");
   });
-  setTimeout(() => client.end(false, () => process.exit(0)), seconds * 1000);
+  const stop = () => client.end(false, () => process.exit(0));
+  setTimeout(stop, seconds * 1000);
+  process.on("SIGTERM", stop);  // the test says when it has seen enough
 }
 
 function publish(url, group, node, device, count, intervalMs) {
