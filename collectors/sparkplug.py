@@ -124,6 +124,7 @@ class SparkplugCollector:
         try:
             out = self.host.handle(topic, message.payload, time.monotonic())
         except UnknownDevice as exc:
+            log.debug("holding back %s until its device's DBIRTH", topic)
             if exc.rebirth is not None:
                 self.request_rebirth(client, exc.rebirth)
             key = (topic.split("/")[3], topic.split("/")[4])
@@ -136,18 +137,22 @@ class SparkplugCollector:
         except MalformedReading as exc:
             self.sink.reject(exc.kind, str(exc))
             return False
-        self._apply(client, out, received_at)
         if "dbirth" in out.events:
             parts = topic.split("/")
             with self._lock:
                 held = self._parked.pop((parts[3], parts[4]), [])
-            for parked in held:  # the device's aliases are known now
+            if held:
+                log.info("reading %d held-back messages of %s/%s now that its DBIRTH came", len(held), parts[3], parts[4])
+            # The held-back data is older than the birth: into the sink first, in the order it came,
+            # so its seqs follow the stored ones and the birth's values come after them.
+            for parked in held:
                 try:
                     self._apply(client, self.host.handle(parked.topic, parked.payload, time.monotonic(), replay=True), parked.received_at)
                 except MalformedReading as exc:
                     self.sink.reject(exc.kind, str(exc))
             with self._lock:
                 self._unacked.extend((p.mid, p.qos, p.connection) for p in held)
+        self._apply(client, out, received_at)
         return False
 
     def _expire_parked(self) -> None:
@@ -166,7 +171,8 @@ class SparkplugCollector:
                 self.metrics.error(COUNTED_EVENTS[event]).inc()
         for device, sensor, last_silent in out.resumed:
             self.sink.skip_to(device, sensor, last_silent)
-        self.sink.accept_documents(out.documents, received_at)
+        if out.documents:  # node messages (NBIRTH, NDEATH, NCMD) carry no readings
+            self.sink.accept_documents(out.documents, received_at)
         if out.rebirth is not None:
             self.request_rebirth(client, out.rebirth)
 

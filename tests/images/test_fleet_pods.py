@@ -170,3 +170,18 @@ def test_forecast_job_gets_the_timegpt_key_from_its_secret_and_writes_its_report
     assert posts and all(r["headers"]["Authorization"] == "Bearer test-key" for r in posts)
     metrics = [json.loads(p.read_text()) for p in data.rglob("metrics.json")]
     assert metrics and metrics[0]["headline"]["model"] == "TimeGPT"
+
+
+def test_sparkplug_fleet_with_its_mosquitto_pod(pods):
+    """payloadFormat sparkplugB from the same pod specs: the app image's edge node (MQTT 5, Last
+    Will) and Sparkplug host through the operator's Mosquitto pod, with the generated credentials."""
+    port = free_port()
+    fleet = _fleet({"mqtt": {"payloadFormat": "sparkplugB"}}, broker={"port": port})
+    credentials = builders.BrokerCredentials(builders.BROKER_USERNAME, "generated-" + "x" * 16)
+    children = builders.build_children(fleet, OWNER, builders.BuildOptions(), credentials)
+    pods.add_objects(children)
+    broker = pods.run_pod(pods.pod_spec_of(_by_name(children)[f"Deployment/{builders.broker_name('pods')}"]))
+    wait_for_port(port, timeout=120)
+    assert broker.running(), broker.logs()
+    data = _run_fleet(pods, children, "mqtt")
+    _no_duplicates(data)
