@@ -9,7 +9,13 @@
    what was offered (>= 95 %, the window catches publishes in whole batches). Reported: values/s delivered and stored at the largest N that holds,
    and the ratio to the reference.
 
-Run: `python bench/bench_opcua.py [--quick]`; writes bench/results/opcua.json and prints a table.
+3. Two-way (issue 13, `--two-way N`): N devices read-only (writable false, no history) against N
+   devices with setpoints, methods and 24 h of HistoryRead enabled, in the same run, with clients
+   acting during the window (setpoint writes on 100 devices, InjectFault on 10, a 10-minute
+   HistoryRead of 20 variables); values/s delivered and simulator CPU, and their ratio.
+
+Run: `python bench/bench_opcua.py [--quick] [--two-way N]`; writes bench/results/opcua.json (or
+opcua-two-way.json) and prints a table.
 """
 
 from __future__ import annotations
@@ -45,17 +51,18 @@ def machine() -> dict:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
-def fleet_file(workdir: Path, devices: int) -> Path:
+def fleet_file(workdir: Path, devices: int, two_way: bool = False) -> Path:
     doc = {
         "apiVersion": "sensorfleet.io/v1alpha1",
         "kind": "SensorFleet",
         "metadata": {"name": "bench"},
         "spec": {
-            "protocols": {"mqtt": {"enabled": False}, "coap": {"enabled": False}, "opcua": {"enabled": True, "devices": devices, "interval": 1.0}},
+            "protocols": {"mqtt": {"enabled": False}, "coap": {"enabled": False}, "opcua": {"enabled": True, "devices": devices, "interval": 1.0,
+                                                                                           **({"writable": True, "historyHours": 24} if two_way else {"historyHours": 0})}},
             "collector": {"batchSize": 20000, "flushInterval": 1.0},
         },
     }
-    path = workdir / f"opcua-{devices}.yaml"
+    path = workdir / f"opcua-{devices}{'-two-way' if two_way else ''}.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
 
@@ -154,10 +161,31 @@ def reference(workdir: Path, variables: int, warmup: float, window: float) -> di
 
 
 # --- capacity -----------------------------------------------------------------------------------
-def capacity_step(workdir: Path, devices: int, warmup: float, window: float) -> dict:
-    step = workdir / f"step-{devices}"
+async def act_on_devices(port: int, devices: int) -> dict:
+    """What clients of a two-way simulator do: setpoint writes, fault injections, a backfill."""
+    from asyncua import Client, ua
+
+    async with Client(f"opc.tcp://127.0.0.1:{port}/", timeout=60) as client:
+        ns = await client.get_namespace_index("urn:sensorfleet:bench")
+        started = time.monotonic()
+        for i in range(min(100, devices)):
+            await client.get_node(ua.NodeId(f"opcua-{i:05d}/TemperatureSetpoint", ns)).write_value(ua.DataValue(ua.Variant(30.0, ua.VariantType.Double)))
+        for i in range(min(10, devices)):
+            device = client.get_node(ua.NodeId(f"opcua-{i:05d}", ns))
+            await device.call_method(ua.NodeId(f"opcua-{i:05d}/InjectFault", ns), ua.Variant("level_shift", ua.VariantType.String), ua.Variant(600.0, ua.VariantType.Double))
+        actions_s = time.monotonic() - started
+        end = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=2)
+        started = time.monotonic()
+        values = 0
+        for i in range(min(20, devices)):
+            values += len(await client.get_node(ua.NodeId(f"opcua-{i:05d}/humidity", ns)).read_raw_history(end - dt.timedelta(minutes=10), end))
+        return {"actions": min(100, devices) + min(10, devices), "actions_s": round(actions_s, 2), "history_values": values, "history_s": round(time.monotonic() - started, 2)}
+
+
+def capacity_step(workdir: Path, devices: int, warmup: float, window: float, two_way: bool = False) -> dict:
+    step = workdir / f"step-{devices}{'-two-way' if two_way else ''}"
     step.mkdir()
-    fleet = fleet_file(step, devices)
+    fleet = fleet_file(step, devices, two_way)
     port = free_port()
     sim = component("simulate", "opcua", fleet, step, "--port", str(port)).start()
     col = None
@@ -169,7 +197,8 @@ def capacity_step(workdir: Path, devices: int, warmup: float, window: float) -> 
         wait_until(lambda: _scrape(col.metrics_port).get("sensorfleet_connected") == 1, 300, message="collector subscribed")
         time.sleep(warmup)
         c0, s0, t0 = _scrape(col.metrics_port), _scrape(sim.metrics_port), time.monotonic()
-        time.sleep(window)
+        clients = asyncio.run(act_on_devices(port, devices)) if two_way else None
+        time.sleep(max(0.0, window - (time.monotonic() - t0)))
         c1, s1, t1 = _scrape(col.metrics_port), _scrape(sim.metrics_port), time.monotonic()
     finally:
         sim.stop()
@@ -189,18 +218,42 @@ def capacity_step(workdir: Path, devices: int, warmup: float, window: float) -> 
     return {"devices": devices, "offered_per_s": offered, "received_per_s": round(received), "stored_per_s": round(stored), "lost": int(lost), "simulator_dropped": int(dropped),
             "holds": holds, "simulator_startup_s": round(startup, 1),
             "simulator_cpu": round(delta("process_cpu_seconds_total", s0, s1) / elapsed, 2), "collector_cpu": round(delta("process_cpu_seconds_total", c0, c1) / elapsed, 2),
-            "simulator_rss_mib": round(s1.get("process_resident_memory_bytes", 0) / 2**20), "collector_rss_mib": round(c1.get("process_resident_memory_bytes", 0) / 2**20)}
+            "simulator_rss_mib": round(s1.get("process_resident_memory_bytes", 0) / 2**20), "collector_rss_mib": round(c1.get("process_resident_memory_bytes", 0) / 2**20),
+            **({"clients": clients} if clients else {})}
+
+
+def two_way_comparison(devices: int, window: float) -> int:
+    """Read-only vs two-way at the same size, one after the other in one run."""
+    result: dict = {"protocol": "opcua", "benchmark": "two-way", "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with tempfile.TemporaryDirectory(prefix="bench-opcua-two-way-") as tmp:
+        for name, two_way in (("read_only", False), ("two_way", True)):
+            console.print(f"[bold]{name}[/bold]: {devices} devices x {SENSORS} sensors at 1 Hz")
+            result[name] = capacity_step(Path(tmp), devices, warmup=5.0, window=window, two_way=two_way)
+            console.print(result[name])
+    a, b = result["read_only"], result["two_way"]
+    result["delivered_ratio"] = round(b["received_per_s"] / a["received_per_s"], 3) if a["received_per_s"] else None
+    result["simulator_cpu_ratio"] = round(b["simulator_cpu"] / a["simulator_cpu"], 3) if a["simulator_cpu"] else None
+    result["machine"]["load_average_1m_end"] = round(os.getloadavg()[0], 2)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "opcua-two-way.json"
+    out.write_text(json.dumps(result, indent=2))
+    console.print(f"two-way / read-only: delivered {result['delivered_ratio']}, simulator CPU {result['simulator_cpu_ratio']} "
+                  f"(load {result['machine']['load_average_1m']} -> {result['machine']['load_average_1m_end']}); written {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="OPC UA benchmark")
     parser.add_argument("--quick", action="store_true", help="fewer and shorter steps")
+    parser.add_argument("--two-way", type=int, metavar="DEVICES", help="compare read-only and two-way (setpoints, methods, history) at this many devices")
     parser.add_argument("--reference-server", nargs=3, metavar=("PORT", "VARIABLES", "SECONDS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.reference_server:
         port, variables, seconds = args.reference_server
         asyncio.run(reference_server(int(port), int(variables), float(seconds)))
         return 0
+    if args.two_way:
+        return two_way_comparison(args.two_way, 10.0 if args.quick else 20.0)
     steps = [500, 1700] if args.quick else [1700, 3400, 5000, 6700, 8400]
     window = 10.0 if args.quick else 20.0
     result: dict = {"protocol": "opcua", "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
