@@ -35,6 +35,9 @@ class _SeriesState:
     last: int
     pending: set[int] = field(default_factory=set)
     resumed: bool = False  # `last` came from the dataset, not from this process
+    # Seqs below `last` the dataset does not hold (another replica's session still has them,
+    # e.g. after a scale-down): new when they come, neither lost nor late.
+    holes: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -62,11 +65,12 @@ class SequenceTracker:
     def __len__(self) -> int:
         return len(self._series)
 
-    def seed(self, device: str, sensor: str, last_seq: int) -> None:
-        """Start from what the dataset already holds (a restarted collector)."""
+    def seed(self, device: str, sensor: str, last_seq: int, holes: Iterable[int] = ()) -> None:
+        """Start from what the dataset already holds (a restarted collector): its last seq of the
+        series and the seqs below it that it lacks."""
         state = self._series.get((device, sensor))
         if state is None or state.last < last_seq:
-            self._series[(device, sensor)] = _SeriesState(last_seq, resumed=True)
+            self._series[(device, sensor)] = _SeriesState(last_seq, resumed=True, holes=set(holes))
 
     def observe(self, device: str, sensor: str, seq: int) -> SeqVerdict:
         key = (device, sensor)
@@ -92,6 +96,9 @@ class SequenceTracker:
         if seq in state.pending:
             state.pending.discard(seq)
             return SeqVerdict(True, late=1)
+        if seq in state.holes:
+            state.holes.discard(seq)
+            return SeqVerdict(True)
         return SeqVerdict(False)
 
 
@@ -119,6 +126,19 @@ class SequenceSpace:
         ticks = (pd.to_datetime(ts, utc=True) - pd.Timestamp(self.epoch)).dt.total_seconds() / self.interval
         offset = ticks - seq.astype("float64")
         return (offset > -_SEQUENCE_SPACE_TOLERANCE) & (offset < 1 + _SEQUENCE_SPACE_TOLERANCE)
+
+
+def _holes_below_last(df: pd.DataFrame) -> dict[tuple[str, str], list[int]]:
+    """Per series, the seqs missing between stored ones, within MAX_PENDING_GAP of the last."""
+    ordered = df[["device", "sensor", "seq"]].astype({"device": str, "sensor": str}).sort_values(["device", "sensor", "seq"])
+    seq = ordered["seq"].to_numpy()
+    same = (ordered["device"].to_numpy()[1:] == ordered["device"].to_numpy()[:-1]) & (ordered["sensor"].to_numpy()[1:] == ordered["sensor"].to_numpy()[:-1])
+    last = ordered.groupby(["device", "sensor"])["seq"].transform("max").to_numpy()
+    holes: dict[tuple[str, str], list[int]] = {}
+    for i in (same & (seq[1:] - seq[:-1] > 1) & (last[1:] - seq[1:] < MAX_PENDING_GAP)).nonzero()[0]:
+        key = (ordered["device"].iat[i], ordered["sensor"].iat[i])
+        holes.setdefault(key, []).extend(range(max(int(seq[i]) + 1, int(last[i]) - MAX_PENDING_GAP), int(seq[i + 1])))
+    return holes
 
 
 class CollectorSink:
@@ -225,9 +245,10 @@ class CollectorSink:
         if df.empty:
             return 0
         last = df.groupby(["device", "sensor"], observed=True)["seq"].max()
+        holes = _holes_below_last(df)
         with self._lock:
             for (device, sensor), seq in last.items():
-                self.tracker.seed(device, sensor, int(seq))
+                self.tracker.seed(device, sensor, int(seq), holes.get((device, sensor), ()))
         return len(last)
 
     def skip_to(self, device: str, sensor: str, last_seq: int) -> None:

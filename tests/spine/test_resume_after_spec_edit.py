@@ -64,3 +64,30 @@ def test_unchanged_space_still_resumes_without_duplicates_or_a_false_gap(tmp_pat
     assert again.totals["stored"] == 0
     assert again.totals["duplicates"] == 5 * len(DEVICES) * len(spec().sensors)
     assert again.totals["lost"] == 0
+
+
+def test_seqs_missing_below_the_last_stored_one_are_stored_when_they_come(tmp_path: Path) -> None:
+    """After a scale-down another replica's session still holds readings older than the newest
+    stored one: the resumed collector stores them (not duplicates), without counting them late."""
+    data = tmp_path / "data"
+    fleet_spec = spec()
+    model = SignalModel(fleet_spec, "demo", "mqtt")
+    now = model.current_tick(DEVICES, time.time())
+    first = CollectorSink("demo", "mqtt", str(data), FleetMetrics("demo", "mqtt", "collector"), count_gaps=False)
+    held_elsewhere = []  # ticks 3 and 4 from the end went to a replica that is gone now
+    for back in range(6, 0, -1):
+        readings = model.readings(model.block(DEVICES, now - back + 1))
+        if back in (3, 4):
+            held_elsewhere += readings
+            continue
+        for reading in readings:
+            first.accept(reading, datetime.now(timezone.utc))
+    first.flush()
+    resumed = CollectorSink("demo", "mqtt", str(data), FleetMetrics("demo", "mqtt", "collector"))
+    resumed.resume_from_dataset(space=SequenceSpace.of(fleet_spec, "mqtt"))
+    for reading in held_elsewhere:
+        assert resumed.accept(reading, datetime.now(timezone.utc)), reading
+    resumed.flush()
+    assert (resumed.totals["stored"], resumed.totals["duplicates"], resumed.totals["lost"], resumed.totals["late"]) == (len(held_elsewhere), 0, 0, 0)
+    again = model.readings(model.block(DEVICES, now))
+    assert not any(resumed.accept(r, datetime.now(timezone.utc)) for r in again), "the newest stored tick is still a duplicate"
