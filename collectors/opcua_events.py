@@ -22,7 +22,8 @@ from sensorfleet.events import EventWriter
 
 log = logging.getLogger("sensorfleet.collectors.opcua.events")
 
-EVENT_TYPE = "SensorFleetControlEventType"  # the simulator's event type (docs/protocols.md)
+EVENT_TYPE = "SensorFleetControlEventType"  # the simulator's event types (docs/protocols.md)
+LIMIT_EVENT_TYPE = "SensorFleetLimitEventType"  # limit alarms: action limit_high | limit_low | limit_normal
 PUBLISHING_INTERVAL_MS = 500.0
 
 
@@ -46,7 +47,7 @@ class ControlEventSink:
         duration = fields.get("DurationSeconds")
         message = fields.get("Message")
         ts = fields.get("Time") or datetime.now(timezone.utc)
-        action = text("Action")
+        action = text("Action") or (f"limit_{text('State')}" if "State" in fields else None)
         return {
             "fleet": self.fleet, "device": text("Device") or text("SourceName"),
             "ts": ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc), "action": action, "sensor": text("Sensor"),
@@ -77,13 +78,20 @@ class ControlEventSink:
 
 
 async def subscribe_control_events(client: Client, namespace_uri: str, sink: ControlEventSink) -> bool:
-    """Subscribe to the server's control events; False when it has none to offer."""
+    """Subscribe to the server's control and limit events; False when it has none to offer."""
     try:
         ns = await client.get_namespace_index(namespace_uri)
-        etype = await client.nodes.base_event_type.get_child(f"{ns}:{EVENT_TYPE}")
-    except (ValueError, ua.UaStatusCodeError):
+    except ValueError:
+        return False
+    etypes = []
+    for name in (EVENT_TYPE, LIMIT_EVENT_TYPE):
+        try:
+            etypes.append(await client.nodes.base_event_type.get_child(f"{ns}:{name}"))
+        except ua.UaStatusCodeError:
+            continue
+    if not etypes:
         return False
     subscription = await client.create_subscription(PUBLISHING_INTERVAL_MS, sink)
-    await subscription.subscribe_events(client.nodes.server, etype)
-    log.info("%s: subscribed to %s events", client.server_url.geturl() if hasattr(client.server_url, "geturl") else client.server_url, EVENT_TYPE)
+    await subscription.subscribe_events(client.nodes.server, etypes)
+    log.info("%s: subscribed to %d device event type(s)", client.server_url.geturl() if hasattr(client.server_url, "geturl") else client.server_url, len(etypes))
     return True

@@ -54,6 +54,7 @@ from sensorfleet.internals import asyncua_add_nodes, asyncua_value_attribute
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.runtime import SimulatorOptions, stop_event_on_signals
 from sensorfleet.signals import QUALITY_BAD, SignalModel, device_id, shard_devices
+from sensorfleet.simulators.opcua_alarms import LimitAlarms
 from sensorfleet.simulators.opcua_control import DeviceControls
 from sensorfleet.simulators.opcua_history import ModelHistory
 
@@ -236,6 +237,7 @@ class OpcuaSimulator:
         self.totals = {"published": 0, "dropped": 0}
         self.server: Server | None = None
         self.controls: DeviceControls | None = None  # spec.protocols.opcua.writable
+        self.alarms: LimitAlarms | None = None  # spec.protocols.opcua.limitAlarms
 
     def due_ticks(self, now: float) -> np.ndarray:
         return np.floor((now - self.model.epoch) / self.model.interval - self.phase).astype(np.int64)
@@ -276,6 +278,8 @@ class OpcuaSimulator:
                     await callback(handle, value)
             if j % 200 == 199:
                 await asyncio.sleep(0)  # let publish requests through during a large round
+        if self.alarms:
+            await self.alarms.check(changed, block.values, [_utc(t) for t in times])
         n = len(changed) * n_sensors
         self.metrics.published.inc(n)
         self.metrics.last_activity.set(time.time())
@@ -312,6 +316,9 @@ class OpcuaSimulator:
             aspace.set_attribute_value_callback(ua.NodeId(f"{device}/{SEQ_VARIABLE}", ns), ua.AttributeIds.Value, self._seq_reader(row))
         if self.controls:
             await self.controls.install(self.server)
+        if self.cfg.limit_alarms:
+            self.alarms = LimitAlarms(self.model, self.cfg, ns, self.devices)
+            await self.alarms.install(self.server)
         if history:
             variables = {ua.NodeId(f"{d}/{name}", ns): (row, s) for row, d in enumerate(self.devices) for s, name in enumerate(names)}
             self.server.iserver.history_manager.set_storage(

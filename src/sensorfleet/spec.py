@@ -181,6 +181,21 @@ class CoapSpec(ProtocolSpec):
     confirmable: Annotated[bool, Field(default=False, description="Send observe notifications as confirmable messages (slower; non-confirmable is the default for telemetry).")]
 
 
+class LimitSpec(SpecModel):
+    """Alarm limits of one sensor (either or both)."""
+
+    low: Annotated[float | None, Field(default=None, description="Alarm when the value falls below this, in the sensor's unit.")]
+    high: Annotated[float | None, Field(default=None, description="Alarm when the value rises above this, in the sensor's unit.")]
+
+    @model_validator(mode="after")
+    def _one_limit_below_the_other(self) -> LimitSpec:
+        if self.low is None and self.high is None:
+            raise ValueError("set low, high or both")
+        if self.low is not None and self.high is not None and self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
 class OpcuaSpec(ProtocolSpec):
     port: Annotated[int, Field(default=4840, ge=1, le=65535, description="TCP port of the OPC UA simulator.")]
     security: Annotated[
@@ -197,6 +212,7 @@ class OpcuaSpec(ProtocolSpec):
     controlled_sensors: Annotated[list[str] | None, Field(default=None, description="Sensors that get a setpoint when `writable`; unset: every sensor.")]
     setpoint_lag_seconds: Annotated[float, Field(default=60.0, gt=0, le=86400, description="Time constant of the first-order lag with which a sensor's value follows its setpoint, in seconds (63% of a step after one time constant).")]
     history_hours: Annotated[float, Field(default=24.0, ge=0, le=8760, description="HistoryRead (raw values) of the last this many hours for every sensor variable, answered from the signal model (nothing stored); 0 turns history off.")]
+    limit_alarms: Annotated[dict[str, LimitSpec], Field(default_factory=dict, description="Per sensor name, alarm limits: the simulator emits a `SensorFleetLimitEventType` event each time a device's value crosses one (state high, low or back to normal); the collector stores them with the device events.")]
 
 
 class ProtocolsSpec(SpecModel):
@@ -362,10 +378,11 @@ class FleetSpec(SpecModel):
 
     @model_validator(mode="after")
     def _controlled_sensors_exist(self) -> FleetSpec:
-        controlled = self.protocols.opcua.controlled_sensors
-        unknown = sorted(set(controlled or ()) - {s.name for s in self.sensors})
-        if unknown:
-            raise ValueError(f"protocols.opcua.controlledSensors: unknown sensor(s) {', '.join(unknown)} (the fleet's sensors: {', '.join(s.name for s in self.sensors)})")
+        known = {s.name for s in self.sensors}
+        for field, names in (("controlledSensors", self.protocols.opcua.controlled_sensors or ()), ("limitAlarms", self.protocols.opcua.limit_alarms)):
+            unknown = sorted(set(names) - known)
+            if unknown:
+                raise ValueError(f"protocols.opcua.{field}: unknown sensor(s) {', '.join(unknown)} (the fleet's sensors: {', '.join(s.name for s in self.sensors)})")
         return self
 
     def protocol(self, name: str) -> ProtocolSpec:

@@ -186,3 +186,36 @@ def test_asyncua_internals_the_control_service_relies_on():
     from asyncua.server.address_space import MethodService
 
     assert "self._run_method(node.call, method.ObjectId, *method.InputArguments)" in inspect.getsource(MethodService._call)
+
+
+async def _push_over_the_limit_and_back(url: str) -> None:
+    async with Client(url) as client:
+        ns = await client.get_namespace_index(NS_URI)
+        sp = client.get_node(ua.NodeId("opcua-00001/TemperatureSetpoint", ns))
+        await sp.write_value(ua.DataValue(ua.Variant((await sp.read_value()) + 25.0, ua.VariantType.Double)))
+        await asyncio.sleep(3.0)
+        await client.get_node(ua.NodeId("opcua-00001", ns)).call_method(ua.NodeId("opcua-00001/Reset", ns))
+        await asyncio.sleep(3.0)
+
+
+def test_a_limit_crossing_raises_an_alarm_event_and_its_return_clears_it(write_fleet, procs, h, tmp_path, tcp_port):
+    fleet = write_fleet("opcua", devices=3, interval=0.25, writable=True, setpointLagSeconds=0.5, limitAlarms={"temperature": {"high": 40.0}},
+                        anomalies={"spikeProbability": 0, "stuckProbability": 0, "dropoutProbability": 0})
+    data = tmp_path / "data"
+    url = f"opc.tcp://127.0.0.1:{tcp_port}/"
+    sim = h.start_simulator(procs, "opcua", fleet, tmp_path, tcp_port)
+    col = h.start_collector(procs, "opcua", fleet, tmp_path, data, url)
+    h.wait_until(lambda: col.metric(STORED) >= 8 * 3 * SENSORS, 60, message="readings stored before the write")
+    asyncio.run(_push_over_the_limit_and_back(url))
+    df = h.stop_both_and_check_nothing_lost(sim, col, data, "opcua")
+
+    events = read_events(str(data))
+    limits = events[events["action"].str.startswith("limit_")]
+    assert set(limits["device"]) == {"opcua-00001"} and set(limits["sensor"]) == {"temperature"}, limits
+    assert limits["action"].iloc[0] == "limit_high" and limits["action"].iloc[-1] == "limit_normal"
+    assert (limits.loc[limits["action"] == "limit_high", "value"] > 40.0).all() and (limits.loc[limits["action"] == "limit_normal", "value"] <= 40.0).all()
+    # Each alarm is a stored reading: same time, same value.
+    first = limits.iloc[0]
+    stored = df[(df["device"] == "opcua-00001") & (df["sensor"] == "temperature") & (df["ts"] == first["ts"])]
+    assert len(stored) == 1 and stored["value"].iloc[0] == first["value"]
+    assert list(events.loc[~events["action"].str.startswith("limit_"), "action"]) == ["setpoint", "reset"]
