@@ -36,6 +36,8 @@ MALFORMED_REASONS = (
     "too_large", "too_deep", "invalid_utf8", "not_json", "not_cbor", "wrong_type", "non_finite", "out_of_range",
     "duplicate_key", "missing_field", "bad_field", "bad_value", "bad_ts", "bad_seq", "empty_batch", "foreign_fleet",
     "bad_content_format", "unknown_handle",
+    # Sparkplug B (sensorfleet.sparkplug.host)
+    "not_sparkplug", "bad_topic", "bad_birth", "unknown_device",
 )
 
 

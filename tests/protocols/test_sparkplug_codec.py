@@ -117,3 +117,16 @@ def test_host_ignores_a_stale_last_will_and_names_bad_input():
         host.handle("spBv1.0/other/NBIRTH/sim-0", sp.node_birth(1, 1), 0.0)
     with pytest.raises(MalformedReading, match="DDATA needs a device level"):
         host.handle(f"{base}/DDATA/sim-0", sp.node_birth(1, 1), 0.0)
+
+
+def test_every_refusal_reason_is_a_bounded_metric_label():
+    """sensorfleet_payloads_malformed_total{reason} stays a fixed set: every kind the Sparkplug code
+    refuses with (MalformedReading("kind", ...), UnknownDevice) is one of MALFORMED_REASONS."""
+    import re
+
+    from sensorfleet.reading import MALFORMED_REASONS
+
+    sources = [PACKAGE / "payload.py", PACKAGE / "host.py", Path(__file__).parents[2] / "collectors" / "sparkplug.py"]
+    kinds = {k for path in sources for k in re.findall(r'(?:MalformedReading\(|reject\()"([a-z_]+)"', path.read_text())}
+    assert kinds >= {"bad_topic", "not_sparkplug", "unknown_device", "missing_field"}, kinds
+    assert kinds <= set(MALFORMED_REASONS), kinds - set(MALFORMED_REASONS)

@@ -112,7 +112,8 @@ def test_last_will_is_the_ndeath_of_the_session(tmp_path, mosquitto, tahu_listen
     bdseq = {m["name"]: m["value"] for m in births[0]["metrics"]}["bdSeq"]
     assert deaths[0]["metrics"] == [{"name": "bdSeq", "type": "UInt64", "value": bdseq}]
     summary = json.loads(collector.log().split("SUMMARY ")[-1].splitlines()[0])
-    assert summary["sparkplug"].get("ndeath") == 1 and summary["lost"] == 0
+    sparkplug = json.loads(collector.log().split("SPARKPLUG ")[-1].splitlines()[0])
+    assert sparkplug["messages"].get("ndeath") == 1 and summary["lost"] == 0
 
 
 def test_primary_host_state_gates_the_edge_node(tmp_path, mosquitto, tahu_listener):
