@@ -16,6 +16,7 @@ import paho.mqtt.client as mqtt
 import pandas as pd
 import yaml
 
+from sensorfleet.runtime import free_port
 from sensorfleet.sparkplug.payload import rebirth_request
 from sensorfleet.testing import component, wait_until
 
@@ -153,6 +154,8 @@ def _run(fleet: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProces
 def test_sensorfleet_run_with_two_edge_nodes_and_a_primary_host(tmp_path):
     doc = yaml.safe_load(write_fleet(tmp_path, primaryHostId="scada").read_text())
     doc["spec"]["broker"] = {"port": 0}
+    # metrics ports from a free one up, not 9100: other runs on the machine may hold those
+    doc["spec"]["monitoring"] = {"port": free_port()}
     doc["spec"]["protocols"]["mqtt"].update(devices=30, interval=0.2, replicas=2)
     fleet = tmp_path / "run.yaml"
     fleet.write_text(yaml.safe_dump(doc))
