@@ -27,7 +27,7 @@ from sensorfleet.forecasting.errors import ForecastInputError
 from sensorfleet.forecasting.models import BASELINE
 from sensorfleet.forecasting.pipeline import ForecastRun, Progress, build_metrics, choose_plot_rows, device_events_summary, write_outputs
 from sensorfleet.forecasting.prepare import CleaningReport, Panel, finish_prepare, read_selected, resample
-from sensorfleet.forecasting.shards import MANIFEST, SHARDS_DIR
+from sensorfleet.forecasting.shards import MANIFEST, SHARDS_DIR, series_filter
 
 # Options that differ between the shards of one run, or between a shard and the merged run.
 PER_SHARD_OPTIONS = ("out", "shard", "for_merge", "run_id", "n_jobs")
@@ -98,14 +98,8 @@ def _check_same_run(shards: dict[int, Path], metrics: dict[int, dict[str, Any]])
 def _sub_panel(options: dict[str, Any], uids: list[str], span: list[str], cleaning: dict[str, Any]) -> Panel:
     """The panel of just these series, read again from the dataset and prepared as a full run
     prepares them (same grid, the same per-series cleaning)."""
-    wanted = set(uids)
     devices = sorted({u.split("/")[1] for u in uids})
-
-    def keep(readings: pd.DataFrame) -> np.ndarray:
-        keys = readings[["protocol", "device", "sensor"]].astype(str)
-        return (keys["protocol"] + "/" + keys["device"] + "/" + keys["sensor"]).isin(wanted).to_numpy()
-
-    readings, _ = read_selected(options["data"], options["window_days"], options["protocols"], keep=keep, devices=devices)
+    readings, _ = read_selected(options["data"], options["window_days"], options["protocols"], keep=series_filter(uids), devices=devices)
     panel = resample(readings, options["frequency"], span=(pd.Timestamp(span[0]), pd.Timestamp(span[1])))
     max_gap = panel.step * cleaning["max_gap_steps"]
     return finish_prepare(panel, len(readings), options["horizon"], options["cv_windows"], max_gap=max_gap.to_pytimedelta(), drop_short=True).panel

@@ -228,16 +228,17 @@ def read_selected(
             partition = f"protocol={protocol}/date={lo:%Y-%m-%d}"
             if not fs.exists(f"{root}/{partition}"):
                 part = pd.DataFrame()
-            else:
+            elif keep is None:
                 part = _dictionary_dataset(url, partition).to_table(columns=columns, filter=expr).to_pandas()
+            else:
+                part, part_span = _read_kept(_dictionary_dataset(url, partition), columns, expr, protocol, keep)
+                span = part_span if span is None else span if part_span is None else (min(span[0], part_span[0]), max(span[1], part_span[1]))
             if len(part):
                 part.insert(0, "protocol", pd.Categorical.from_codes(np.zeros(len(part), dtype=np.int8), [protocol]))
-                first, last = part["ts"].min(), part["ts"].max()
-                span = (first, last) if span is None else (min(span[0], first), max(span[1], last))
-                if keep is not None:
-                    part = part[keep(part)].reset_index(drop=True)
-                if len(part):
-                    parts.append(part)
+                if keep is None:
+                    first, last = part["ts"].min(), part["ts"].max()
+                    span = (first, last) if span is None else (min(span[0], first), max(span[1], last))
+                parts.append(part)
             done += 1
             if on_day:
                 on_day(done, total)
@@ -247,6 +248,34 @@ def read_selected(
         raise NoReadings(f"no readings in {url} between {start:%Y-%m-%d %H:%M} and {end:%Y-%m-%d %H:%M} UTC")
     assert span is not None
     return _concat_categorical(parts), span
+
+
+KEEP_BATCH_ROWS = 1 << 20
+
+
+def _read_kept(dataset: Any, columns: list[str], expr: Any, protocol: str, keep: Callable[[pd.DataFrame], np.ndarray]) -> tuple[pd.DataFrame, Span | None]:
+    """The rows of one partition that `keep` selects, read in batches of ~1 M rows: a shard holds
+    its own rows plus one batch of everyone's, not a whole day of the fleet (with a million series
+    that would be a billion rows). Also the span of all the partition's readings."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kept, first, last = [], None, None
+    for batch in dataset.to_batches(columns=columns, filter=expr, batch_size=KEEP_BATCH_ROWS):
+        if batch.num_rows == 0:
+            continue
+        lo, hi = pc.min_max(batch.column("ts")).values()
+        first = lo.as_py() if first is None else min(first, lo.as_py())
+        last = hi.as_py() if last is None else max(last, hi.as_py())
+        keys = batch.select(["device", "sensor"]).to_pandas()
+        keys.insert(0, "protocol", pd.Categorical.from_codes(np.zeros(len(keys), dtype=np.int8), [protocol]))
+        mask = keep(keys)
+        if mask.any():
+            kept.append(batch.filter(pa.array(mask)))
+    span = None if first is None else (pd.Timestamp(first), pd.Timestamp(last))
+    if not kept:
+        return pd.DataFrame(), span
+    return pa.Table.from_batches(kept).unify_dictionaries().to_pandas(), span
 
 
 def _concat_categorical(parts: list[pd.DataFrame]) -> pd.DataFrame:

@@ -41,17 +41,47 @@ def shard_of(unique_ids: Sequence[str], count: int) -> np.ndarray:
     return np.array([zlib.crc32(u.encode()) % count for u in unique_ids], dtype=np.int64)
 
 
+def series_of_rows(readings: pd.DataFrame) -> tuple[list[str], np.ndarray]:
+    """(the distinct unique_ids `protocol/device/sensor` of the rows, each row's index into them),
+    from the columns' categorical codes: strings are built once per series, never per reading
+    (ten million Python strings would cost gigabytes and minutes)."""
+    key = np.zeros(len(readings), dtype=np.int64)
+    cats = []
+    for column in ("protocol", "device", "sensor"):
+        cat = readings[column].astype("category").cat
+        cats.append(np.asarray(cat.categories, dtype=object))
+        key *= len(cat.categories) + 1
+        key += cat.codes.to_numpy().astype(np.int64) + 1
+    inverse, keys = pd.factorize(key)
+    ids = []
+    for k in keys:
+        parts = []
+        for categories in reversed(cats):
+            k, code = divmod(int(k), len(categories) + 1)
+            parts.append(str(categories[code - 1]))
+        ids.append("/".join(reversed(parts)))
+    return ids, inverse
+
+
 def shard_filter(shard: str) -> Callable[[pd.DataFrame], np.ndarray]:
     """`keep(readings) -> mask` of the rows whose series falls in shard `i/N` (for
     `prepare.read_selected`, which applies it to each part as it is read)."""
     index, count = parse_shard(shard)
 
     def keep(readings: pd.DataFrame) -> np.ndarray:
-        keys = readings[["protocol", "device", "sensor"]].astype(str)
-        ids = keys["protocol"] + "/" + keys["device"] + "/" + keys["sensor"]
-        # crc32 once per distinct series, not once per reading.
-        codes, uniques = pd.factorize(ids)
-        return (shard_of(list(uniques), count) == index)[codes]
+        ids, inverse = series_of_rows(readings)
+        return (shard_of(ids, count) == index)[inverse]
+
+    return keep
+
+
+def series_filter(unique_ids: Sequence[str]) -> Callable[[pd.DataFrame], np.ndarray]:
+    """`keep(readings) -> mask` of the rows of these series."""
+    wanted = set(unique_ids)
+
+    def keep(readings: pd.DataFrame) -> np.ndarray:
+        ids, inverse = series_of_rows(readings)
+        return np.array([u in wanted for u in ids], dtype=bool)[inverse]
 
     return keep
 
