@@ -40,19 +40,26 @@ def write_fleet(tmp_path: Path, **mqtt) -> Path:
     return path
 
 
+def started(procs: list, *args: str):
+    """A `sensorfleet` component, started and registered with `procs` (killed if the test fails)."""
+    c = component(*args).start()
+    procs.append(c)
+    return c
+
+
 def published_of(simulator) -> int:
     line = next(line for line in simulator.log().splitlines() if "readings, dropped" in line)
     return int(line.split("published ")[1].split(" readings")[0])
 
 
-def test_edge_node_as_tahu_reads_it_and_the_collector_stores_it_all(tmp_path, mosquitto, tahu_listener):
+def test_edge_node_as_tahu_reads_it_and_the_collector_stores_it_all(procs, tmp_path, mosquitto, tahu_listener):
     fleet_path = write_fleet(tmp_path)
     fleet = load_fleet(fleet_path)
     data = tmp_path / "data"
-    collector = component("collect", "mqtt", fleet_path, tmp_path, "--data", str(data), "--broker", mosquitto.url, "--client-id", "spb-collector").start()
+    collector = started(procs, "collect", "mqtt", fleet_path, tmp_path, "--data", str(data), "--broker", mosquitto.url, "--client-id", "spb-collector")
     wait_until(lambda: collector.metric("sensorfleet_connected") == 1, 15, message="collector connected")
     listener = tahu_listener(mosquitto.url, 300, tmp_path)
-    simulator = component("simulate", "mqtt", fleet_path, tmp_path, "--broker", mosquitto.url, "--duration", "5").start()
+    simulator = started(procs, "simulate", "mqtt", fleet_path, tmp_path, "--broker", mosquitto.url, "--duration", "5")
     assert simulator.wait(60) == 0, simulator.log()[-3000:]
     published = published_of(simulator)
     listener.stop()
@@ -110,13 +117,13 @@ def test_edge_node_as_tahu_reads_it_and_the_collector_stores_it_all(tmp_path, mo
     assert set(df["quality"]) >= {"good", "bad"} and "dropout" in set(df["anomaly"].dropna())
 
 
-def test_collector_stores_what_a_tahu_edge_node_publishes(tmp_path, mosquitto, sparkplug_peer):
+def test_collector_stores_what_a_tahu_edge_node_publishes(procs, tmp_path, mosquitto, sparkplug_peer):
     fleet_path = write_fleet(tmp_path)
     data = tmp_path / "data"
-    collector = component("collect", "mqtt", fleet_path, tmp_path, "--data", str(data), "--broker", mosquitto.url, "--client-id", "spb-collector").start()
+    collector = started(procs, "collect", "mqtt", fleet_path, tmp_path, "--data", str(data), "--broker", mosquitto.url, "--client-id", "spb-collector")
     wait_until(lambda: collector.metric("sensorfleet_connected") == 1, 15, message="collector connected")
     argv, env = sparkplug_peer
-    started = time.time()
+    began = time.time()
     done = subprocess.run([*argv, "publish", mosquitto.url, FLEET, "tahu-node", "boiler-1", "5"], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     wait_until(lambda: collector.metric("sensorfleet_readings_stored_total") >= 12, 20, message="12 readings stored")
@@ -132,4 +139,4 @@ def test_collector_stores_what_a_tahu_edge_node_publishes(tmp_path, mosquitto, s
     assert humidity.loc[1003, "quality"] == "bad" and pd.isna(humidity.loc[1003, "value"])
     assert humidity.loc[1004, "value"] == 44.25 and humidity.loc[1004, "unit"] == "%"
     ts = pd.to_datetime(df["ts"], utc=True)
-    assert (ts >= pd.Timestamp(started - 1, unit="s", tz="UTC")).all() and (ts <= pd.Timestamp.now(tz="UTC")).all()
+    assert (ts >= pd.Timestamp(began - 1, unit="s", tz="UTC")).all() and (ts <= pd.Timestamp.now(tz="UTC")).all()

@@ -41,6 +41,13 @@ def heard(listener) -> list[tuple[str, dict]]:
     return [(m["topic"].split("/", 2)[2], m["tahu"]) for m in listener.messages()]
 
 
+def started(procs: list, *args: str):
+    """A `sensorfleet` component, started and registered with `procs` (killed if the test fails)."""
+    c = component(*args).start()
+    procs.append(c)
+    return c
+
+
 def published_of(simulator) -> int:
     line = next(line for line in simulator.log().splitlines() if "readings, dropped" in line)
     return int(line.split("published ")[1].split(" readings")[0])
@@ -60,13 +67,13 @@ def assert_complete(data: Path, published: int) -> None:
     assert holes.sum() == 0, "sequence gaps in the dataset"
 
 
-def test_rebirth_on_request_is_neither_loss_nor_duplicate(tmp_path, mosquitto, tahu_listener):
+def test_rebirth_on_request_is_neither_loss_nor_duplicate(procs, tmp_path, mosquitto, tahu_listener):
     fleet = write_fleet(tmp_path)
     data = tmp_path / "data"
-    collector = component("collect", "mqtt", fleet, tmp_path, "--data", str(data), "--broker", mosquitto.url, "--client-id", "spb-host").start()
+    collector = started(procs, "collect", "mqtt", fleet, tmp_path, "--data", str(data), "--broker", mosquitto.url, "--client-id", "spb-host")
     wait_until(lambda: collector.metric("sensorfleet_connected") == 1, 15, message="collector connected")
     listener = tahu_listener(mosquitto.url, 300, tmp_path)
-    simulator = component("simulate", "mqtt", fleet, tmp_path, "--broker", mosquitto.url, "--duration", "5").start()
+    simulator = started(procs, "simulate", "mqtt", fleet, tmp_path, "--broker", mosquitto.url, "--duration", "5")
     wait_until(lambda: collector.metric("sensorfleet_readings_stored_total") > 100, 20, message="first readings stored")
     host = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-host", protocol=mqtt.MQTTv311)
     host.connect("127.0.0.1", mosquitto.port)
@@ -92,13 +99,13 @@ def test_rebirth_on_request_is_neither_loss_nor_duplicate(tmp_path, mosquitto, t
     assert_complete(data, published)
 
 
-def test_last_will_is_the_ndeath_of_the_session(tmp_path, mosquitto, tahu_listener):
+def test_last_will_is_the_ndeath_of_the_session(procs, tmp_path, mosquitto, tahu_listener):
     fleet = write_fleet(tmp_path)
     data = tmp_path / "data"
-    collector = component("collect", "mqtt", fleet, tmp_path, "--data", str(data), "--broker", mosquitto.url, "--client-id", "spb-host").start()
+    collector = started(procs, "collect", "mqtt", fleet, tmp_path, "--data", str(data), "--broker", mosquitto.url, "--client-id", "spb-host")
     wait_until(lambda: collector.metric("sensorfleet_connected") == 1, 15, message="collector connected")
     listener = tahu_listener(mosquitto.url, 300, tmp_path)
-    simulator = component("simulate", "mqtt", fleet, tmp_path, "--broker", mosquitto.url).start()
+    simulator = started(procs, "simulate", "mqtt", fleet, tmp_path, "--broker", mosquitto.url)
     wait_until(lambda: collector.metric("sensorfleet_readings_stored_total") > 100, 20, message="readings stored")
     simulator.signal(signal.SIGKILL)  # no goodbye: the broker publishes the Last Will
     simulator.wait(10)
@@ -117,20 +124,20 @@ def test_last_will_is_the_ndeath_of_the_session(tmp_path, mosquitto, tahu_listen
     assert sparkplug["messages"].get("ndeath") == 1 and summary["lost"] == 0
 
 
-def test_primary_host_state_gates_the_edge_node(tmp_path, mosquitto, tahu_listener):
+def test_primary_host_state_gates_the_edge_node(procs, tmp_path, mosquitto, tahu_listener):
     fleet = write_fleet(tmp_path, primaryHostId="scada")
     data = tmp_path / "data"
     args = ("--data", str(data), "--broker", mosquitto.url, "--client-id", "spb-primary")
     listener = tahu_listener(mosquitto.url, 300, tmp_path)
-    simulator = component("simulate", "mqtt", fleet, tmp_path, "--broker", mosquitto.url).start()
+    simulator = started(procs, "simulate", "mqtt", fleet, tmp_path, "--broker", mosquitto.url)
     time.sleep(2.0)
     assert heard(listener) == [], "no STATE from the primary host yet: the edge node must not publish"
-    first = component("collect", "mqtt", fleet, tmp_path, *args).start()  # the primary host comes online
+    first = started(procs, "collect", "mqtt", fleet, tmp_path, *args)  # the primary host comes online
     wait_until(lambda: first.metric("sensorfleet_readings_stored_total") > 100, 20, message="readings stored")
     assert first.stop() == 0  # STATE offline: the node sends NDEATH, disconnects and waits
     wait_until(lambda: "primary host scada offline" in simulator.log(), 10, message="the edge node saw the host go offline")
     time.sleep(1.0)
-    second = component("collect", "mqtt", fleet, tmp_path, *args).start()
+    second = started(procs, "collect", "mqtt", fleet, tmp_path, *args)
     wait_until(lambda: second.metric("sensorfleet_readings_stored_total") > 200, 20, message="the second host stores")
     simulator.signal(signal.SIGTERM)
     assert simulator.wait(60) == 0, simulator.log()[-3000:]
@@ -179,12 +186,12 @@ def test_sparkplug_on_the_embedded_broker_is_a_clear_error(tmp_path):
     assert "payloadFormat: sparkplugB needs an MQTT 5 broker" in done.stdout + done.stderr
 
 
-def test_broker_restart_loses_nothing_and_starts_a_new_session(tmp_path, mosquitto):
+def test_broker_restart_loses_nothing_and_starts_a_new_session(procs, tmp_path, mosquitto):
     fleet = write_fleet(tmp_path)
     data = tmp_path / "data"
-    collector = component("collect", "mqtt", fleet, tmp_path, "--data", str(data), "--broker", mosquitto.url, "--client-id", "spb-host").start()
+    collector = started(procs, "collect", "mqtt", fleet, tmp_path, "--data", str(data), "--broker", mosquitto.url, "--client-id", "spb-host")
     wait_until(lambda: collector.metric("sensorfleet_connected") == 1, 15, message="collector connected")
-    simulator = component("simulate", "mqtt", fleet, tmp_path, "--broker", mosquitto.url, "--duration", "7").start()
+    simulator = started(procs, "simulate", "mqtt", fleet, tmp_path, "--broker", mosquitto.url, "--duration", "7")
     wait_until(lambda: collector.metric("sensorfleet_readings_stored_total") > 100, 20, message="first readings stored")
     mosquitto.restart(down_for=1.0)  # persistence on: sessions and queued QoS 1 messages survive
     assert simulator.wait(60) == 0, simulator.log()[-3000:]
