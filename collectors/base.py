@@ -38,6 +38,10 @@ class _SeriesState:
     # Seqs below `last` the dataset does not hold (another replica's session still has them,
     # e.g. after a scale-down): new when they come, neither lost nor late.
     holes: set[int] = field(default_factory=set)
+    # The seqs counted offline at the first reading after a resume ([lo, hi)), and those of them
+    # that arrived after all.
+    offline_range: tuple[int, int] | None = None
+    offline_arrived: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -84,6 +88,9 @@ class SequenceTracker:
             return SeqVerdict(True)
         if seq > state.last and state.resumed:
             offline = seq - state.last - 1
+            # Kept open: after a scale-down the session of a removed replica may still hold some
+            # of them; one that comes is stored and taken back from `offline`.
+            state.offline_range = (state.last + 1, seq)
             state.last = seq
             state.resumed = False
             return SeqVerdict(True, offline=offline)
@@ -99,6 +106,9 @@ class SequenceTracker:
         if seq in state.holes:
             state.holes.discard(seq)
             return SeqVerdict(True)
+        if state.offline_range and state.offline_range[0] <= seq < state.offline_range[1] and seq not in state.offline_arrived:
+            state.offline_arrived.add(seq)  # grows only with what arrives
+            return SeqVerdict(True, offline=-1)
         return SeqVerdict(False)
 
 
@@ -298,8 +308,13 @@ class CollectorSink:
                 self.metrics.late.inc(verdict.late)
                 self.totals["lost"] -= verdict.late
                 self.totals["late"] += verdict.late
-            if self.count_gaps and verdict.offline:
+            if self.count_gaps and verdict.offline > 0:
                 self.metrics.offline.inc(verdict.offline)
+                self.totals["offline"] += verdict.offline
+            elif self.count_gaps and verdict.offline < 0:
+                # Counted offline, arrived after all (a removed replica's session held it): the
+                # summary takes it back; the counter cannot go down (offline_late_total).
+                self.metrics.offline_late.inc(-verdict.offline)
                 self.totals["offline"] += verdict.offline
             if not self.redelivered and self.full():
                 # Observed (a later reading is no gap) but not stored: lost, and counted as such.

@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import threading
 import time
 from datetime import datetime, timezone
@@ -44,6 +45,10 @@ log = logging.getLogger(__name__)
 
 # Bytes a reading may take on the wire at most (five names of MAX_NAME characters, escaped).
 MAX_READING_BYTES = 2048
+# Replica 0 retires the sessions of removed replicas only this long after it started: a replica
+# still shutting down (Kubernetes gives a pod 30 s) would otherwise be taken over mid-batch.
+ENV_RETIRE_AFTER = "SENSORFLEET_MQTT_RETIRE_AFTER_SECONDS"
+RETIRE_AFTER_DEFAULT = 60.0
 
 
 def subscription_topic(prefix: str, fleet: str, shared_group: str | None) -> str:
@@ -66,6 +71,9 @@ class MqttCollector:
         shared = self.replicas > 1
         group = f"{fleet.name}-collectors"
         self.topic = subscription_topic(spec.protocols.mqtt.topic_prefix, fleet.name, group if shared else None)
+        # The subscription of the other mode, which a persistent session from before a change of
+        # collectorReplicas (1 <-> N) still holds: left in place it delivers every reading twice.
+        self.stale_topic = subscription_topic(spec.protocols.mqtt.topic_prefix, fleet.name, None if shared else group)
         self.client_id = opts.client_id or f"{fleet.name}-mqtt-collector-0"
         self.max_payload = max_payload_bytes(fleet)
         self.sink = CollectorSink(
@@ -96,7 +104,9 @@ class MqttCollector:
             return
         self._connection += 1
         # Subscribe on every connect: a broker restarted without persistence forgot the session.
+        # The broker handles the two packets in order, so no reading finds neither subscription.
         client.subscribe(self.topic, qos=1)
+        client.unsubscribe(self.stale_topic)
         self.metrics.connected.set(1)
         log.info("connected to %s (session present: %s), subscribed to %s", self.broker.url, flags.session_present, self.topic)
 
@@ -160,6 +170,10 @@ class MqttCollector:
         self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
         writer.start()
         network.start()
+        if self.client_id == replica_client_id(self.client_id, 0):
+            # Replica 0 always exists: it collects what the sessions of replicas removed by a
+            # scale-down still hold, then deletes those sessions (they would queue without end).
+            threading.Thread(target=self.retire_removed_replicas, args=(stop,), name="mqtt-retire", daemon=True).start()
         deadline = time.monotonic() + duration if duration else None
         code = 0
         try:
@@ -184,6 +198,86 @@ class MqttCollector:
             log.info("stored %d readings (received %d, lost %d, duplicates %d, malformed %d)", t["stored"], t["received"], t["lost"], t["duplicates"], t["malformed"])
             log.info("SUMMARY %s", json.dumps(self.sink.summary()))
         return code
+
+    # --- sessions of removed replicas -----------------------------------------------------------
+    def retire_removed_replicas(self, stop: threading.Event, timeout: float = 30.0) -> int:
+        """Drain and delete the persistent sessions of replicas >= collectorReplicas; returns how
+        many existed. Stops at the first replica id without a session."""
+        if stop.wait(float(os.environ.get(ENV_RETIRE_AFTER, RETIRE_AFTER_DEFAULT))):
+            return 0
+        retired = 0
+        for replica in range(self.replicas, self.replicas + 1000):
+            if stop.is_set():
+                break
+            try:
+                present = self._retire_session(replica_client_id(self.client_id, replica), stop, timeout)
+            except (OSError, TimeoutError) as exc:
+                log.warning("could not retire the session of collector replica %d (%s); retrying at the next start", replica, exc)
+                break
+            if not present:
+                break
+            retired += 1
+        return retired
+
+    def _retire_session(self, client_id: str, stop: threading.Event, timeout: float) -> bool:
+        received: collections.deque = collections.deque()
+        connected, unsubscribed = threading.Event(), threading.Event()
+        state: dict[str, bool] = {}
+        client = mqtt_client(self.broker, client_id, clean_session=False, manual_ack=True)
+        client.on_connect = lambda _c, _u, flags, rc, _p: (state.update(present=bool(flags.session_present), refused=rc.is_failure), connected.set())
+        client.on_unsubscribe = lambda *_args: unsubscribed.set()
+        client.on_message = lambda _c, _u, m: received.append((m.payload, m.topic, m.mid, m.qos, datetime.now(timezone.utc)))
+        client.connect(self.broker.host, self.broker.port, keepalive=30)
+        client.loop_start()
+        try:
+            if not connected.wait(timeout) or state.get("refused"):
+                raise TimeoutError(f"broker did not accept {client_id}")
+            if state["present"]:
+                # No new reading is routed to the session once it holds no subscription; then
+                # what it had queued arrives, is written by this collector and acknowledged.
+                client.unsubscribe([self.topic, self.stale_topic])
+                if not unsubscribed.wait(timeout):
+                    raise TimeoutError(f"broker did not confirm the unsubscription of {client_id}")
+                quiet_since, seen = time.monotonic(), 0
+                while time.monotonic() - quiet_since < 1.0 and not stop.is_set():
+                    time.sleep(0.1)
+                    if len(received) != seen:
+                        seen, quiet_since = len(received), time.monotonic()
+                count = len(received)
+                while received:
+                    payload, topic, _mid, _qos, received_at = received.popleft()
+                    self.sink.accept_decoded(decode_json_payload(payload, self.max_payload), received_at, where=f"topic {topic}: ")
+                # The writer thread writes them with its next batch; only then may the session go
+                # (its unacknowledged copies are the only others).
+                # A write completed after these accepts holds them (accept and flush share a lock).
+                stored = self.sink.totals["stored"]
+                deadline = time.monotonic() + self.sink.flush_interval + timeout
+                while self.sink.pending() and self.sink.totals["stored"] == stored and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if self.sink.pending() and self.sink.totals["stored"] == stored:
+                    raise TimeoutError(f"the readings left in the session of {client_id} were not written in time")
+                log.info("collected %d message(s) left in the session of removed replica %s", count, client_id)
+            client.disconnect()
+        finally:
+            client.loop_stop()
+        # A clean connection deletes the session (and the one this probe may just have created).
+        cleaner = mqtt_client(self.broker, client_id, clean_session=True)
+        cleaner.connect(self.broker.host, self.broker.port, keepalive=30)
+        cleaner.loop_start()
+        try:
+            deadline = time.monotonic() + timeout
+            while not cleaner.is_connected() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            cleaner.disconnect()
+        finally:
+            cleaner.loop_stop()
+        return state["present"]
+
+
+def replica_client_id(client_id: str, replica: int) -> str:
+    """The client id of collector `replica` of the same fleet (`<fleet>-mqtt-collector-<n>`)."""
+    stem, _, number = client_id.rpartition("-")
+    return f"{stem}-{replica}" if number.isdigit() and stem.endswith("-collector") else client_id if replica == 0 else f"{client_id}-{replica}"
 
 
 def run(opts: CollectorOptions) -> int:

@@ -137,3 +137,47 @@ def test_replayed_csv_is_published_and_stored(write_fleet, tmp_path, mosquitto):
     assert set(df["device"]) == {"pump-1", "pump-2"}
     first_loop = df[df["seq"] < 20].sort_values(["device", "seq"])
     assert first_loop[first_loop["device"] == "pump-1"]["value"].round(1).tolist() == [round(20 + i * 0.1, 1) for i in range(20)]
+
+
+def test_scaling_collector_replicas_up_and_down_stores_each_reading_once(write_fleet, tmp_path, mosquitto, monkeypatch):
+    """collectorReplicas 1 -> 3 -> 1 while publishing: replica 0 drops its plain subscription when
+    it joins the shared one (else every reading is stored twice), and after the scale-down it
+    collects what the removed replicas' sessions still hold (older than what it stored already:
+    the resume keeps those seqs open), then deletes those sessions. The simulator runs 40 s: at
+    load 16 each collector takes seconds to start."""
+    monkeypatch.setenv("SENSORFLEET_MQTT_RETIRE_AFTER_SECONDS", "2")  # the removed replicas are gone already
+    one = write_fleet(FAST, name="demo")
+    three = write_fleet({**FAST, "protocols": {"mqtt": {**FAST["protocols"]["mqtt"], "collectorReplicas": 3}}}, name="demo3")
+    three.write_text(three.read_text().replace("name: demo3", "name: demo"))
+    data = tmp_path / "data"
+
+    def collector(fleet, replica):
+        c = component("collect", "mqtt", fleet, tmp_path, "--data", str(data), "--broker", mosquitto.url, "--client-id", f"demo-mqtt-collector-{replica}").start()
+        wait_until(lambda: c.metric("sensorfleet_connected") == 1, 30, message=f"collector {replica} connected")
+        return c
+
+    first = collector(one, 0)
+    simulator = component("simulate", "mqtt", one, tmp_path, "--broker", mosquitto.url, "--duration", "40").start()
+    wait_until(lambda: first.metric("sensorfleet_readings_stored_total") > 300, 30, message="first batches stored")
+    assert first.stop() == 0
+    scaled = [collector(three, r) for r in range(3)]
+    wait_until(lambda: all(c.metric("sensorfleet_readings_stored_total") > 50 for c in scaled), 30, message="three replicas storing")
+    for c in reversed(scaled):  # scale down: replicas 2 and 1 go, then 0 restarts with the new spec
+        assert c.stop() == 0
+    time.sleep(1.0)  # readings published now are queued in the sessions of all three
+    last = collector(one, 0)
+    assert simulator.wait(150) == 0, simulator.log()
+    published = int(simulator.log().split("published ")[1].split(" readings")[0])
+    wait_until(lambda: len(stored(data)) >= published, 60, message="every reading stored")
+    wait_until(lambda: "left in the session of removed replica demo-mqtt-collector-2" in last.log(), 30, message="replica 2's session retired")
+    assert last.stop() == 0
+    assert_complete(stored(data), published)
+    probe = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="demo-mqtt-collector-1", protocol=mqtt.MQTTv311, clean_session=False)
+    present = {}
+    probe.on_connect = lambda _c, _u, flags, _rc, _p: present.update(value=flags.session_present)
+    probe.connect("127.0.0.1", mosquitto.port)
+    probe.loop_start()
+    wait_until(lambda: "value" in present, 15, message="probe connected")
+    probe.disconnect()
+    probe.loop_stop()
+    assert present["value"] is False, "the removed replica's session was left on the broker"

@@ -91,3 +91,26 @@ def test_seqs_missing_below_the_last_stored_one_are_stored_when_they_come(tmp_pa
     assert (resumed.totals["stored"], resumed.totals["duplicates"], resumed.totals["lost"], resumed.totals["late"]) == (len(held_elsewhere), 0, 0, 0)
     again = model.readings(model.block(DEVICES, now))
     assert not any(resumed.accept(r, datetime.now(timezone.utc)) for r in again), "the newest stored tick is still a duplicate"
+
+
+def test_a_reading_counted_offline_that_arrives_after_all_is_stored_and_taken_back(tmp_path: Path) -> None:
+    """The first reading after a resume counts the jump offline; a removed replica's session may
+    still deliver some of those seqs: stored once, and no longer counted offline."""
+    data = tmp_path / "data"
+    fleet_spec = spec()
+    model = SignalModel(fleet_spec, "demo", "mqtt")
+    now = model.current_tick(DEVICES, time.time())
+    ticks = {back: model.readings(model.block(DEVICES, now - back + 1)) for back in range(6, 0, -1)}
+    first = CollectorSink("demo", "mqtt", str(data), FleetMetrics("demo", "mqtt", "collector"))
+    for reading in ticks[6]:
+        first.accept(reading, datetime.now(timezone.utc))
+    first.flush()
+    resumed = CollectorSink("demo", "mqtt", str(data), FleetMetrics("demo", "mqtt", "collector"))
+    resumed.resume_from_dataset(space=SequenceSpace.of(fleet_spec, "mqtt"))
+    series = len(ticks[1])
+    for back in (1, 3, 3):  # the newest first (offline jump of 4), then one of the four, twice
+        for reading in ticks[back]:
+            resumed.accept(reading, datetime.now(timezone.utc))
+    resumed.flush()
+    t = resumed.totals
+    assert (t["stored"], t["duplicates"], t["offline"], t["lost"]) == (2 * series, series, 3 * series, 0)
