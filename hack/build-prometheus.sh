@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build Prometheus with every service discovery (kubernetes_sd_configs among them: Debian's
-# prometheus 2.42 is built without it) from the Go module proxy, into a cache outside the repo:
+# Build Prometheus with the service discoveries SensorFleet documents (kubernetes_sd_configs, which
+# Debian's prometheus 2.42 is built without, plus the built-in file and http ones) from the Go module
+# proxy, into a cache outside the repo:
 #   ${SENSORFLEET_CACHE:-~/.cache/sensorfleet}/prometheus-<PROMETHEUS_VERSION>/bin/prometheus
 # Same pattern as hack/build-k8s.sh: a stamp records what was built, a lock lets one build run at a
 # time, a second run with the same pin does nothing.
@@ -17,7 +18,11 @@ OUT="$CACHE_ROOT/prometheus-$PROMETHEUS_VERSION"
 BIN="$OUT/bin"
 STAMP="$OUT/stamp"
 LOG="$OUT/build.log"
-WANT_STAMP="prometheus=$PROMETHEUS_VERSION"
+# Prometheus' own build tags (plugins/plugin_*.go): `remove_all_sd` drops the cloud discoveries and
+# their SDKs (AWS, Azure, GCE, OpenStack, ...), which are most of the compile time; file and http
+# discovery are always in (plugins/minimum.go).
+PROMETHEUS_TAGS="${PROMETHEUS_TAGS:-remove_all_sd,enable_kubernetes_sd}"
+WANT_STAMP="prometheus=$PROMETHEUS_VERSION tags=$PROMETHEUS_TAGS"
 
 force=0
 case "${1:-}" in
@@ -59,11 +64,11 @@ say "building $WANT_STAMP into $BIN ($(go env GOVERSION), $(nproc) CPUs; log: $L
 {
   go mod init sensorfleet.local/prometheus-build
   go mod edit -require="github.com/prometheus/prometheus@$PROMETHEUS_VERSION"
-  # -tags: without `builtinassets` the binary serves no web UI, which the tests never use; the
-  # HTTP API and all service discoveries (cmd/prometheus imports plugins/) are in.
+  # Without the `builtinassets` tag the binary serves no web UI, which the tests never use; the
+  # HTTP API is in.
   ldflags="-s -w -X github.com/prometheus/common/version.Version=${PROMETHEUS_VERSION}"
   ldflags+=" -X github.com/prometheus/common/version.Branch=module-proxy"
-  go build -mod=mod -trimpath -v -ldflags "$ldflags" -o "$OUT/staging-bin/" \
+  go build -mod=mod -trimpath -v -tags "$PROMETHEUS_TAGS" -ldflags "$ldflags" -o "$OUT/staging-bin/" \
     github.com/prometheus/prometheus/cmd/prometheus github.com/prometheus/prometheus/cmd/promtool
 } >"$LOG" 2>&1 &
 pid=$! next_beat=$((SECONDS + 30))

@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def prometheus_with_k8s_sd(request: pytest.FixtureRequest) -> Path:
-    """The prometheus binary (v3, every service discovery compiled in)."""
+    """The prometheus binary (v3, kubernetes, file and http service discovery compiled in)."""
     code = request.config.stash.get(_BUILT, None)
     if code is None:
         code = subprocess.run([str(BUILD_SCRIPT)], capture_output=True).returncode
