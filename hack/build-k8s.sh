@@ -14,86 +14,33 @@ HACK_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=k8s-versions.env
 source "$HACK_DIR/k8s-versions.env"
 
-CACHE_ROOT="${SENSORFLEET_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sensorfleet}"
+BUILD_NAME=build-k8s
+# shellcheck source=lib/build.sh
+source "$HACK_DIR/lib/build.sh"
+
 OUT="$CACHE_ROOT/k8s-$K8S_VERSION"
 BIN="$OUT/bin"
+BIN_PRINT="$BIN"
 STAMP="$OUT/stamp"
 LOGS="$OUT/logs"
 BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kwok helm)
 WANT_STAMP="k8s=$K8S_VERSION etcd=$ETCD_VERSION kwok=$KWOK_VERSION helm=$HELM_VERSION binaries=${BINARIES[*]}"
 
-force=0
-case "${1:-}" in
-  --bin-dir) echo "$BIN"; exit 0 ;;
-  --force) force=1 ;;
-  "") ;;
-  *) echo "usage: $0 [--force|--bin-dir]" >&2; exit 2 ;;
-esac
-
-T0=$SECONDS
-say() { printf '[build-k8s %4dm%02ds] %s\n' $(((SECONDS - T0) / 60)) $(((SECONDS - T0) % 60)) "$*"; }
-
-cache_is_fresh() {
+is_fresh() {
   [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT_STAMP" ]] || return 1
   local b
   for b in "${BINARIES[@]}"; do [[ -x "$BIN/$b" ]] || return 1; done
 }
 
-if [[ $force == 0 ]] && cache_is_fresh; then
-  say "cache is up to date ($WANT_STAMP): $BIN"
-  exit 0
-fi
-
-mkdir -p "$OUT" "$LOGS"
-# One build at a time per cache folder (make cluster-build and a pytest run may race).
-exec 9>"$OUT/.lock"
-if ! flock -n 9; then
-  say "another build holds $OUT/.lock; waiting for it"
-  flock 9
-fi
-if [[ $force == 0 ]] && cache_is_fresh; then
-  say "cache was filled by the other build: $BIN"
-  exit 0
-fi
-
-if ! command -v go >/dev/null; then
-  say "error: no \`go\` on PATH; the binaries are built from source and need Go >= 1.21 (it fetches 1.26+ itself)"
-  exit 1
-fi
-# All pinned modules declare `go 1.26`; only fall back to a downloaded toolchain if ours is older.
-go_minor="$(go env GOVERSION | sed -E 's/^go1\.([0-9]+).*/\1/')"
-if (( go_minor < 26 )); then
-  export GOTOOLCHAIN=go1.27.3
-  say "local Go is $(go env GOVERSION); using GOTOOLCHAIN=$GOTOOLCHAIN"
-fi
-export CGO_ENABLED=0
+parse_build_args --bin-dir "$@"
+exit_if_fresh
+mkdir -p "$LOGS"
+lock_build "$OUT"
+require_go "the binaries are"
 
 STAGE_DIR="$OUT/staging-bin"
 rm -rf "$STAGE_DIR"
 mkdir -p "$STAGE_DIR" "$OUT/src"
-
-# run_stage NAME CMD... : run CMD with its output in $LOGS/NAME.log, printing a heartbeat with the
-# number of packages compiled so far (go -v prints one line a package), and the log tail on failure.
-run_stage() {
-  local name="$1"; shift
-  local log="$LOGS/$name.log" start=$SECONDS
-  say "▶ $name (log: $log)"
-  "$@" >"$log" 2>&1 &
-  local pid=$! next_beat=$((SECONDS + 30))
-  while kill -0 "$pid" 2>/dev/null; do
-    sleep 2
-    if (( SECONDS >= next_beat )); then
-      say "  $name: $(grep -cv '^go: ' "$log" || true) packages compiled, $((SECONDS - start))s in stage"
-      next_beat=$((SECONDS + 30))
-    fi
-  done
-  if ! wait "$pid"; then
-    say "✗ $name failed after $((SECONDS - start))s; last lines of $log:"
-    tail -n 40 "$log" >&2
-    exit 1
-  fi
-  say "✓ $name done in $((SECONDS - start))s"
-}
 
 # --- kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy: one wrapper
 # module, one go build (the real node's kubelet and kube-proxy share most packages) ---
@@ -173,10 +120,10 @@ build_helm() {
 }
 
 say "building $WANT_STAMP into $BIN ($(go env GOVERSION), $(nproc) CPUs)"
-run_stage kube build_kube
-run_stage etcd build_etcd
-run_stage kwok build_kwok
-run_stage helm build_helm
+run_stage kube "$LOGS/kube.log" build_kube
+run_stage etcd "$LOGS/etcd.log" build_etcd
+run_stage kwok "$LOGS/kwok.log" build_kwok
+run_stage helm "$LOGS/helm.log" build_helm
 
 mkdir -p "$BIN"
 for b in "${BINARIES[@]}"; do mv -f "$STAGE_DIR/$b" "$BIN/$b"; done

@@ -23,7 +23,10 @@ source "$HACK_DIR/node-versions.env"
 # shellcheck source=k8s-versions.env
 source "$HACK_DIR/k8s-versions.env"
 
-CACHE_ROOT="${SENSORFLEET_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sensorfleet}"
+BUILD_NAME=build-node
+# shellcheck source=lib/build.sh
+source "$HACK_DIR/lib/build.sh"
+
 OUT="$CACHE_ROOT/node"
 BIN="$OUT/bin"
 STAMPS="$OUT/stamps"
@@ -41,66 +44,17 @@ declare -A WANT=(
 )
 ORDER=(containerd runc coredns local-path-provisioner pause images)
 
-force=0
-case "${1:-}" in
-  --bin-dir) echo "$BIN"; exit 0 ;;
-  --force) force=1 ;;
-  "") ;;
-  *) echo "usage: $0 [--force|--bin-dir]" >&2; exit 2 ;;
-esac
-
-T0=$SECONDS
-say() { printf '[build-node %4dm%02ds] %s\n' $(((SECONDS - T0) / 60)) $(((SECONDS - T0) % 60)) "$*"; }
-fresh() { [[ $force == 0 && -f "$STAMPS/$1" && "$(cat "$STAMPS/$1")" == "${WANT[$1]}" ]]; }
+BIN_PRINT="$BIN"
+fresh() { [[ $FORCE == 0 && -f "$STAMPS/$1" && "$(cat "$STAMPS/$1")" == "${WANT[$1]}" ]]; }
 stale() { local p; for p in "${ORDER[@]}"; do fresh "$p" || echo "$p"; done; }
+is_fresh() { [[ -z "$(stale)" ]]; }
 
-if [[ -z "$(stale)" ]]; then
-  say "cache is up to date: $BIN"
-  exit 0
-fi
-
-mkdir -p "$OUT" "$LOGS" "$STAMPS" "$BIN"
-exec 9>"$OUT/.lock"
-if ! flock -n 9; then
-  say "another build holds $OUT/.lock; waiting for it"
-  flock 9
-fi
-if [[ -z "$(stale)" ]]; then
-  say "cache was filled by the other build: $BIN"
-  exit 0
-fi
-
-if ! command -v go >/dev/null; then
-  say "error: no \`go\` on PATH; containerd, CoreDNS and local-path-provisioner are built from source"
-  exit 1
-fi
-go_minor="$(go env GOVERSION | sed -E 's/^go1\.([0-9]+).*/\1/')"
-if (( go_minor < 26 )); then
-  export GOTOOLCHAIN=go1.27.3
-fi
-export CGO_ENABLED=0
+parse_build_args --bin-dir "$@"
+exit_if_fresh
+mkdir -p "$LOGS" "$STAMPS" "$BIN"
+lock_build "$OUT"
+require_go "containerd, CoreDNS and local-path-provisioner are"
 STAGE_DIR="$OUT/staging-bin"
-
-run_stage() {
-  local name="$1"; shift
-  local log="$LOGS/$name.log" start=$SECONDS
-  say "▶ $name (log: $log)"
-  "$@" >"$log" 2>&1 &
-  local pid=$! next_beat=$((SECONDS + 30))
-  while kill -0 "$pid" 2>/dev/null; do
-    sleep 2
-    if (( SECONDS >= next_beat )); then
-      say "  $name: $(grep -cv '^go: ' "$log" || true) packages compiled, $((SECONDS - start))s in stage"
-      next_beat=$((SECONDS + 30))
-    fi
-  done
-  if ! wait "$pid"; then
-    say "✗ $name failed after $((SECONDS - start))s; last lines of $log:"
-    tail -n 40 "$log" >&2
-    exit 1
-  fi
-  say "✓ $name done in $((SECONDS - start))s"
-}
 
 # containerd, its runc v2 shim and ctr in one go build, from a wrapper module. Static, no cgo:
 # the btrfs/devmapper/zfs snapshotters are left out (the node uses overlayfs).
@@ -205,7 +159,7 @@ for piece in "${ORDER[@]}"; do
   if [[ $piece == images ]]; then
     [[ -x /bin/busybox ]] && /bin/busybox --list >/dev/null || { say "error: /bin/busybox (Debian busybox-static) is missing: hack/ensure-system-packages.sh"; exit 1; }
   fi
-  run_stage "$piece" "build_$piece"
+  run_stage "$piece" "$LOGS/$piece.log" "build_$piece"
   mv -f "$STAGE_DIR"/* "$BIN/"
   rmdir "$STAGE_DIR"
   echo "${WANT[$piece]}" >"$STAMPS/$piece"
