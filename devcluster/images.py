@@ -332,6 +332,7 @@ def _ensure(steps: _Steps, folder: Path, base: str, context: Path) -> list[Image
         base_ref: str | None = None
         for name, ref, containerfile, archive in wanted:
             if archive.exists():  # cached, or built by the build that held the lock
+                _used_marker(archive).touch()  # in use: _prune keeps it
                 steps.say(f"{name}: cached {archive.name} ({ref})")
                 results.append(ImageArchive(ref, archive, built=False))
                 continue
@@ -343,11 +344,28 @@ def _ensure(steps: _Steps, folder: Path, base: str, context: Path) -> list[Image
     return results
 
 
-def _prune(folder: Path, keep: set[str]) -> None:
-    """Archives of older inputs are dead weight (each is a few hundred MB)."""
+# Other checkouts on this machine (worktrees, a CI clone) may be using the archive of their own
+# inputs right now: only archives nobody has built or used for this long are removed.
+PRUNE_UNUSED_AFTER_S = 6 * 3600
+
+
+def _prune(folder: Path, keep: set[str], *, now: float | None = None) -> list[Path]:
+    """Archives of older inputs are dead weight (each is a few hundred MB); returns those removed."""
+    now = time.time() if now is None else now
+    removed = []
     for stale in folder.glob("*.oci.tar"):
-        if stale.name not in keep:
+        marker = _used_marker(stale)
+        last_used = max(stale.stat().st_mtime, marker.stat().st_mtime if marker.exists() else 0.0)
+        if stale.name not in keep and now - last_used > PRUNE_UNUSED_AFTER_S:
             stale.unlink()
+            marker.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
+
+
+def _used_marker(archive: Path) -> Path:
+    """Touched on each cache hit (the archive's own mtime says when it was built)."""
+    return archive.with_name(archive.name + ".used")
 
 
 def main(argv: list[str] | None = None) -> int:

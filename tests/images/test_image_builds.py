@@ -5,6 +5,7 @@ of their inputs."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -142,3 +143,19 @@ def test_a_rebuild_removes_the_image_it_replaced_and_keeps_the_build_cache(tmp_p
         ours = subprocess.run(["podman", "images", "--all", "--quiet", "--filter", f"label={label}"], capture_output=True, text=True).stdout.split()
         for image in ours:  # the build stage's images this test made (newest first: children before parents)
             subprocess.run(["podman", "rmi", image], capture_output=True)
+
+
+def test_archives_another_checkout_may_be_using_are_kept(tmp_path):
+    """A worktree or CI clone with other inputs shares the cache: only archives unused for hours go."""
+    now = 1_000_000.0
+    wanted, recent, used_lately, old = (tmp_path / f"{n}.oci.tar" for n in ("wanted", "recent", "used", "old"))
+    for archive, built_ago in ((wanted, 10 * 3600), (recent, 60), (used_lately, 10 * 3600), (old, 10 * 3600)):
+        archive.write_bytes(b"")
+        os.utime(archive, (now - built_ago, now - built_ago))
+    images._used_marker(used_lately).touch()
+    os.utime(images._used_marker(used_lately), (now - 120, now - 120))
+
+    removed = images._prune(tmp_path, {wanted.name}, now=now)
+
+    assert removed == [old]
+    assert sorted(p.name for p in tmp_path.glob("*.oci.tar")) == ["recent.oci.tar", "used.oci.tar", "wanted.oci.tar"]
