@@ -95,7 +95,7 @@ def test_a_child_dying_mid_run_stops_the_fleet_cleanly(write_fleet, tmp_path):
     simulator().kill()
     output, _ = run.communicate(timeout=90)
     assert run.returncode == 1, output
-    assert "mqtt-simulator-0 exited unexpectedly" in output
+    assert "mqtt-simulator-0 exited unexpectedly" in output, output
     time.sleep(0.5)
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(fleet) in " ".join(p.info["cmdline"] or [])], "children left behind"
 
