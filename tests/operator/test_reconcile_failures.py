@@ -107,10 +107,21 @@ def test_a_fleet_deleted_and_recreated_under_its_name_owns_its_broker_secret_aga
         cluster.kubectl("patch", "sensorfleet", name, "-n", namespace, "--type=merge", "-p", json.dumps({"spec": {"protocols": {"mqtt": {"devices": 3}}}}))
         wait_for("the edited fleet Ready", ready_at(2), 90)
         cluster.kubectl("delete", "sensorfleet", name, "-n", namespace, "--wait=true")
-        wait_for("the first fleet's Secret garbage-collected", lambda: kjson(cluster, "get", "secret", secret_name, "-n", namespace) is None, 60)
+        # Recreated once deletion is complete: every child of the first fleet garbage-collected.
+        def children_left() -> list[str]:
+            listed = kjson(cluster, "get", "deployments,services,configmaps,secrets,cronjobs", "-n", namespace,
+                           "-l", f"{builders.FLEET_LABEL}={name}") or {"items": []}
+            return [f"{i['kind']}/{i['metadata']['name']}" for i in listed["items"]]
+        wait_for("the first fleet's children garbage-collected", lambda: not children_left(), 90)
+        assert kjson(cluster, "get", "secret", secret_name, "-n", namespace) is None
 
         cluster.kubectl("apply", "-f", "-", input=json.dumps(fleet))
-        second = wait_for("the recreated fleet Ready", ready_at(1), 90)
+        try:
+            second = wait_for("the recreated fleet Ready", ready_at(1), 90)
+        except AssertionError as error:  # before the fix: Degraded NotOwned on the broker Secret, for ever
+            now = body() or {"metadata": {}}
+            raise AssertionError(f"{error}; first fleet uid {first['metadata']['uid']}, recreated uid {now['metadata'].get('uid')}; "
+                                 f"Degraded: {condition(now, 'Degraded')}") from None
         assert second["metadata"]["uid"] != first["metadata"]["uid"]
         assert condition(second, "Degraded")["status"] == "False", condition(second, "Degraded")
         secret = kjson(cluster, "get", "secret", secret_name, "-n", namespace)
