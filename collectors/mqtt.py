@@ -17,7 +17,11 @@ With `collectorReplicas > 1`, replicas share the load through a shared subscript
 (`$share/<group>/...`, Mosquitto); a device's readings then spread over replicas, so each replica
 cannot see gaps: gap accounting is switched off there (see README, "Loss accounting").
 
-Threads: paho's network loop only appends each message to a deque (it must keep answering the
+The network side speaks MQTT 5 (`mqtt_session.Mqtt5Subscriber`: packets decoded by the Rust
+`mqtt5` codec, PUBACKs of a written batch sent in one write); against a broker that refuses MQTT 5
+(the embedded amqtt broker) it falls back to paho at MQTT 3.1.1, with the same threads and acks.
+
+Threads: the network loop only appends each message to a deque (it must keep answering the
 broker: a loop busy writing Parquet misses keep-alives); the writer thread decodes, validates,
 writes batches and then acknowledges what they hold. The process exits non-zero, and /healthz
 fails, as soon as either thread has ended.
@@ -36,6 +40,7 @@ from datetime import datetime, timezone
 import paho.mqtt.client as mqtt
 
 from sensorfleet.collectors.base import CollectorSink, SequenceSpace, drain_into_sink
+from sensorfleet.collectors.mqtt_session import Mqtt5Subscriber
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.reading import DEFAULT_MAX_PAYLOAD_BYTES, decode_json_payload
 from sensorfleet.runtime import BrokerAddress, CollectorOptions, mqtt_client, parse_broker_url, stop_event_on_signals
@@ -92,6 +97,9 @@ class MqttCollector:
         # redelivered by the broker, never acknowledged on the new one (the tracker drops the copy).
         self._connection = 0
         self._stop = threading.Event()
+        self.subscriber: Mqtt5Subscriber | None = Mqtt5Subscriber(broker, self.client_id, metrics, self.topic, self._take, stale_topic=self.stale_topic)
+        self._network_stop = threading.Event()
+        # paho at MQTT 3.1.1, used only if the broker refuses MQTT 5.
         self.client = mqtt_client(broker, self.client_id, clean_session=False, manual_ack=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -118,12 +126,16 @@ class MqttCollector:
             self.metrics.error("connection_lost").inc()
 
     def _on_message(self, _client, _userdata, message: mqtt.MQTTMessage) -> None:
-        # Runs in paho's network thread: nothing here may raise. It blocks only at the buffer
-        # bound (backpressure.py): nothing more is read or acknowledged, the broker keeps the rest.
+        self._take((message.payload, message.topic, message.mid, message.qos, self._connection, datetime.now(timezone.utc)))
+
+    def _take(self, item: tuple) -> None:
+        """Runs in the network thread (paho's or the MQTT 5 loop's): nothing here may raise. It
+        blocks only at the buffer bound (backpressure.py): nothing more is read or acknowledged,
+        the broker keeps the rest."""
         while len(self.intake) + self.sink.buffered() >= self.sink.buffer_limit:
             if self._stop.wait(0.05):
                 return  # stopping: not taken, not acknowledged; the broker redelivers it
-        self.intake.append((message.payload, message.topic, message.mid, message.qos, self._connection, datetime.now(timezone.utc)))
+        self.intake.append(item)
 
     # --- writer thread --------------------------------------------------------------------------
     def handle(self, item: tuple) -> None:
@@ -147,6 +159,14 @@ class MqttCollector:
         self.sink.flush(on_written=lambda: self._ack(acks))
 
     def _ack(self, acks: list[tuple[int, int, int]]) -> None:
+        if self.subscriber is not None:
+            by_connection: dict[int, list[int]] = {}
+            for mid, qos, connection in acks:
+                if qos:
+                    by_connection.setdefault(connection, []).append(mid)
+            for connection, mids in by_connection.items():
+                self.subscriber.ack(mids, connection)  # dropped there if from an earlier connection
+            return
         current = self._connection
         for mid, qos, connection in acks:
             if qos and connection == current:
@@ -156,6 +176,15 @@ class MqttCollector:
         drain_into_sink(self.sink, self.intake, done, self.handle, flush_check_every=2000, flush=self.flush_and_ack)
 
     def _network(self) -> None:
+        if self.subscriber is not None:
+            self.subscriber.run_forever(self._network_stop)
+            if self.subscriber.refused is None:
+                return
+            log.warning("%s; collecting through paho at MQTT 3.1.1 instead", self.subscriber.refused)
+            self.subscriber = None  # acks go through paho from now on (nothing was received yet)
+            if self._network_stop.is_set():
+                return
+        self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
         self.client.loop_forever(retry_first_connection=True)
 
     def run(self, stop: threading.Event, duration: float | None) -> int:
@@ -167,7 +196,6 @@ class MqttCollector:
         done = threading.Event()
         writer = self.metrics.watch(threading.Thread(target=self.drain, args=(done,), name="mqtt-writer", daemon=True))
         network = self.metrics.watch(threading.Thread(target=self._network, name="mqtt-network", daemon=True))
-        self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
         writer.start()
         network.start()
         if self.client_id == replica_client_id(self.client_id, 0):
@@ -192,6 +220,7 @@ class MqttCollector:
             done.set()
             writer.join(timeout=60)
             time.sleep(0.1)
+            self._network_stop.set()
             self.client.disconnect()
             network.join(timeout=10)
             t = self.sink.totals

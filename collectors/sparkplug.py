@@ -66,6 +66,7 @@ class SparkplugCollector(MqttCollector):
         super().__init__(opts, broker, metrics)
         self.fleet = opts.fleet.name
         self.topic = f"{NAMESPACE}/{self.fleet}/#"  # never shared: a host must see every birth
+        self.subscriber = None  # paho: a host needs its Will (STATE offline) and STATE publishes
         self.sink.count_gaps = True
         self.host_id = opts.fleet.spec.protocols.mqtt.sparkplug.primary_host_id
         self.host = HostState(self.fleet)

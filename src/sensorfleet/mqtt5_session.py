@@ -45,6 +45,29 @@ class BrokerRefusedConnection(ConnectionError):
     """The broker answered CONNECT with a refusal (bad credentials, not authorised, ...)."""
 
 
+async def broker_speaks_mqtt5(broker: BrokerAddress, client_id: str) -> bool:
+    """Ask with a minimal CONNECT (clean start, no properties) whether the broker speaks MQTT 5.
+    Needed before a CONNECT with properties: amqtt reads those as MQTT 3.1.1 fields and waits for
+    bytes that never come instead of refusing. Raises OSError/TimeoutError if there is no answer."""
+    context = ssl.create_default_context() if broker.tls else None
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(broker.host, broker.port, ssl=context), CONNACK_TIMEOUT)
+    try:
+        password = broker.password.encode() if broker.password is not None else None
+        writer.write(mqtt5.ConnectPacket(client_id, username=broker.username, password=password, clean_start=True).write())
+        answer = await asyncio.wait_for(reader.read(64), CONNACK_TIMEOUT)
+        if not answer:
+            raise ConnectionResetError("connection closed before CONNACK")
+        if answer.startswith(MQTT311_UNACCEPTABLE_PROTOCOL):
+            return False
+        packet, _ = mqtt5.read(memoryview(answer))
+        if isinstance(packet, mqtt5.ConnAckPacket) and packet.reason_code == mqtt5.ConnAckReasonCode.UNSUPPORTED_PROTOCOL_VERSION:
+            return False
+        writer.write(mqtt5.DisconnectPacket().write())
+        return True
+    finally:
+        writer.close()
+
+
 class Mqtt5Connection(asyncio.Protocol):
     """Subclasses handle `_on_connected`, `_on_packet` (anything but CONNACK/PINGRESP/DISCONNECT),
     `_after_packets` (once per chunk read) and `_on_lost`. `generation` counts connections: packet
