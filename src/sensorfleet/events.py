@@ -1,5 +1,5 @@
 """Device events beside the dataset: what clients did to devices (setpoint writes, injected
-faults, resets), one row per event. Readings stay in the one Reading schema; an event is not a
+faults, resets) and limit-alarm crossings, one row per event. Readings stay in the one Reading schema; an event is not a
 reading (no sequence number, not on a tick), so it gets its own small table:
 
     DIR/_events/protocol=opcua/part-<writer>-<time>-<n>.parquet
@@ -27,7 +27,7 @@ EVENT_SCHEMA = pa.schema(
         pa.field("fleet", pa.string()),
         pa.field("device", pa.string()),
         pa.field("ts", pa.timestamp("us", tz="UTC")),  # when the action took effect (server clock)
-        pa.field("action", pa.string()),  # setpoint | fault | reset
+        pa.field("action", pa.string()),  # setpoint | fault | reset | limit_high | limit_low | limit_normal
         pa.field("sensor", pa.string()),  # setpoint: the sensor
         pa.field("value", pa.float64()),  # setpoint: the new setpoint; fault: null
         pa.field("fault", pa.string()),  # fault: its kind
