@@ -6,6 +6,7 @@ Imports of pandas, statsforecast and matplotlib happen inside the commands, so t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -80,7 +81,7 @@ def generate(
 
 def forecast(
     data: Annotated[str, typer.Option("--data", help="Dataset directory or fsspec URL (as written by the collectors or `generate`).")] = "data",
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Directory for forecasts.parquet, metrics.json, plots and report.html.")] = Path("out"),
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Directory or fsspec URL (e.g. s3://bucket/fleet/_reports) for forecasts.parquet, metrics.json, plots and report.html.")] = "out",
     horizon: Annotated[Optional[int], typer.Option("--horizon", help="Steps to forecast (default: spec.forecasting.horizon or 60).", show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="auto|harmonic|mstl|autoets|seasonalnaive|timegpt (default: auto = harmonic).", show_default=False)] = None,
     fleet: Annotated[Optional[Path], typer.Option("--fleet", "-f", help="SensorFleet manifest: defaults from its spec.forecasting.", show_default=False)] = None,
@@ -101,10 +102,7 @@ def forecast(
 ) -> None:
     """Forecast every series of the dataset, score the forecasts (hold-out and rolling-origin CV
     against SeasonalNaive), flag readings outside the prediction interval, and write the report."""
-    from sensorfleet.forecasting.errors import ForecastInputError, NotEnoughData
-    from sensorfleet.forecasting.pipeline import ForecastOptions, Progress, headline_text, outcome_message, run_forecast
-
-    from sensorfleet.forecasting.fanout import run_jobs, run_shard_then_merge
+    from sensorfleet.forecasting.destination import is_remote, staged
 
     if jobs < 1:
         raise _fail(f"--jobs: must be >= 1, got {jobs}")
@@ -112,7 +110,24 @@ def forecast(
         raise _fail("--jobs: runs every shard itself; leave out --shard (or --jobs for one shard)")
     if merge_when_done and shard is None:
         raise _fail("--merge-when-done: needs --shard i/N")
+    if merge_when_done and is_remote(out_dir):
+        raise _fail(f"--out {out_dir}: --merge-when-done needs a folder every shard's pod shares (a claim); "
+                    "an object-store URL takes one pod (spec.forecasting.parallelism: 1) or --jobs N in one pod")
     spec_fleet = _load_fleet(fleet) if fleet else None
+    with staged(out_dir) as (folder, publish):
+        _forecast(spec_fleet, data, folder, out_dir, publish, horizon=horizon, model=model, level=level, seed=seed,
+                  frequency=frequency, window_days=window_days, cv_windows=cv_windows, jobs=jobs, protocol=protocol,
+                  drop_short=drop_short, shard=shard, wait_for_data=wait_for_data, termination_message=termination_message,
+                  merge_when_done=merge_when_done, run_id=run_id, quiet=quiet)
+
+
+def _forecast(spec_fleet, data: str, out_dir: Path, destination: str, publish: Callable[[], list[str]], *, horizon, model, level, seed, frequency,
+              window_days, cv_windows, jobs, protocol, drop_short, shard, wait_for_data, termination_message,
+              merge_when_done, run_id, quiet) -> None:
+    from sensorfleet.forecasting.errors import ForecastInputError, NotEnoughData
+    from sensorfleet.forecasting.fanout import run_jobs, run_shard_then_merge
+    from sensorfleet.forecasting.pipeline import ForecastOptions, Progress, headline_text, outcome_message, run_forecast
+
     options = ForecastOptions.from_fleet(
         spec_fleet, data=data, out=out_dir, horizon=horizon, model=model, level=level, frequency=frequency, window_days=window_days,
         cv_windows=cv_windows, seed=seed, protocols=protocol, drop_short=drop_short, shard=shard, run_id=run_id,
@@ -134,7 +149,7 @@ def forecast(
             merged = run_shard_then_merge(options, Progress(enabled=not quiet))
             if merged is None:
                 # No termination message: the pod that merges reports the run's outcome.
-                out.print(f"shard {shard} written to {Path(out_dir) / 'shards'}; the last shard to finish writes the merged report", highlight=False)
+                out.print(f"shard {shard} written to {out_dir / 'shards'}; the last shard to finish writes the merged report", highlight=False)
                 return
             run = merged
         else:
@@ -154,9 +169,14 @@ def forecast(
             raise _fail(f"TimeGPT request failed ({type(exc).__name__}): {exc}", code=1) from None
         raise
     push_from_env(Path(options.out), fleet_name)
+    try:
+        publish()
+    except OSError as exc:
+        report_outcome("Failed", message=f"--out {destination}: upload failed: {exc}")
+        raise _fail(f"--out {destination}: upload failed: {exc}", code=1) from None
     head = run.metrics["headline"]
     report_outcome("Forecast", headline=headline_text(head))
-    table = Table(title=f"forecast: {head['series']} series, horizon {options.horizon}, written to {options.out}")
+    table = Table(title=f"forecast: {head['series']} series, horizon {options.horizon}, written to {destination}")
     for column in ("model", "MAE", "MASE", f"MASE / {head['baseline']}", "CV MASE ratio", "anomalies flagged"):
         table.add_column(column, justify="right")
 
@@ -165,7 +185,7 @@ def forecast(
 
     table.add_row(head["model"], show(head["mae"]), show(head["mase"]), show(head["mase_vs_baseline"]), show(head["cv_mase_vs_baseline"]), str(head["anomalies_flagged"]))
     out.print(table)
-    out.print(f"report: {Path(options.out) / 'report.html'}", highlight=False)
+    out.print(f"report: {destination.rstrip('/')}/report.html", highlight=False)
 
 
 def forecast_merge(

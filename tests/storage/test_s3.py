@@ -63,3 +63,42 @@ def test_compaction_on_the_object_store_keeps_every_key(s3_env) -> None:
 
 def _write_small_files(url: str, start: datetime, writer) -> int:
     return writer(url, start, hours=2, per_file=600)
+
+
+FORECAST_FLEET = """
+apiVersion: sensorfleet.io/v1alpha1
+kind: SensorFleet
+metadata: {name: s3-forecast}
+spec:
+  seed: 3
+  protocols:
+    mqtt: {enabled: true, devices: 2, interval: 60}
+    coap: {enabled: false}
+    opcua: {enabled: false}
+  forecasting: {horizon: 60}
+"""
+
+
+def test_the_forecast_report_of_an_s3_fleet_lands_beside_its_dataset(s3_env, tmp_path: Path) -> None:
+    """What the forecast CronJob of a fleet with `storage.url: s3://…` runs: `--out` is the URL of
+    `_reports` beside the dataset, and every file of the report ends up there, readable by s3fs."""
+    url = f"s3://forecast-{uuid.uuid4().hex[:8]}/fleet"
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(FORECAST_FLEET)
+    cli = [sys.executable, "-m", "sensorfleet.cli"]
+    made = subprocess.run([*cli, "generate", str(fleet), "--days", "2", "--data", url, "--quiet"],
+                          capture_output=True, text=True, timeout=600, env=s3_env)
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
+    reports = f"{url}/_reports"
+    run = subprocess.run([*cli, "forecast", "--data", url, "--out", reports, "--fleet", str(fleet), "--quiet"],
+                         capture_output=True, text=True, timeout=900, env=s3_env, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert f"report: {reports}/report.html" in run.stdout
+    store = s3fs.S3FileSystem()
+    names = {path.rsplit("/", 1)[-1] for path in store.find(reports.removeprefix("s3://"))}
+    assert {"report.html", "metrics.json", "forecasts.parquet"} <= names, names
+    assert any(name.endswith(".png") for name in names), names
+    assert len(pd.read_parquet(f"{reports}/forecasts.parquet")) > 0
+    assert not any(tmp_path.glob("s3*")), "nothing written to a local folder named after the URL"
+    # The dataset's own readers skip the `_reports` folder, as they skip `_SUCCESS`-style names.
+    assert set(pd.read_parquet(url)["protocol"].astype(str)) == {"mqtt"}
