@@ -135,8 +135,12 @@ def _forecast(spec_fleet, data: str, out_dir: Path, destination: str, publish: C
     )
 
     def report_outcome(reason: str, **fields: object) -> None:
-        if termination_message is not None:
+        if termination_message is None:
+            return
+        try:
             termination_message.write_text(outcome_message(reason, **fields))
+        except OSError as exc:  # e.g. /dev/termination-log outside a pod: the forecast itself stands
+            err.print(f"[yellow]warning[/yellow] --termination-message {termination_message}: {exc.strerror or exc}", highlight=False, soft_wrap=True)
 
     from sensorfleet.forecast_metrics import push_from_env
 

@@ -371,15 +371,6 @@ class FleetSpec(SpecModel):
         return self
 
     @model_validator(mode="after")
-    def _shards_share_a_claim(self) -> FleetSpec:
-        # The shard pods of an Indexed forecast Job meet in OUT/shards on the fleet's claim; an
-        # object store has no folder they could all write and list consistently.
-        if self.forecasting.parallelism > 1 and self.storage.url:
-            raise ValueError("forecasting.parallelism: above 1 needs the fleet's claim (storage.size), not storage.url; "
-                             "with an object store the forecast runs in one pod")
-        return self
-
-    @model_validator(mode="after")
     def _sparkplug_not_replayed(self) -> FleetSpec:
         if self.replay is not None and self.protocols.mqtt.enabled and self.protocols.mqtt.payload_format == "sparkplugB":
             raise ValueError("protocols.mqtt.payloadFormat: sparkplugB does not play back recordings (replay); use json")

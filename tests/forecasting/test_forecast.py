@@ -195,3 +195,13 @@ def test_a_forecast_writes_its_headline_as_the_termination_message(forecast_out:
     pod = {"status": {"containerStatuses": [{"state": {"terminated": {"message": message.read_text()}}}]}}
     assert last_forecast([job], {"f-2": [pod]}) == {"job": "f-2", "result": "Succeeded", "time": "2026-01-01T02:00:00Z",
                                                    "reason": "Forecast", "headline": outcome["headline"]}
+
+
+def test_a_termination_message_that_cannot_be_written_does_not_fail_the_forecast(forecast_out: Path, dataset: Path, fleet_file: Path, tmp_path: Path, app: typer.Typer, runner: CliRunner) -> None:
+    """Outside a pod there is no writable /dev/termination-log: the forecast stands, with a warning."""
+    unwritable = tmp_path / "no-such-folder" / "termination-log"
+    result = runner.invoke(app, ["forecast", "--data", str(dataset), "--out", str(tmp_path / "out"), "--fleet", str(fleet_file),
+                                 "--quiet", "--termination-message", str(unwritable)])
+    assert result.exit_code == 0, result.output
+    assert f"warning --termination-message {unwritable}" in result.output
+    assert (tmp_path / "out" / "report.html").exists()

@@ -133,4 +133,4 @@ def test_claim_with_when_deleted_delete_goes_with_the_fleet(cluster: devcluster.
     assert claim(cluster, name)["metadata"]["uid"] == live["metadata"]["uid"]
     cluster.kubectl("delete", "sensorfleet", name, "-n", NS)
     wait_for("the claim garbage-collected with the fleet",
-             lambda: claim(cluster, name) is None or claim(cluster, name)["metadata"].get("deletionTimestamp"), timeout=120)
+             lambda: (found := claim(cluster, name)) is None or found["metadata"].get("deletionTimestamp"), timeout=120)

@@ -50,7 +50,6 @@ def test_defaults_fill_every_section():
         (lambda d: [d["spec"]["protocols"][p].update(enabled=False) for p in ("mqtt", "coap", "opcua")], "spec.protocols: at least one of mqtt, coap, opcua must be enabled"),
         (lambda d: d["spec"]["broker"].update(mode="external"), "spec.broker: mode 'external' needs url"),
         (lambda d: d["spec"].update(storage={"url": "s3://bucket/x", "size": "5Gi"}), "spec.storage: set either url or size, not both"),
-        (lambda d: d["spec"].update(storage={"url": "s3://bucket/x"}, forecasting={"parallelism": 2}), "spec: forecasting.parallelism: above 1 needs the fleet's claim"),
         (lambda d: d["metadata"].update(name="Bad_Name"), "metadata.name"),
         (lambda d: d.update(kind="Deployment"), "kind"),
     ],
