@@ -25,6 +25,18 @@ from sensorfleet.testing import Component, component, wait_until
 FLEET_NAME = "proto"
 
 
+def started(procs: list, *args: str):
+    """(Sparkplug tests) a `sensorfleet` component, started and registered with `procs` (killed if the test fails)."""
+    c = component(*args).start()
+    procs.append(c)
+    return c
+
+
+def published_of(simulator) -> int:
+    line = next(line for line in simulator.log().splitlines() if "readings, dropped" in line)
+    return int(line.split("published ")[1].split(" readings")[0])
+
+
 @pytest.fixture
 def write_fleet(tmp_path):
     """A fleet manifest with only `protocol` enabled (few devices, a fast interval)."""

@@ -19,7 +19,9 @@ import yaml
 
 from sensorfleet.signals import SignalModel, device_index
 from sensorfleet.spec import load_fleet
-from sensorfleet.testing import component, wait_until
+from sensorfleet.testing import wait_until
+
+from tests.protocols.conftest import published_of, started
 
 FLEET = "spb"
 
@@ -38,18 +40,6 @@ def write_fleet(tmp_path: Path, **mqtt) -> Path:
     path = tmp_path / "fleet.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
-
-
-def started(procs: list, *args: str):
-    """A `sensorfleet` component, started and registered with `procs` (killed if the test fails)."""
-    c = component(*args).start()
-    procs.append(c)
-    return c
-
-
-def published_of(simulator) -> int:
-    line = next(line for line in simulator.log().splitlines() if "readings, dropped" in line)
-    return int(line.split("published ")[1].split(" readings")[0])
 
 
 def test_edge_node_as_tahu_reads_it_and_the_collector_stores_it_all(procs, tmp_path, mosquitto, tahu_listener):

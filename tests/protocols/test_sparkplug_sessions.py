@@ -18,7 +18,9 @@ import yaml
 
 from sensorfleet.runtime import free_port
 from sensorfleet.sparkplug.payload import rebirth_request
-from sensorfleet.testing import component, wait_until
+from sensorfleet.testing import wait_until
+
+from tests.protocols.conftest import published_of, started
 
 FLEET = "spb"
 
@@ -39,18 +41,6 @@ def write_fleet(tmp_path: Path, **sparkplug) -> Path:
 def heard(listener) -> list[tuple[str, dict]]:
     """(topic after the group, Tahu's decoding) of every message the listener got so far."""
     return [(m["topic"].split("/", 2)[2], m["tahu"]) for m in listener.messages()]
-
-
-def started(procs: list, *args: str):
-    """A `sensorfleet` component, started and registered with `procs` (killed if the test fails)."""
-    c = component(*args).start()
-    procs.append(c)
-    return c
-
-
-def published_of(simulator) -> int:
-    line = next(line for line in simulator.log().splitlines() if "readings, dropped" in line)
-    return int(line.split("published ")[1].split(" readings")[0])
 
 
 def totals(collector) -> dict[str, float]:
