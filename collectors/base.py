@@ -184,7 +184,9 @@ class CollectorSink:
         self._lock = threading.RLock()
         self._logged_kinds: set[str] = set()
         self.malformed_by_reason: collections.Counter[str] = collections.Counter()
-        self.totals = {"received": 0, "stored": 0, "lost": 0, "duplicates": 0, "malformed": 0, "late": 0, "offline": 0}
+        self.totals = {"received": 0, "stored": 0, "lost": 0, "duplicates": 0, "malformed": 0, "late": 0, "offline": 0,
+                       # readings of third-party devices (no seq), and those of them with quality bad
+                       "unsequenced": 0, "bad_quality": 0}
         self.buffer_limit = buffer_limit
         # True when the sender keeps what is not acknowledged (MQTT QoS 1): nothing is dropped at
         # the bound (the adapter stops taking messages), nothing unwritten at exit is lost.
@@ -249,7 +251,8 @@ class CollectorSink:
         since = since.fromtimestamp(since.timestamp() - (days - 1) * 86400, tz=timezone.utc)
         columns = ["fleet", "device", "sensor", "seq"] + (["ts"] if space is not None else [])
         df = read_dataset(self.writer.url, columns=columns, start=since, protocols=[self.protocol])
-        df = df[df["fleet"] == self.fleet]
+        # Third-party readings (seq null) of the same protocol share the partition: not a series to resume.
+        df = df[(df["fleet"] == self.fleet) & df["seq"].notna()]
         if space is not None and not df.empty:
             df = df[space.holds(df["ts"], df["seq"])]
         if df.empty:
@@ -295,6 +298,8 @@ class CollectorSink:
         with self._lock:
             self.metrics.received.inc()
             self.totals["received"] += 1
+            if reading.seq is None:
+                return self._accept_unsequenced(reading, received_at)
             verdict = self.tracker.observe(reading.device, reading.sensor, reading.seq)
             if not verdict.new:
                 self.metrics.duplicates.inc()
@@ -324,6 +329,20 @@ class CollectorSink:
                 self._batch_started = time.monotonic()
             self._batch.add(reading, received_at)
             return True
+
+    def _accept_unsequenced(self, reading: Reading, received_at: datetime) -> bool:
+        """A third-party device's reading (no seq): nothing to de-duplicate or to count as a gap;
+        it is counted, and stored unless the buffer is at its bound (then counted lost)."""
+        self.totals["unsequenced"] += 1
+        if reading.quality == "bad":
+            self.totals["bad_quality"] += 1
+        if not self.redelivered and self.full():
+            self._count_unstored(1)
+            return False
+        if not len(self._batch):
+            self._batch_started = time.monotonic()
+        self._batch.add(reading, received_at)
+        return True
 
     def summary(self) -> dict[str, object]:
         """The final counts, as the `SUMMARY {json}` line a collector logs when it stops."""

@@ -12,6 +12,7 @@ Per fleet:
     <fleet>-<proto>-simulator-<i>      Deployment (1 pod: its replica index picks its device shard)
                                        + Service for CoAP / OPC UA (they are servers)
     <fleet>-<proto>-collector-<i>      Deployment (1 pod: a stable MQTT client id / its own targets)
+    <fleet>-src-<name>                 Deployment per third-party source (spec.sources; source_builders.py)
     <fleet>-data                       PersistentVolumeClaim, unless spec.storage.url is set; kept when
                                        the fleet is deleted unless storage.claimRetention.whenDeleted: Delete
     <fleet>-forecast                   CronJob, when forecasting is enabled
@@ -977,6 +978,9 @@ def build_children(fleet: SensorFleet, owner: Owner, options: BuildOptions,
             children.append(build_simulator_deployment(fleet, owner, options, protocol, replica))
         for replica in range(collector_count(fleet, protocol)):
             children.append(build_collector_deployment(fleet, owner, options, protocol, replica))
+    from sensorfleet.operator.source_builders import build_source_collectors  # built on this module's pieces
+
+    children += build_source_collectors(fleet, owner, options)
     if fleet.spec.forecasting.enabled:
         children.append(build_forecast_cronjob(fleet, owner, options))
     children.append(build_compaction_cronjob(fleet, owner, options))

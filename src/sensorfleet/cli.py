@@ -86,14 +86,25 @@ def collect(
     metrics_port: Annotated[int, typer.Option(help="Port of the Prometheus /metrics endpoint (0: none).")] = 0,
     metrics_host: Annotated[str, typer.Option(help="Address the metrics endpoint binds to.")] = "0.0.0.0",
     duration: Annotated[Optional[float], typer.Option(help="Stop after this many seconds.")] = None,
+    source: Annotated[Optional[str], typer.Option(help="Collect the third-party source of this name (spec.sources) instead of the simulators.")] = None,
 ) -> None:
     """Run one collector process (what a collector pod runs)."""
     from sensorfleet.runtime import CollectorOptions, setup_logging
 
     setup_logging()
     parsed = _load(fleet)
-    opts = CollectorOptions(parsed, data, broker, list(target or []), metrics_port, metrics_host, client_id, duration)
-    module = importlib.import_module(f"sensorfleet.collectors.{protocol.value}")
+    opts = CollectorOptions(parsed, data, broker, list(target or []), metrics_port, metrics_host, client_id, duration, source)
+    if source is not None:
+        try:
+            actual = parsed.spec.sources.protocol_of(source)
+        except KeyError:
+            known = ", ".join(s.name for s in parsed.spec.sources.all()) or "none"
+            err.print(f"[red]error[/red] --source {source}: spec.sources has no source of that name (its sources: {known})", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        if actual != protocol.value:
+            err.print(f"[red]error[/red] --source {source}: it is in spec.sources.{actual}, not {protocol.value}; run `sensorfleet collect {actual} --source {source}`", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+    module = importlib.import_module(f"sensorfleet.collectors.{'foreign_' if source else ''}{protocol.value}")
     raise typer.Exit(_guarded(module.run, opts))
 
 

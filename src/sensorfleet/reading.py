@@ -9,6 +9,8 @@ Wire format (MQTT payloads, CoAP JSON/CBOR representations, documented in README
 `value` is null when `quality` is `bad` (a dropout). `anomaly` is the simulator's ground truth
 (`spike`, `stuck`, `dropout` or null), kept so forecasts can be scored against it. `seq` counts the
 device's ticks since the fleet epoch: a gap in `seq` is a lost reading, a repeat a duplicate.
+Readings of third-party devices (sensorfleet.sources) have no sequence: `seq` is None there (null
+in the dataset), and loss accounting does not apply to them.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class Reading:
     value: float | None
     unit: str
     ts: datetime  # source timestamp, UTC
-    seq: int  # per device and sensor, ticks since the fleet epoch
+    seq: int | None  # per device and sensor, ticks since the fleet epoch; None: a third-party device (no sequence)
     quality: str = "good"
     anomaly: str | None = None
 

@@ -2,6 +2,7 @@
 why the figures differ where they do. Pure: counts in, verdicts out (the runner does the I/O).
 
     published = stored + lost + unobserved      (each reading of this run, once)
+    a third-party source (spec.sources, row `source <name>`): stored and refused only (no seq)
     offline   = readings never produced while the fleet was stopped (the gap between the
                 dataset's last reading of a series and this run's first one): not loss
 
@@ -67,6 +68,13 @@ class ProtocolSummary:
 def summarize(protocol: str, counts: ProtocolCounts, collectors_healthy: bool) -> ProtocolSummary:
     published, stored, lost = int(counts.published), int(counts.stored), int(counts.lost)
     notes: list[str] = []
+    if protocol.startswith("source "):
+        # A third-party source (spec.sources): nothing published that we know of, no sequence.
+        notes.append(f"{stored:,} readings of third-party devices stored ({int(counts.malformed):,} messages refused); "
+                     "they carry no sequence numbers, so loss is not accounted" + ("" if collectors_healthy else "; its collector died"))
+        return ProtocolSummary(published=0, stored=stored, lost=lost, late=0, duplicate=0, malformed=int(counts.malformed),
+                               malformed_by_reason={k: int(v) for k, v in sorted(counts.malformed_by_reason.items()) if v},
+                               offline=0, unobserved=0, notes=notes)
     unaccounted = published - stored - lost
     unobserved = 0
     if unaccounted > 0:

@@ -59,6 +59,16 @@ class ChildSpec:
     argv: list[str]
     metrics_port: int = 0
     ready_port: int | None = None  # TCP port that accepts connections once the child is up
+    source: str | None = None  # the third-party source (spec.sources) a collector reads
+
+    @property
+    def row(self) -> str | None:
+        """The line of the live table and the summary this child counts in."""
+        return source_row(self.source) if self.source else self.protocol
+
+
+def source_row(name: str) -> str:
+    return f"source {name}"
 
 
 @dataclass
@@ -153,6 +163,12 @@ def plan_run(fleet: SensorFleet, fleet_path: Path, data_url: str, broker_url: st
             mport = metrics_port()
             children.append(ChildSpec(f"{protocol}-collector-{replica}", "collector", protocol, argv + ["--metrics-port", str(mport)], mport))
         children.extend(simulators)
+    # Third-party sources: a collector each, talking to the devices' own broker or server.
+    for protocol in ("mqtt", "opcua", "coap"):
+        for source in getattr(spec.sources, protocol):
+            argv = [*_sensorfleet(), "collect", protocol, *fleet_arg, "--data", data_url, "--metrics-host", "127.0.0.1", "--source", source.name]
+            mport = metrics_port()
+            children.append(ChildSpec(f"source-{source.name}", "collector", protocol, argv + ["--metrics-port", str(mport)], mport, source=source.name))
     # Collectors before simulators for MQTT (subscriptions must exist before the first publish);
     # CoAP / OPC UA collectors need their servers up first.
     order = {"broker": 0, "collector": 1, "simulator": 2}
@@ -227,6 +243,7 @@ class FleetRun:
         self.console = console
         self.children: list[Child] = []
         self.rows: dict[str, ProtocolRow] = {p: ProtocolRow() for p in fleet.spec.enabled_protocols()}
+        self.rows.update({source_row(s.name): ProtocolRow() for s in fleet.spec.sources.all()})
         self._last_stored: dict[str, tuple[float, float]] = {}
         # Last scrape of every child: a child that has exited still counts in the totals.
         self._samples: dict[str, dict[str, float]] = {}
@@ -297,7 +314,7 @@ class FleetRun:
         latency: dict[str, dict[str, float]] = {p: defaultdict(float) for p in self.rows}
         now = time.monotonic()
         for child in self.children:
-            if not child.spec.metrics_port or child.spec.protocol not in fresh:
+            if not child.spec.metrics_port or child.spec.row not in fresh:
                 continue
             samples = scrape(child.spec.metrics_port) if child.process.poll() is None else None
             if samples is not None:
@@ -305,7 +322,7 @@ class FleetRun:
             samples = self._samples.get(child.spec.name)
             if samples is None:
                 continue
-            row = fresh[child.spec.protocol]
+            row = fresh[child.spec.row]
             if child.spec.role == "simulator":
                 row.devices += samples.get("sensorfleet_simulated_devices", 0)
                 row.published += samples.get("sensorfleet_readings_published_total", 0)
@@ -323,7 +340,7 @@ class FleetRun:
                         row.malformed_by_reason[reason] = row.malformed_by_reason.get(reason, 0) + value
                 for key, value in samples.items():
                     if key.startswith("sensorfleet_reading_latency_seconds_bucket"):
-                        latency[child.spec.protocol][key] += value
+                        latency[child.spec.row][key] += value
         for protocol, row in fresh.items():
             previous = self._last_stored.get(protocol)
             if previous and now > previous[0]:
@@ -414,7 +431,7 @@ class FleetRun:
         for protocol, row in self.rows.items():
             counts = ProtocolCounts(row.published, row.received, row.stored, row.lost, row.late, row.duplicates, row.malformed, row.offline, dict(row.malformed_by_reason))
             for role in ("simulator", "collector"):
-                children = [c for c in self.children if c.spec.protocol == protocol and c.spec.role == role]
+                children = [c for c in self.children if c.spec.row == protocol and c.spec.role == role]
                 finals = [child_summary(c.log_path) for c in children]
                 if not children or not all(finals):
                     continue
@@ -432,7 +449,7 @@ class FleetRun:
         return out
 
     def collectors_healthy(self, protocol: str) -> bool:
-        return all(c.process.poll() == 0 for c in self.children if c.spec.protocol == protocol and c.spec.role == "collector")
+        return all(c.process.poll() == 0 for c in self.children if c.spec.row == protocol and c.spec.role == "collector")
 
     def kill_all(self) -> None:
         for child in self.children:

@@ -43,6 +43,7 @@ class CollectorOptions:
     metrics_host: str = "0.0.0.0"
     client_id: str | None = None  # stable id = persistent MQTT session across restarts
     duration: float | None = None
+    source: str | None = None  # a third-party source of spec.sources instead of the simulators
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    AliasGenerator,
     BaseModel,
     ConfigDict,
     Field,
@@ -22,48 +21,14 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.alias_generators import to_camel
+
+from sensorfleet.sources import SourcesSpec
+from sensorfleet.spec_base import _CRON_FIELD, _DNS_LABEL, _SENSOR_NAME, CredentialsRef, SecretKeyRef, SpecModel
 
 API_GROUP = "sensorfleet.io"
 API_VERSION = "v1alpha1"
 KIND = "SensorFleet"
 PROTOCOLS: tuple[str, ...] = ("mqtt", "coap", "opcua")
-
-# DNS-1123 label: Kubernetes object names built from these must stay valid.
-_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-_SENSOR_NAME = r"^[a-z][a-z0-9_]{0,30}$"
-# A Secret's name (DNS subdomain) and one of its keys.
-_SECRET_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
-_SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
-_CRON_FIELD = r"^(\*|\*/\d+|\d+(-\d+)?(/\d+)?)(,(\*|\*/\d+|\d+(-\d+)?(/\d+)?))*$"
-
-
-class SpecModel(BaseModel):
-    """Base for every spec section: camelCase aliases, unknown fields refused."""
-
-    model_config = ConfigDict(
-        alias_generator=AliasGenerator(alias=to_camel),
-        populate_by_name=True,
-        extra="forbid",
-        validate_default=True,
-    )
-
-
-class SecretKeyRef(SpecModel):
-    """One key of a Secret in the fleet's namespace. In Kubernetes the operator hands it to the pods
-    that need it as a `secretKeyRef` environment variable: the value is never in a manifest, an
-    argument or the fleet's status, and the operator itself never reads it. Local runs
-    (`sensorfleet run`) ignore the reference and read the same environment variable."""
-
-    name: Annotated[str, Field(pattern=_SECRET_NAME, max_length=253, description="Name of the Secret, in the fleet's namespace.")]
-    key: Annotated[str, Field(pattern=_SECRET_KEY, max_length=253, description="Key within the Secret's data.")]
-
-
-class CredentialsRef(SpecModel):
-    """A username and a password, each from a Secret key (often the same Secret)."""
-
-    username: Annotated[SecretKeyRef, Field(description="Secret key holding the username.")]
-    password: Annotated[SecretKeyRef, Field(description="Secret key holding the password.")]
 
 
 class SensorSpec(SpecModel):
@@ -220,12 +185,6 @@ class ProtocolsSpec(SpecModel):
     coap: Annotated[CoapSpec, Field(default_factory=CoapSpec, description="CoAP devices served by one CoAP server per replica, observed by the collector.")]
     opcua: Annotated[OpcuaSpec, Field(default_factory=OpcuaSpec, description="OPC UA devices: one server per replica, one object per device, one variable per sensor.")]
 
-    @model_validator(mode="after")
-    def _one_protocol_enabled(self) -> ProtocolsSpec:
-        if not (self.mqtt.enabled or self.coap.enabled or self.opcua.enabled):
-            raise ValueError("at least one of mqtt, coap, opcua must be enabled")
-        return self
-
 
 class BrokerSpec(SpecModel):
     mode: Annotated[
@@ -356,11 +315,19 @@ class FleetSpec(SpecModel):
     storage: Annotated[StorageSpec, Field(default_factory=StorageSpec, description="Where the Parquet dataset lives.")]
     forecasting: Annotated[ForecastingSpec, Field(default_factory=ForecastingSpec, description="The forecasting and visualization job.")]
     monitoring: Annotated[MonitoringSpec, Field(default_factory=MonitoringSpec, description="Prometheus metrics.")]
+    sources: Annotated[SourcesSpec, Field(default_factory=SourcesSpec, description="Third-party devices collected into the same dataset: MQTT brokers with a mapping of their JSON messages, OPC UA servers with a list of variables, CoAP resources to observe (docs/protocols.md, \"Third-party devices\").")]
 
     @field_validator("epoch")
     @classmethod
     def _epoch_is_utc(cls, value: datetime) -> datetime:
         return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+    @model_validator(mode="after")
+    def _something_to_collect(self) -> FleetSpec:
+        # A fleet of third-party sources alone is fine: no simulator runs then.
+        if not self.enabled_protocols() and not self.sources.all():
+            raise ValueError("protocols: at least one of mqtt, coap, opcua must be enabled, or spec.sources must list a third-party source")
+        return self
 
     @model_validator(mode="after")
     def _sensor_names_unique(self) -> FleetSpec:
