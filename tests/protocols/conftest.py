@@ -278,3 +278,21 @@ def tahu_listener(sparkplug_peer):
         if listener.process.poll() is None:
             listener.process.kill()
             listener.process.wait(10)
+
+
+# --- third-party OPC UA server (issue 13 part 5): node-opcua's server from npm -------------------
+OPCUA_SERVER_PEER = Path(__file__).parent / "opcua_node_server"
+
+
+@pytest.fixture(scope="session")
+def opcua_server_peer():
+    """argv prefix running tests/protocols/opcua_node_server/server.js with node-opcua's server
+    (installed once into ~/.cache/sensorfleet/npm by hack/node-modules.sh), and its environment."""
+    import os
+    import subprocess
+
+    script = Path(__file__).parents[2] / "hack" / "node-modules.sh"
+    done = subprocess.run([str(script), str(OPCUA_SERVER_PEER)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"hack/node-modules.sh failed:\n{done.stderr[-3000:]}"
+    env = {**os.environ, "NODE_PATH": done.stdout.strip().splitlines()[-1]}
+    return ["node", str(OPCUA_SERVER_PEER / "server.js")], env

@@ -1,0 +1,66 @@
+"""A third-party OPC UA server (spec.sources.opcua): node-opcua's server from npm, with variables
+SensorFleet did not define, collected by node id (string, numeric, by namespace URI) and browse
+path into the dataset; `seq` null, statuses kept as quality, non-numbers refused and counted."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pandas as pd
+import yaml
+
+from sensorfleet.dataset import read_dataset
+from sensorfleet.testing import component, wait_for_port
+
+STEPS = 8
+
+
+def test_node_opcua_server_variables_land_in_the_dataset(opcua_server_peer, procs, h, tmp_path, tcp_port):
+    argv, env = opcua_server_peer
+    server = subprocess.Popen([*argv, str(tcp_port), str(STEPS)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        wait_for_port(tcp_port, timeout=60)
+        source = {"name": "plc", "endpoint": f"opc.tcp://127.0.0.1:{tcp_port}/", "publishingInterval": 0.2, "nodes": [
+            {"nodeId": "ns=1;s=Boiler.Temperature", "device": "boiler-1", "sensor": "temperature", "unit": "degC"},
+            {"browsePath": "1:Boiler/1:Pressure", "device": "boiler-1", "sensor": "pressure", "unit": "kPa"},
+            {"nodeId": "nsu=urn:foreign:plant;s=Pump.Running", "device": "pump-1", "sensor": "running"},
+            {"nodeId": "ns=1;s=Boiler.Label", "device": "boiler-1", "sensor": "label"},
+            {"browsePath": "1:Boiler/1:NoSuchVariable", "device": "boiler-1", "sensor": "missing"},
+        ]}
+        fleet = tmp_path / "fleet.yaml"
+        fleet.write_text(yaml.safe_dump({"apiVersion": "sensorfleet.io/v1alpha1", "kind": "SensorFleet", "metadata": {"name": "proto"},
+                                         "spec": {"protocols": {"mqtt": {"enabled": False}}, "collector": {"flushInterval": 0.3},
+                                                  "sources": {"opcua": [source]}}}))
+        data = tmp_path / "data"
+        col = component("collect", "opcua", fleet, tmp_path, "--data", str(data), "--source", "plc").start()
+        procs.append(col)
+        h.wait_until(lambda: "subscribed to 4 of 5 variables" in col.log(), 60, message="the collector subscribed to the four variables that exist")
+        assert "cannot resolve 1:Boiler/1:NoSuchVariable" in col.log()
+        # The initial value of each numeric variable arrives on subscription.
+        h.wait_until(lambda: col.metric("sensorfleet_readings_stored_total") >= 3, 30, message="the initial values stored")
+        server.stdin.write("go\n")
+        server.stdin.flush()
+        h.wait_until(lambda: col.metric("sensorfleet_readings_stored_total") >= 3 * (STEPS + 1), 60, message="every change stored")
+        summary = h.stop(col)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+    df = read_dataset(str(data))
+    assert (df["protocol"] == "opcua").all() and df["seq"].isna().all()
+    at = lambda k: pd.Timestamp("2026-12-02T10:00:00Z") + pd.Timedelta(seconds=k)  # noqa: E731 - the server's source timestamps
+    series = {key: part.sort_values("ts") for key, part in df.groupby(["device", "sensor"])}
+    assert sorted(series) == [("boiler-1", "pressure"), ("boiler-1", "temperature"), ("pump-1", "running")]
+    temperature = series[("boiler-1", "temperature")]
+    assert list(temperature["ts"]) == [at(k) for k in range(STEPS + 1)]
+    assert [None if pd.isna(v) else v for v in temperature["value"]] == [20.0 + 0.5 * k if k != 4 else None for k in range(STEPS + 1)]
+    assert list(temperature["quality"]) == ["bad" if k == 4 else "uncertain" if k == 5 else "good" for k in range(STEPS + 1)]
+    assert (temperature["unit"] == "degC").all()
+    pressure = series[("boiler-1", "pressure")]
+    assert list(pressure["value"]) == [1000.0 + k for k in range(STEPS + 1)] and list(pressure["ts"]) == [at(k) for k in range(STEPS + 1)]
+    assert list(series[("pump-1", "running")]["value"]) == [float(k % 2) for k in range(STEPS + 1)], "a Boolean is stored as 0 / 1"
+
+    assert summary["source"] == "plc"
+    assert (summary["received"], summary["stored"], summary["unsequenced"], summary["bad_quality"]) == (27, 27, 27, 1)
+    assert (summary["lost"], summary["duplicates"]) == (0, 0)
+    assert summary["malformed_by_reason"] == {"wrong_type": STEPS + 1}, "the String variable: every value refused, counted"
