@@ -313,7 +313,7 @@ def run(opts: CollectorOptions) -> int:
     sink = CollectorSink(fleet.name, PROTOCOL, opts.data_url, metrics, fleet.spec.collector.batch_size, fleet.spec.collector.flush_interval,
                          writer_id=opts.client_id, buffer_limit=fleet.spec.storage.max_buffered_readings)
     try:
-        metrics.serve(opts.metrics_port, opts.metrics_host)
+        metrics.serve(opts.metrics_port, opts.metrics_host, opts.metrics_port_file)
     except OSError as exc:
         log.error("%s", exc)
         return 1

@@ -143,6 +143,6 @@ def run(opts: CollectorOptions) -> int:
     broker = parse_broker_url(source.url)
     metrics = FleetMetrics(opts.fleet.name, "mqtt", "collector")
     collector = ForeignMqttCollector(opts, source, broker, metrics)
-    metrics.serve(opts.metrics_port, opts.metrics_host)
+    metrics.serve(opts.metrics_port, opts.metrics_host, opts.metrics_port_file)
     stop = stop_event_on_signals()
     return collector.run(stop, opts.duration)

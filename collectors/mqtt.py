@@ -317,6 +317,6 @@ def run(opts: CollectorOptions) -> int:
     broker = parse_broker_url(opts.broker_url or "mqtt://127.0.0.1:1883")
     metrics = FleetMetrics(opts.fleet.name, "mqtt", "collector")
     collector = MqttCollector(opts, broker, metrics)  # fails (an unusable dataset) before it looks ready
-    metrics.serve(opts.metrics_port, opts.metrics_host)
+    metrics.serve(opts.metrics_port, opts.metrics_host, opts.metrics_port_file)
     stop = stop_event_on_signals()
     return collector.run(stop, opts.duration)

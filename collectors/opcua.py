@@ -367,7 +367,7 @@ def run(opts: CollectorOptions) -> int:
     intake: collections.deque = collections.deque()
     try:
         targets = [TargetCollector(url, opts, intake, metrics) for url in opts.targets]
-        metrics.serve(opts.metrics_port, opts.metrics_host)
+        metrics.serve(opts.metrics_port, opts.metrics_host, opts.metrics_port_file)
     except (ValueError, OSError) as exc:
         log.error("%s", exc)
         return 2 if isinstance(exc, ValueError) else 1

@@ -166,6 +166,6 @@ def run(opts: CollectorOptions) -> int:
     broker = parse_broker_url(opts.broker_url or "mqtt://127.0.0.1:1883")
     metrics = FleetMetrics(opts.fleet.name, "mqtt", "collector")
     collector = SparkplugCollector(opts, broker, metrics)
-    metrics.serve(opts.metrics_port, opts.metrics_host)
+    metrics.serve(opts.metrics_port, opts.metrics_host, opts.metrics_port_file)
     stop = stop_event_on_signals()
     return collector.run(stop, opts.duration)

@@ -382,7 +382,7 @@ def run(opts: SimulatorOptions) -> int:
         log.error("%s", exc)
         return 2
     try:
-        sim.metrics.serve(opts.metrics_port, opts.metrics_host)
+        sim.metrics.serve(opts.metrics_port, opts.metrics_host, opts.metrics_port_file)
         asyncio.run(sim.run(stop, opts.duration))
     except OSError as exc:
         log.error("CoAP simulator cannot start: %s", exc)

@@ -287,7 +287,7 @@ def run(opts: SimulatorOptions) -> int:
 
     broker = parse_broker_url(opts.broker_url or "mqtt://127.0.0.1:1883")
     metrics = FleetMetrics(opts.fleet.name, "mqtt", "simulator")
-    metrics.serve(opts.metrics_port, opts.metrics_host)
+    metrics.serve(opts.metrics_port, opts.metrics_host, opts.metrics_port_file)
     stop = stop_event_on_signals()
     pause = pause_event_on_sigusr1()
     MqttSimulator(opts, broker, metrics).run(stop, opts.duration, pause)

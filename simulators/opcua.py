@@ -358,7 +358,7 @@ def run(opts: SimulatorOptions) -> int:
     logging.getLogger("asyncua").setLevel(logging.WARNING)
     try:
         sim = OpcuaSimulator(opts)
-        sim.metrics.serve(opts.metrics_port, opts.metrics_host)
+        sim.metrics.serve(opts.metrics_port, opts.metrics_host, opts.metrics_port_file)
         asyncio.run(sim.run(stop, opts.duration))
     except (OSError, ValueError) as exc:
         log.error("OPC UA simulator cannot start: %s", exc)

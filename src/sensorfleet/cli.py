@@ -60,6 +60,7 @@ def simulate(
     metrics_port: Annotated[int, typer.Option(help="Port of the Prometheus /metrics endpoint (0: none).")] = 0,
     metrics_host: Annotated[str, typer.Option(help="Address the metrics endpoint binds to.")] = "0.0.0.0",
     duration: Annotated[Optional[float], typer.Option(help="Stop after this many seconds.")] = None,
+    metrics_port_file: Annotated[Optional[Path], typer.Option(help="Write the metrics port to this file once it listens; with --metrics-port 0 a free port is picked (what `sensorfleet run` uses).")] = None,
 ) -> None:
     """Run one simulator process (what a simulator pod runs)."""
     from sensorfleet.runtime import SimulatorOptions, setup_logging
@@ -70,7 +71,7 @@ def simulate(
     if not 0 <= replica < spec.replicas:
         err.print(f"[red]error[/red] --replica {replica}: spec.protocols.{protocol.value}.replicas is {spec.replicas}, so the replica must be 0..{spec.replicas - 1}")
         raise typer.Exit(2)
-    opts = SimulatorOptions(parsed, replica, broker, host, port, metrics_port, metrics_host, duration)
+    opts = SimulatorOptions(parsed, replica, broker, host, port, metrics_port, metrics_host, duration, metrics_port_file=str(metrics_port_file) if metrics_port_file else None)
     module = importlib.import_module(f"sensorfleet.simulators.{protocol.value}")
     raise typer.Exit(_guarded(module.run, opts))
 
@@ -87,13 +88,14 @@ def collect(
     metrics_host: Annotated[str, typer.Option(help="Address the metrics endpoint binds to.")] = "0.0.0.0",
     duration: Annotated[Optional[float], typer.Option(help="Stop after this many seconds.")] = None,
     source: Annotated[Optional[str], typer.Option(help="Collect the third-party source of this name (spec.sources) instead of the simulators.")] = None,
+    metrics_port_file: Annotated[Optional[Path], typer.Option(help="Write the metrics port to this file once it listens; with --metrics-port 0 a free port is picked (what `sensorfleet run` uses).")] = None,
 ) -> None:
     """Run one collector process (what a collector pod runs)."""
     from sensorfleet.runtime import CollectorOptions, setup_logging
 
     setup_logging()
     parsed = _load(fleet)
-    opts = CollectorOptions(parsed, data, broker, list(target or []), metrics_port, metrics_host, client_id, duration, source)
+    opts = CollectorOptions(parsed, data, broker, list(target or []), metrics_port, metrics_host, client_id, duration, source, metrics_port_file=str(metrics_port_file) if metrics_port_file else None)
     if source is not None:
         try:
             actual = parsed.spec.sources.protocol_of(source)

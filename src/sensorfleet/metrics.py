@@ -8,6 +8,7 @@ fixed set of reasons; never a device or sensor label.
 from __future__ import annotations
 
 import json
+import os
 import socketserver
 import threading
 from collections.abc import Callable
@@ -143,10 +144,14 @@ class FleetMetrics:
     def dead_workers(self) -> list[str]:
         return [name for name, thread in self.workers.items() if thread.ident is not None and not thread.is_alive()]
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        """Serve /metrics, /healthz and /readyz; port 0 means do not serve. A port in use raises OSError naming it."""
-        if not port:
-            return
+    def serve(self, port: int, host: str = "0.0.0.0", port_file: str | None = None) -> int:
+        """Serve /metrics, /healthz and /readyz and return the port; port 0 means do not serve,
+        unless `port_file` is given: then the kernel picks a free port and its number is written
+        to that file once the socket listens (how `sensorfleet run` learns it: a port chosen by
+        the parent and bound later by the child can be taken meanwhile, e.g. by a second run).
+        A port in use raises OSError naming it."""
+        if not port and not port_file:
+            return 0
         metrics_app = make_wsgi_app(self.registry)
 
         def app(environ, start_response):
@@ -167,7 +172,15 @@ class FleetMetrics:
             server = make_server(host, port, app, _ThreadingWSGIServer, handler_class=_QuietHandler)
         except OSError as exc:
             raise OSError(exc.errno, f"metrics port {host}:{port} is not available ({exc.strerror})") from None
+        bound = int(server.server_address[1])
         threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+        if port_file:
+            # Written whole then renamed: a reader never sees a half-written number.
+            partial = f"{port_file}.partial"
+            with open(partial, "w") as out:
+                out.write(f"{bound}\n")
+            os.replace(partial, port_file)
+        return bound
 
 
 class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):

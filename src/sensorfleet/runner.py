@@ -57,8 +57,12 @@ class ChildSpec:
     role: str  # broker | simulator | collector
     protocol: str | None
     argv: list[str]
-    metrics_port: int = 0
+    metrics_port: int = 0  # known once the child has written metrics_port_file
     ready_port: int | None = None  # TCP port that accepts connections once the child is up
+    # The child binds a free metrics port itself and writes its number here: a port chosen
+    # here and bound later by the child could be taken meanwhile (by a second `sensorfleet
+    # run`, whose scrapes would then read this run's counts, or the other way round).
+    metrics_port_file: Path | None = None
     source: str | None = None  # the third-party source (spec.sources) a collector reads
 
     @property
@@ -99,13 +103,11 @@ def _sensorfleet() -> list[str]:
 
 def plan_run(fleet: SensorFleet, fleet_path: Path, data_url: str, broker_url: str | None, log_dir: Path, mosquitto: str | None) -> Plan:
     spec = fleet.spec
-    metrics_ports: list[int] = []
 
-    def metrics_port() -> int:
-        start = max([spec.monitoring.port - 1, *metrics_ports]) + 1
-        port = free_port(start=start)
-        metrics_ports.append(port)
-        return port
+    def child(name: str, role: str, protocol: str, argv: list[str], ready_port: int | None = None, source: str | None = None) -> ChildSpec:
+        port_file = log_dir / f"{name}.metrics-port"
+        return ChildSpec(name, role, protocol, [*argv, "--metrics-port", "0", "--metrics-port-file", str(port_file)],
+                         ready_port=ready_port, metrics_port_file=port_file, source=source)
 
     fleet_arg = ["--fleet", str(fleet_path)]
     children: list[ChildSpec] = []
@@ -147,8 +149,7 @@ def plan_run(fleet: SensorFleet, fleet_path: Path, data_url: str, broker_url: st
                 scheme = "coap" if udp else "opc.tcp"
                 server_urls.append(f"{scheme}://127.0.0.1:{port}")
                 ready = None if udp else port
-            mport = metrics_port()
-            simulators.append(ChildSpec(f"{protocol}-simulator-{replica}", "simulator", protocol, argv + ["--metrics-port", str(mport)], mport, ready))
+            simulators.append(child(f"{protocol}-simulator-{replica}", "simulator", protocol, argv, ready))
         for replica in range(p.collector_replicas):
             argv = [*_sensorfleet(), "collect", protocol, *fleet_arg, "--data", data_url, "--metrics-host", "127.0.0.1"]
             if protocol == "mqtt":
@@ -160,15 +161,13 @@ def plan_run(fleet: SensorFleet, fleet_path: Path, data_url: str, broker_url: st
                     continue
                 for url in mine:
                     argv += ["--target", url]
-            mport = metrics_port()
-            children.append(ChildSpec(f"{protocol}-collector-{replica}", "collector", protocol, argv + ["--metrics-port", str(mport)], mport))
+            children.append(child(f"{protocol}-collector-{replica}", "collector", protocol, argv))
         children.extend(simulators)
     # Third-party sources: a collector each, talking to the devices' own broker or server.
     for protocol in ("mqtt", "opcua", "coap"):
         for source in getattr(spec.sources, protocol):
             argv = [*_sensorfleet(), "collect", protocol, *fleet_arg, "--data", data_url, "--metrics-host", "127.0.0.1", "--source", source.name]
-            mport = metrics_port()
-            children.append(ChildSpec(f"source-{source.name}", "collector", protocol, argv + ["--metrics-port", str(mport)], mport, source=source.name))
+            children.append(child(f"source-{source.name}", "collector", protocol, argv, source=source.name))
     # Collectors before simulators for MQTT (subscriptions must exist before the first publish);
     # CoAP / OPC UA collectors need their servers up first.
     order = {"broker": 0, "collector": 1, "simulator": 2}
@@ -259,22 +258,9 @@ class FleetRun:
             (self.log_dir / "mosquitto.conf").write_text(self.plan.mosquitto_conf)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         for spec in self.plan.children:
-            for attempt in range(3):
-                child = self._spawn(spec, env)
-                try:
-                    self._wait_ready(child)
-                    break
-                except FleetRunError:
-                    # Ports were free when planned; another program may have taken a metrics
-                    # port since. Pick another one rather than fail the whole fleet.
-                    if attempt == 2 or not spec.metrics_port or "metrics port" not in child.tail():
-                        raise
-                    self.children.remove(child)
-                    self.log(f"{spec.name}: metrics port {spec.metrics_port} was taken meanwhile; retrying on another")
-                    new_port = free_port()
-                    index = spec.argv.index("--metrics-port") + 1
-                    spec.argv[index] = str(new_port)
-                    spec.metrics_port = new_port
+            if spec.metrics_port_file:  # a previous run with the same --logs folder left it
+                spec.metrics_port_file.unlink(missing_ok=True)
+            self._wait_ready(self._spawn(spec, env))
 
     def _spawn(self, spec: ChildSpec, env: dict[str, str]) -> Child:
         log_path = self.log_dir / f"{spec.name}.log"
@@ -298,12 +284,23 @@ class FleetRun:
                 with socket.socket() as s:
                     s.settimeout(0.5)
                     ready = s.connect_ex(("127.0.0.1", child.spec.ready_port)) == 0
+            if ready and child.spec.metrics_port_file and not child.spec.metrics_port:
+                ready = self._read_metrics_port(child)
             if ready and child.spec.metrics_port:
                 ready = scrape(child.spec.metrics_port) is not None
             if ready:
                 return
             time.sleep(0.1)
         raise FleetRunError(f"{child.spec.name} did not become ready within {timeout:.0f} s; its last log lines ({child.log_path}):\n{child.tail()}")
+
+    @staticmethod
+    def _read_metrics_port(child: Child) -> bool:
+        assert child.spec.metrics_port_file is not None
+        try:
+            child.spec.metrics_port = int(child.spec.metrics_port_file.read_text())
+        except FileNotFoundError:  # not listening yet (the file is renamed into place whole)
+            return False
+        return True
 
     # --- watch ----------------------------------------------------------------------------------
     def dead_child(self) -> Child | None:

@@ -31,6 +31,7 @@ class SimulatorOptions:
     metrics_port: int = 0
     metrics_host: str = "0.0.0.0"
     duration: float | None = None  # seconds, then stop (tests and benchmarks)
+    metrics_port_file: str | None = None  # with metrics_port 0: any free port, written here (FleetMetrics.serve)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class CollectorOptions:
     client_id: str | None = None  # stable id = persistent MQTT session across restarts
     duration: float | None = None
     source: str | None = None  # a third-party source of spec.sources instead of the simulators
+    metrics_port_file: str | None = None  # with metrics_port 0: any free port, written here (FleetMetrics.serve)
 
 
 @dataclass(frozen=True)

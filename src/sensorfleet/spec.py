@@ -288,7 +288,7 @@ class ForecastingSpec(SpecModel):
 
 class MonitoringSpec(SpecModel):
     enabled: Annotated[bool, Field(default=True, description="Serve Prometheus metrics from every component.")]
-    port: Annotated[int, Field(default=9100, ge=1024, le=65535, description="Metrics port inside pods; local runs pick free ports from here up.")]
+    port: Annotated[int, Field(default=9100, ge=1024, le=65535, description="Metrics port inside pods; in `sensorfleet run` every process picks a free port of its own (listed in the run's prometheus-targets.json).")]
     pod_monitor: Annotated[bool, Field(default=False, description="Create a PodMonitor (Prometheus Operator) for the fleet's pods.")]
     pushgateway_url: Annotated[str | None, Field(default=None, pattern=r"^https?://[^\s]+$", description="Prometheus Pushgateway the forecast job pushes its figures (MAE, MASE, anomalies, last success or failure) to, e.g. `http://pushgateway.monitoring:9091`.")]
 

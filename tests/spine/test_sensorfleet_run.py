@@ -100,32 +100,42 @@ def test_a_child_dying_mid_run_stops_the_fleet_cleanly(write_fleet, tmp_path):
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(fleet) in " ".join(p.info["cmdline"] or [])], "children left behind"
 
 
-def test_a_metrics_port_taken_after_planning_is_replaced(write_fleet, tmp_path, monkeypatch):
-    """Ports are free when planned; if another program takes one before the child binds it,
-    the runner retries that child on another port instead of failing the fleet."""
-    from sensorfleet import runner as runner_module
-    from sensorfleet.spec import load_fleet
+def test_two_runs_at_once_both_work_and_each_summary_counts_only_its_own_fleet(write_fleet, tmp_path):
+    """Both runs start together with the same spec.monitoring.port: each process binds a free
+    metrics port itself and tells its runner, so no run scrapes (or takes) the other's ports."""
+    runs = {}
+    for name, devices in (("alpha", 4), ("bravo", 9)):  # different sizes: a mixed-up scrape shows
+        fleet = write_fleet({"broker": {"port": 0}, "protocols": {"mqtt": {"devices": devices, "interval": 0.25}},
+                             "collector": {"flushInterval": 0.5}}, name=name)
+        runs[name] = (devices, subprocess.Popen(
+            [sys.executable, "-m", "sensorfleet.cli", "run", str(fleet), "--no-live", "--duration", "8", "--data", str(tmp_path / name / "data"),
+             "--logs", str(tmp_path / name / "logs"), "--summary", str(tmp_path / name / "summary.json")],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={"COLUMNS": "200", "PATH": "/usr/sbin:/usr/bin:/bin"}))
+    outputs = {name: run.communicate(timeout=240)[0] for name, (_, run) in runs.items()}
+    ports = {}
+    for name, (devices, run) in runs.items():
+        assert run.returncode == 0, outputs[name]
+        mqtt = json.loads((tmp_path / name / "summary.json").read_text())["protocols"]["mqtt"]
+        frame = pd.read_parquet(tmp_path / name / "data")
+        assert frame["device"].nunique() == devices and set(frame["fleet"]) == {name}, name
+        assert frame.groupby(["device", "sensor"])["seq"].apply(lambda seq: seq.is_unique).all(), name
+        # exact: every published reading stored once, and nothing of the other run counted
+        assert mqtt["published"] == mqtt["stored"] == len(frame) > devices * 3 * 10, (name, mqtt)
+        assert mqtt["lost"] == 0 and mqtt["duplicate"] == 0 and not mqtt["notes"], (name, mqtt)
+        targets = json.loads((tmp_path / name / "logs" / "prometheus-targets.json").read_text())
+        ports[name] = {t["targets"][0] for t in targets}
+        assert len(ports[name]) == len(targets) == 2, targets
+    assert not ports["alpha"] & ports["bravo"], ports
 
-    fleet_path = write_fleet({"broker": {"port": 0}, "protocols": {"mqtt": {"devices": 5}}})
-    fleet = load_fleet(fleet_path)
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    port = taken.getsockname()[1]
-    real_plan = runner_module.plan_run
 
-    def plan_with_a_stolen_port(*args, **kwargs):
-        plan = real_plan(*args, **kwargs)
-        collector = next(c for c in plan.children if c.role == "collector")
-        collector.argv[collector.argv.index("--metrics-port") + 1] = str(port)
-        collector.metrics_port = port
-        return plan
-
-    monkeypatch.setattr(runner_module, "plan_run", plan_with_a_stolen_port)
-    try:
-        code = runner_module.run_fleet(fleet, fleet_path, duration=3, data_url=str(tmp_path / "data"), log_dir=tmp_path / "logs", live=False)
-    finally:
-        taken.close()
-    assert code == 0
-    assert "was taken meanwhile; retrying" in (tmp_path / "logs" / "sensorfleet-run.log").read_text()
-    assert len(pd.read_parquet(tmp_path / "data")) > 0
+def test_a_coap_or_opcua_port_in_use_is_a_clear_error_naming_the_field(write_fleet, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        fleet = write_fleet({"broker": {"port": 0}, "protocols": {"mqtt": {"enabled": False}, "opcua": {"enabled": True, "devices": 2, "port": port}}})
+        run = start_run(fleet, tmp_path, "--duration", "5")
+        output, _ = run.communicate(timeout=60)
+    assert run.returncode == 2, output
+    assert f"opcua simulator port 127.0.0.1:{port}/tcp is already in use (spec.protocols.opcua.port + replica 0)" in " ".join(output.split())
+    assert "Traceback" not in output
