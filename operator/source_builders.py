@@ -41,6 +41,11 @@ def source_collector_name(fleet: str, source: str) -> str:
     return f"{fleet}-src-{source}"
 
 
+def source_collector_names(fleet: SensorFleet) -> list[str]:
+    """The Deployments of the fleet's source collectors (status counts them like any collector)."""
+    return [source_collector_name(fleet.name, s.name) for s in fleet.spec.sources.all()]
+
+
 def source_collector_args(fleet: SensorFleet, protocol: str, source: str) -> list[str]:
     return ["collect", protocol, "--fleet", FLEET_FILE, "--data", data_location(fleet), *_metrics_args(fleet), "--source", source]
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sensorfleet.operator import builders
+from sensorfleet.operator.source_builders import source_collector_names
 from sensorfleet.spec import SensorFleet
 
 
@@ -61,17 +62,16 @@ def storage_condition(fleet: SensorFleet, deployments: dict[str, dict[str, Any]]
     if not fleet.spec.monitoring.enabled:
         return "Unknown", "NoReadinessProbe", "spec.monitoring.enabled is false: collectors serve no /readyz to tell"
     failing, starting = [], []
-    for protocol, pods in builders.desired_pods(fleet).items():
-        for i in range(pods["collectors"]):
-            name = builders.collector_name(fleet.name, protocol, i)
-            deployment = deployments.get(name)
-            if deployment is not None and _deployment_ready(deployment):
-                continue
-            if deployment is not None and _rolled_out(deployment):
-                status = deployment.get("status", {})
-                failing.append(f"{name} ({status.get('readyReplicas', 0)}/{deployment.get('spec', {}).get('replicas', 1)} ready)")
-            else:
-                starting.append(name)
+    names = [builders.collector_name(fleet.name, protocol, i) for protocol, pods in builders.desired_pods(fleet).items() for i in range(pods["collectors"])]
+    for name in names + source_collector_names(fleet):  # a source's collector writes the same store
+        deployment = deployments.get(name)
+        if deployment is not None and _deployment_ready(deployment):
+            continue
+        if deployment is not None and _rolled_out(deployment):
+            status = deployment.get("status", {})
+            failing.append(f"{name} ({status.get('readyReplicas', 0)}/{deployment.get('spec', {}).get('replicas', 1)} ready)")
+        else:
+            starting.append(name)
     if failing:
         return ("True", "StoreUnwritable",
                 f"collector(s) {', '.join(sorted(failing))} lost readiness after rolling out: their /readyz fails while writes to the "
@@ -198,6 +198,7 @@ def compute_status(
             "collectors": len(cols),
             "collectorsReady": count(cols),
         }
+    count(source_collector_names(fleet))  # third-party sources: one collector each
     if builders.uses_broker(fleet):
         count([builders.broker_name(fleet.name)])
     if claim is not None and claim.get("status", {}).get("phase") not in (None, "Bound", "Pending"):

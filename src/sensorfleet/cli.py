@@ -45,8 +45,14 @@ def validate(fleet: Annotated[Path, typer.Argument(help="SensorFleet manifest (Y
     """Check a fleet manifest: exit 0, or 2 with one line per error naming the field."""
     parsed = _load(fleet)
     spec = parsed.spec
-    devices = ", ".join(f"{p} {spec.protocol(p).devices}" for p in spec.enabled_protocols())
-    Console().print(f"[green]ok[/green] {fleet}: fleet [bold]{parsed.name}[/bold] ({devices} devices, {len(spec.sensors)} sensors each)")
+    parts = []
+    if spec.enabled_protocols():
+        devices = ", ".join(f"{p} {spec.protocol(p).devices}" for p in spec.enabled_protocols())
+        parts.append(f"{devices} devices, {len(spec.sensors)} sensors each")
+    sources = spec.sources.all()
+    if sources:
+        parts.append(f"{len(sources)} third-party source(s): " + ", ".join(f"{spec.sources.protocol_of(s.name)} {s.name}" for s in sources))
+    Console().print(f"[green]ok[/green] {fleet}: fleet [bold]{parsed.name}[/bold] ({'; '.join(parts)})", soft_wrap=True)
 
 
 @app.command()

@@ -59,3 +59,26 @@ def test_editing_one_source_restarts_only_its_collector():
 def test_builds_are_deterministic():
     f = fleet()
     assert builders.build_children(f, OWNER, BuildOptions(), None) == builders.build_children(f, OWNER, BuildOptions(), None)
+
+
+def _deployment(name: str, ready: bool, rolled_out: bool = True) -> dict:
+    conditions = [{"type": "Progressing", "reason": "NewReplicaSetAvailable", "status": "True"}] if rolled_out else []
+    return {"metadata": {"name": name, "generation": 1}, "spec": {"replicas": 1},
+            "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "conditions": conditions,
+                       "readyReplicas": 1 if ready else 0, "availableReplicas": 1 if ready else 0}}
+
+
+def test_status_counts_source_collectors_and_their_store():
+    from sensorfleet.operator import status
+
+    f = fleet()
+    names = ["plant-src-hall-1", "plant-src-plc", "plant-src-lab"]
+    waiting = status.compute_status(f, 1, [_deployment(n, n != "plant-src-lab", rolled_out=False) for n in names], [], [], None, "T1")
+    conditions = {c["type"]: c for c in waiting["conditions"]}
+    assert waiting["ready"] == "2/3" and conditions["Ready"]["status"] == "False" and "plant-src-lab" in conditions["Ready"]["message"]
+    ready = status.compute_status(f, 1, [_deployment(n, True) for n in names], [], [], waiting, "T2")
+    assert ready["ready"] == "3/3" and {c["type"]: c["status"] for c in ready["conditions"]}["StorageDegraded"] == "False"
+    # A rolled-out source collector that lost readiness cannot write the store (its /readyz).
+    unwritable = status.compute_status(f, 1, [_deployment(n, n != "plant-src-plc") for n in names], [], [], ready, "T3")
+    storage = {c["type"]: c for c in unwritable["conditions"]}["StorageDegraded"]
+    assert storage["status"] == "True" and "plant-src-plc (0/1 ready)" in storage["message"]

@@ -112,3 +112,11 @@ def test_bare_operator_import_is_the_standard_library():
     result = subprocess.run([sys.executable, "-c", "import operator, sensorfleet.operator; print(operator.__file__); operator.or_"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert str(REPO / "operator") not in result.stdout
+
+
+def test_validate_command_summarises_a_fleet_of_third_party_sources():
+    example = Path(__file__).parents[2] / "examples" / "third-party.yaml"
+    result = subprocess.run([sys.executable, "-m", "sensorfleet.cli", "validate", str(example)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "3 third-party source(s): mqtt hall-1, opcua plc, coap lab" in result.stdout
+    assert " devices, " not in result.stdout, "no simulated devices"
