@@ -151,7 +151,7 @@ def run(opts: CollectorOptions) -> int:
     sink = CollectorSink(fleet.name, "coap", opts.data_url, metrics, fleet.spec.collector.batch_size, fleet.spec.collector.flush_interval,
                          writer_id=opts.client_id or f"{fleet.name}-src-{source.name}", buffer_limit=fleet.spec.storage.max_buffered_readings)
     collector = ForeignCoapCollector(opts, source, metrics)
-    metrics.serve(opts.metrics_port, opts.metrics_host)
+    metrics.serve(opts.metrics_port, opts.metrics_host, opts.metrics_port_file)
     sink.start_storage_thread()
     done = threading.Event()
     worker = metrics.watch(threading.Thread(target=drain_into_sink, args=(sink, collector.intake, done, lambda item: collector.handle(sink, item)),

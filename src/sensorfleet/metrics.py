@@ -144,12 +144,13 @@ class FleetMetrics:
     def dead_workers(self) -> list[str]:
         return [name for name, thread in self.workers.items() if thread.ident is not None and not thread.is_alive()]
 
-    def serve(self, port: int, host: str = "0.0.0.0", port_file: str | None = None) -> int:
+    def serve(self, port: int, host: str, port_file: str | None) -> int:
         """Serve /metrics, /healthz and /readyz and return the port; port 0 means do not serve,
         unless `port_file` is given: then the kernel picks a free port and its number is written
         to that file once the socket listens (how `sensorfleet run` learns it: a port chosen by
         the parent and bound later by the child can be taken meanwhile, e.g. by a second run).
-        A port in use raises OSError naming it."""
+        No defaults: a component that left `port_file` out would keep `sensorfleet run` waiting
+        for a file that never comes. A port in use raises OSError naming it."""
         if not port and not port_file:
             return 0
         metrics_app = make_wsgi_app(self.registry)

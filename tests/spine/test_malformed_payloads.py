@@ -184,7 +184,7 @@ def test_a_collector_whose_writer_thread_dies_exits_non_zero_and_fails_liveness(
     fleet = load_fleet(write_fleet())
     metrics = FleetMetrics("demo", "mqtt", "collector")
     port = free_port()
-    metrics.serve(port, "127.0.0.1")
+    metrics.serve(port, "127.0.0.1", None)
     collector = MqttCollector(CollectorOptions(fleet, str(tmp_path / "data")), parse_broker_url(mosquitto.url), metrics)
 
     def broken_handle(item):
