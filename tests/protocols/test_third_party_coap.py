@@ -83,3 +83,29 @@ def test_libcoap_server_resources_are_observed_into_the_dataset(procs, h, tmp_pa
     assert summary["source"] == "lab"
     assert summary["stored"] == summary["received"] == summary["unsequenced"] == len(df)
     assert summary["malformed_by_reason"] == {"not_json": 1, "missing_field": 1, "wrong_type": 1}
+
+
+def test_sensorfleet_run_observes_a_coap_source(tmp_path, udp_port):
+    """The same source through `sensorfleet run` (the child binds its own metrics port and
+    reports it): the server's clock lands in the dataset, the summary has its row."""
+    import json
+    import sys
+
+    assert SERVER, "libcoap's coap-server is not installed (apt-get install libcoap3-bin)"
+    server = subprocess.Popen([SERVER, "-A", "127.0.0.1", "-p", str(udp_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        fleet = tmp_path / "fleet.yaml"
+        fleet.write_text(yaml.safe_dump({"apiVersion": "sensorfleet.io/v1alpha1", "kind": "SensorFleet", "metadata": {"name": "proto"},
+                                         "spec": {"protocols": {"mqtt": {"enabled": False}}, "collector": {"flushInterval": 0.3},
+                                                  "sources": {"coap": [{"name": "lab", "resources": [
+                                                      {"uri": f"coap://127.0.0.1:{udp_port}/time?ticks", "device": "clock-1", "sensor": "ticks", "unit": "s"}]}]}}}))
+        run = subprocess.run([sys.executable, "-m", "sensorfleet.cli", "run", str(fleet), "--duration", "6", "--no-live", "--data", str(tmp_path / "data"),
+                              "--logs", str(tmp_path / "logs"), "--summary", str(tmp_path / "summary.json")], capture_output=True, text=True, timeout=120)
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    row = json.loads((tmp_path / "summary.json").read_text())["protocols"]["source lab"]
+    df = read_dataset(str(tmp_path / "data"))
+    assert row["stored"] == len(df) >= 3 and row["malformed"] == 0
+    assert (df["device"] == "clock-1").all() and df["seq"].isna().all()
