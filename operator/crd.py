@@ -29,14 +29,18 @@ CRD_FILE = f"{CRD_NAME}.yaml"
 
 # Cross-field rules of spec.py, as CEL. Keyed by the pydantic model whose validator they mirror.
 CEL_RULES: dict[str, list[dict[str, str]]] = {
-    "ProtocolsSpec": [
+    "FleetSpec": [
         {
             # Written for the undefaulted object too (the API server checks `default: {}` as is):
-            # a missing mqtt.enabled means true, a missing coap/opcua.enabled means false.
-            "rule": "(!has(self.mqtt) || !has(self.mqtt.enabled) || self.mqtt.enabled)"
-            " || (has(self.coap) && has(self.coap.enabled) && self.coap.enabled)"
-            " || (has(self.opcua) && has(self.opcua.enabled) && self.opcua.enabled)",
-            "message": "at least one of mqtt, coap, opcua must be enabled (set spec.protocols.<name>.enabled: true)",
+            # a missing mqtt.enabled means true, a missing coap/opcua.enabled means false. A fleet
+            # of third-party sources alone (spec.sources) needs no simulated protocol.
+            "rule": "!has(self.protocols) || !has(self.protocols.mqtt) || !has(self.protocols.mqtt.enabled) || self.protocols.mqtt.enabled"
+            " || (has(self.protocols.coap) && has(self.protocols.coap.enabled) && self.protocols.coap.enabled)"
+            " || (has(self.protocols.opcua) && has(self.protocols.opcua.enabled) && self.protocols.opcua.enabled)"
+            " || (has(self.sources) && ((has(self.sources.mqtt) && size(self.sources.mqtt) > 0)"
+            " || (has(self.sources.opcua) && size(self.sources.opcua) > 0) || (has(self.sources.coap) && size(self.sources.coap) > 0)))",
+            "message": "at least one of mqtt, coap, opcua must be enabled (set spec.protocols.<name>.enabled: true), or spec.sources must list a third-party source",
+            "fieldPath": ".protocols",
         }
     ],
     "BrokerSpec": [

@@ -133,6 +133,30 @@ def test_example_fleet_becomes_ready_with_every_child(env: dict[str, Any]) -> No
     assert events and events[0]["type"] == "Normal"
 
 
+def test_a_fleet_of_third_party_sources_runs_a_collector_per_source(env: dict[str, Any]) -> None:
+    """examples/third-party.yaml (no simulator, no broker): the API server takes its
+    spec.sources, the operator runs one `<fleet>-src-<name>` collector per source, Ready 3/3."""
+    cluster = env["cluster"]
+    doc = yaml.safe_load((REPO / "examples" / "third-party.yaml").read_text())
+    doc["spec"]["storage"] = {"url": "s3://sf-e2e/plant"}  # no claim: nothing to bind on kwok's nodes
+    cluster.kubectl("apply", "-n", NS, "-f", "-", input=json.dumps(doc))
+    try:
+        body = wait_ready(cluster, "plant")
+        live = children_of(cluster, "plant")
+        expected = builders.build_children(builders.fleet_from_body(body), builders.owner_from_body(body), builders.BuildOptions(), None)
+        assert set(live) == {(c["kind"], c["metadata"]["name"]) for c in expected}
+        assert sorted(name for kind, name in live if kind == "Deployment") == ["plant-src-hall-1", "plant-src-lab", "plant-src-plc"]
+        args = live[("Deployment", "plant-src-plc")]["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert args[:2] == ["collect", "opcua"] and args[-2:] == ["--source", "plc"]
+        assert body["status"]["ready"] == "3/3" and body["status"]["enabledProtocols"] == ""
+        assert body["spec"]["sources"]["opcua"][0]["nodes"][1] == {"browsePath": "1:Boiler/1:Pressure", "device": "boiler-1", "sensor": "pressure", "unit": "kPa"}
+        refused = cluster.kubectl("apply", "-n", NS, "-f", "-", check=False, input=json.dumps(
+            {**doc, "spec": {**doc["spec"], "sources": {"coap": [{"name": "Bad_Name", "resources": []}]}}}))
+        assert refused.returncode != 0 and "spec.sources.coap[0].name" in refused.stderr
+    finally:
+        cluster.kubectl("delete", "sensorfleet", "plant", "-n", NS, "--wait=true", check=False)
+
+
 def test_kubectl_explain_reads_well(env: dict[str, Any]) -> None:
     out = env["cluster"].kubectl("explain", "sensorfleet.spec.protocols.mqtt").stdout
     assert "MQTT devices publishing through the broker." in out
