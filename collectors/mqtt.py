@@ -42,7 +42,7 @@ import paho.mqtt.client as mqtt
 from sensorfleet.collectors.base import CollectorSink, SequenceSpace, drain_into_sink
 from sensorfleet.collectors.mqtt_session import Mqtt5Subscriber
 from sensorfleet.metrics import FleetMetrics
-from sensorfleet.reading import DEFAULT_MAX_PAYLOAD_BYTES, decode_json_payload
+from sensorfleet.reading import DEFAULT_MAX_PAYLOAD_BYTES, DecodedPayload, decode_json_payload
 from sensorfleet.runtime import BrokerAddress, CollectorOptions, mqtt_client, parse_broker_url, stop_event_on_signals
 from sensorfleet.spec import SensorFleet
 
@@ -81,6 +81,7 @@ class MqttCollector:
         self.stale_topic = subscription_topic(spec.protocols.mqtt.topic_prefix, fleet.name, None if shared else group)
         self.client_id = opts.client_id or f"{fleet.name}-mqtt-collector-0"
         self.max_payload = max_payload_bytes(fleet)
+        self.status_topics = spec.protocols.mqtt.connection_per_device
         self.sink = CollectorSink(
             fleet.name, "mqtt", opts.data_url, metrics,
             batch_size=spec.collector.batch_size, flush_interval=spec.collector.flush_interval,
@@ -137,11 +138,17 @@ class MqttCollector:
                 return  # stopping: not taken, not acknowledged; the broker redelivers it
         self.intake.append(item)
 
+    def _decode(self, payload: bytes, topic: str) -> DecodedPayload:
+        # A device's birth or Last Will (connectionPerDevice) carries no reading: acknowledged, not stored.
+        if self.status_topics and topic.endswith("/status"):
+            return DecodedPayload([], [])
+        return decode_json_payload(payload, self.max_payload)
+
     # --- writer thread --------------------------------------------------------------------------
     def handle(self, item: tuple) -> None:
         """Decode, validate and batch one message; acknowledge it once its readings are written."""
         payload, topic, mid, qos, connection, received_at = item
-        self.sink.accept_decoded(decode_json_payload(payload, self.max_payload), received_at, where=f"topic {topic}: ")
+        self.sink.accept_decoded(self._decode(payload, topic), received_at, where=f"topic {topic}: ")
         self._unacked.append((mid, qos, connection))
         if not self.sink.pending():
             # None of the messages since the last hand-over left a reading in the open batch
@@ -275,7 +282,7 @@ class MqttCollector:
                 count = len(received)
                 while received:
                     payload, topic, _mid, _qos, received_at = received.popleft()
-                    self.sink.accept_decoded(decode_json_payload(payload, self.max_payload), received_at, where=f"topic {topic}: ")
+                    self.sink.accept_decoded(self._decode(payload, topic), received_at, where=f"topic {topic}: ")
                 # The writer thread writes them with its next batch; only then may the session go
                 # (its unacknowledged copies are the only others).
                 # A write completed after these accepts holds them (accept and flush share a lock).

@@ -31,6 +31,7 @@ from sensorfleet.metrics import FleetMetrics
 from sensorfleet.reading import Reading
 from sensorfleet.replay import ReplaySource
 from sensorfleet.runtime import BrokerAddress, SimulatorOptions, mqtt_client, parse_broker_url
+from sensorfleet.simulators.mqtt_devices import DeviceConnections
 from sensorfleet.simulators.mqtt_session import Mqtt5Publisher
 from sensorfleet.signals import ANOMALY_NAMES, QUALITY_BAD, QUALITY_NAMES, SignalModel, TickBlock, device_id, shard_devices
 
@@ -169,7 +170,10 @@ class MqttSimulator:
         self.published = 0
         self._dropped_before_fallback = 0
         self.client_id = f"{fleet.name}-mqtt-sim-{opts.replica}-{uuid.uuid4().hex[:6]}"
-        self.publisher: Mqtt5Publisher | PahoPublisher = Mqtt5Publisher(broker, self.client_id, metrics, **self._limits())
+        self.publisher: Mqtt5Publisher | PahoPublisher | DeviceConnections = Mqtt5Publisher(broker, self.client_id, metrics, **self._limits())
+        if self.spec.connection_per_device:  # every device its own client: simulators/mqtt_devices.py
+            names = [device_id("mqtt", int(d)) for d in self.devices]
+            self.publisher = DeviceConnections(broker, metrics, fleet.name, self.encoder.base, names, qos=self.spec.qos, max_queued=self.spec.max_queued, connect_rate=self.spec.connect_rate, keepalive=self.spec.keepalive, max_delay=self.spec.reconnect_max_delay)
         if self.spec.payload_format == "sparkplugB":  # an edge node: simulators/sparkplug.py
             from sensorfleet.simulators.sparkplug import sparkplug_edge_node
 
@@ -185,6 +189,8 @@ class MqttSimulator:
 
     def _fall_back_if_refused(self) -> None:
         """The broker refused MQTT 5: carry on at MQTT 3.1.1 through paho, with the backlog."""
+        if isinstance(self.publisher, DeviceConnections) and self.publisher.refused is not None:
+            raise RuntimeError(f"spec.protocols.mqtt.connectionPerDevice needs a broker that speaks MQTT 5 ({self.publisher.refused}); use broker.mode mosquitto")
         if not isinstance(self.publisher, Mqtt5Publisher) or self.publisher.refused is None:
             return
         if self.spec.payload_format == "sparkplugB":

@@ -92,6 +92,8 @@ class Mqtt5Connection(asyncio.Protocol):
         self._closing = False
         self._tasks: list[asyncio.Task] = []
         self._last_write = 0.0
+        # One connection among thousands (a device) logs its connects and losses at DEBUG.
+        self.log_level = logging.INFO
 
     # -- hooks -------------------------------------------------------------------------------
     def _on_connected(self, connack: mqtt5.ConnAckPacket) -> None: ...
@@ -104,6 +106,20 @@ class Mqtt5Connection(asyncio.Protocol):
 
     def _on_writable(self) -> None: ...
 
+    async def _before_connect(self) -> None:
+        """Awaited before every connection attempt (a device fleet paces its connects here)."""
+
+    def _retry_delay(self, delay: float) -> float:
+        """Seconds to wait before the next attempt, given the back-off `delay`."""
+        return delay
+
+    def _report_up(self, up: bool) -> None:
+        self.metrics.connected.set(1 if up else 0)
+
+    def _goodbye(self) -> bytes:
+        """The DISCONNECT sent by `close`."""
+        return mqtt5.DisconnectPacket().write()
+
     def _will(self) -> mqtt5.Will | None:
         """The Last Will of the next CONNECT (asked once per connection attempt)."""
         return None
@@ -115,7 +131,7 @@ class Mqtt5Connection(asyncio.Protocol):
     async def close(self) -> None:
         self._closing = True
         if self._transport is not None and self.connected:
-            self._transport.write(mqtt5.DisconnectPacket().write())
+            self._transport.write(self._goodbye())
             self._transport.close()
         for task in self._tasks:
             task.cancel()
@@ -213,6 +229,7 @@ class Mqtt5Connection(asyncio.Protocol):
             self._connack, self._lost = loop.create_future(), loop.create_future()
             # An answer that comes after its wait timed out is dropped without a "never retrieved" warning.
             self._connack.add_done_callback(lambda f: f.cancelled() or f.exception())
+            await self._before_connect()
             try:
                 await loop.create_connection(lambda: self, self.broker.host, self.broker.port, ssl=context)
                 connack = await asyncio.wait_for(asyncio.shield(self._connack), CONNACK_TIMEOUT)
@@ -226,21 +243,21 @@ class Mqtt5Connection(asyncio.Protocol):
                     log.error("%s; retrying in %.0f s", exc, delay)
                     self.metrics.error("connect_refused").inc()
                 else:
-                    log.warning("cannot reach broker %s (%s); retrying in %.0f s", self.broker.url, exc or type(exc).__name__, delay)
+                    log.log(logging.WARNING if self.log_level >= logging.INFO else self.log_level, "cannot reach broker %s (%s); retrying in %.0f s", self.broker.url, exc or type(exc).__name__, delay)
                 if self._transport is not None:
                     self._transport.close()
-                await asyncio.sleep(delay)
+                await asyncio.sleep(self._retry_delay(delay))
                 delay = min(delay * 2, self.max_delay)
                 continue
             delay = self.min_delay
-            log.info("connected to broker %s (MQTT 5, session present: %s, receive maximum %d)", self.broker.url, connack.session_present, connack.receive_max)
-            self.metrics.connected.set(1)
+            log.log(self.log_level, "connected to broker %s (MQTT 5, session present: %s, receive maximum %d)", self.broker.url, connack.session_present, connack.receive_max)
+            self._report_up(True)
             await self._lost
-            self.metrics.connected.set(0)
+            self._report_up(False)
             if not self._closing:
-                log.warning("lost the broker %s; reconnecting with back-off", self.broker.url)
+                log.log(logging.WARNING if self.log_level >= logging.INFO else self.log_level, "lost the broker %s; reconnecting with back-off", self.broker.url)
                 self.metrics.error("connection_lost").inc()
-                await asyncio.sleep(delay)
+                await asyncio.sleep(self._retry_delay(delay))
                 delay = min(delay * 2, self.max_delay)
 
     async def _keep_alive(self) -> None:

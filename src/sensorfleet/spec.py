@@ -131,6 +131,10 @@ class MqttSpec(ProtocolSpec):
         Field(default="json", description="`json`: the reading documents of `messageMode`; `sparkplugB`: Eclipse Sparkplug 3.0 (each simulator replica an edge node, each device a Sparkplug device; topics `spBv1.0/<fleet>/...`, `topicPrefix` and `messageMode` do not apply)."),
     ]
     sparkplug: Annotated[SparkplugSpec, Field(default_factory=SparkplugSpec, description="Sparkplug B options, with `payloadFormat: sparkplugB`.")]
+    connection_per_device: Annotated[bool, Field(default=False, description="Every device holds its own MQTT connection (client id `<fleet>-<device>`, its own keep-alive, a retained Last Will `offline` and birth `online` on `<prefix>/<fleet>/<device>/status`, jittered reconnect back-off); readings and topics as in `perDevice` mode. For broker load tests; docs/protocols.md.")]
+    connect_rate: Annotated[float, Field(default=1000.0, gt=0, le=100_000, description="With `connectionPerDevice`: device connections opened per second at most per simulator replica (ramp-up and every reconnect wave after a broker restart).")]
+    keepalive: Annotated[int, Field(default=60, ge=5, le=65535, description="With `connectionPerDevice`: MQTT keep-alive of each device connection, in seconds.")]
+    reconnect_max_delay: Annotated[float, Field(default=30.0, ge=1, le=3600, description="With `connectionPerDevice`: ceiling of a device's exponential reconnect back-off (1 s doubling up to this), each wait drawn uniformly from 0 to the back-off (full jitter).")]
 
     @model_validator(mode="after")
     def _sparkplug_fits(self) -> MqttSpec:
@@ -138,6 +142,8 @@ class MqttSpec(ProtocolSpec):
             raise ValueError(f"messageMode: with payloadFormat sparkplugB every device publishes its own DDATA; use perDevice (the default), got {self.message_mode}")
         if self.payload_format == "sparkplugB" and self.collector_replicas != 1:
             raise ValueError(f"collectorReplicas: a Sparkplug B host application must see every birth of a node, so it cannot share the subscription; use 1, got {self.collector_replicas}")
+        if self.connection_per_device and (self.message_mode != "perDevice" or self.payload_format != "json"):
+            raise ValueError(f"connectionPerDevice: each device publishes its own perDevice JSON messages; use messageMode perDevice and payloadFormat json, got {self.message_mode} / {self.payload_format}")
         return self
 
 
@@ -341,6 +347,8 @@ class FleetSpec(SpecModel):
     def _sparkplug_not_replayed(self) -> FleetSpec:
         if self.replay is not None and self.protocols.mqtt.enabled and self.protocols.mqtt.payload_format == "sparkplugB":
             raise ValueError("protocols.mqtt.payloadFormat: sparkplugB does not play back recordings (replay); use json")
+        if self.replay is not None and self.protocols.mqtt.enabled and self.protocols.mqtt.connection_per_device:
+            raise ValueError("protocols.mqtt.connectionPerDevice: the devices of a recording are not the simulated devices (replay); use a shared connection")
         return self
 
     @model_validator(mode="after")
