@@ -61,6 +61,8 @@ def test_each_device_connects_with_its_own_client_id_and_announces_itself(write_
     watcher = StatusWatcher(mosquitto.url)
     sim = simulator(write_fleet(per_device(25, connectRate=500)), mosquitto)
     sim.run(threading.Event(), 2.0)
+    # The broker publishes each Will as it handles the device's DISCONNECT: give it a moment.
+    wait_until(lambda: sum(p[-1:] == [b"offline"] for p in list(watcher.seen.values())) == 25, 10, message="25 Wills")
     watcher.stop()
     clients = re.findall(r"New client connected from \S+ as (\S+)", mosquitto.log_path.read_text())
     devices = {f"demo-mqtt-{d:05d}" for d in range(25)}
@@ -99,10 +101,10 @@ def test_connect_rate_paces_the_ramp_up(write_fleet, tmp_path, mosquitto):
     connects = devices_of(sim).connects
     assert len(connects) == 60
     took = connects[-1] - connects[0]
-    assert 59 / 30 * 0.9 <= took <= 59 / 30 * 1.5, f"60 connects at 30/s took {took:.2f} s"
+    assert 59 / 30 * 0.8 <= took <= 59 / 30 * 1.5, f"60 connects at 30/s took {took:.2f} s"
     busiest = max(sum(1 for t in connects if start <= t < start + 1.0) for start in connects)
     # Attempts are paced; a CONNACK's latency on a busy machine may bunch a few of them.
-    assert busiest <= 30 * 1.2, f"{busiest} connects in one second at connectRate 30"
+    assert busiest <= 30 * 1.3, f"{busiest} connects in one second at connectRate 30"
 
 
 def test_broker_restart_reconnects_spread_out_and_stores_everything_once(write_fleet, tmp_path, mosquitto):
