@@ -469,6 +469,8 @@ def pod_resources(fleet: SensorFleet, role: str, protocol: str | None = None) ->
         cpu = 20 + readings_per_second * SIMULATOR_MILLICORES_PER_READING_S
         memory = 64 + devices * SIMULATOR_MIB_PER_DEVICE
         queue = fleet.spec.protocols.mqtt.max_queued * MQTT_QUEUED_MESSAGE_MIB if protocol == "mqtt" else 0
+        if protocol == "mqtt" and fleet.spec.protocols.mqtt.connection_per_device:
+            memory += devices * SIMULATOR_MIB_PER_CONNECTION
     else:
         cpu = 20 + readings_per_second * COLLECTOR_MILLICORES_PER_READING_S
         memory = 96 + series * COLLECTOR_MIB_PER_SERIES + fleet.spec.collector.batch_size * COLLECTOR_MIB_PER_BATCH_ROW
@@ -550,11 +552,28 @@ def broker_queue_bytes(fleet: SensorFleet) -> int:
     return BROKER_QUEUE_BYTES
 
 
+# connectionPerDevice (simulators/mqtt_devices.py): what one device connection costs, measured by
+# bench/bench_connections.py (RSS growth over 10,000 connections, rounded up).
+SIMULATOR_MIB_PER_CONNECTION = 0.02
+BROKER_MIB_PER_CONNECTION = 0.02
+BROKER_SPARE_CONNECTIONS = 64  # collectors, the helm test pod, a user's mosquitto_sub
+
+
+def broker_max_connections(fleet: SensorFleet) -> int:
+    """Mosquitto's `max_connections`: with connectionPerDevice every device is a client, so the
+    bound is the devices plus the collectors plus spare; otherwise no bound (-1)."""
+    mqtt = fleet.spec.protocols.mqtt
+    if not (mqtt.enabled and mqtt.connection_per_device):
+        return -1
+    return mqtt.devices + collector_count(fleet, "mqtt") + BROKER_SPARE_CONNECTIONS
+
+
 def broker_resources(fleet: SensorFleet) -> tuple[dict[str, dict[str, str]], str]:
     """The broker's requests/limits and its data volume's size limit, from the sessions it may hold
     (each up to broker_queue_bytes, held in memory and in the persistence file): scaling the
     collectors resizes (and so restarts) the broker; its persistent sessions survive that."""
     queued_mib = collector_count(fleet, "mqtt") * broker_queue_bytes(fleet) / (1 << 20)
+    queued_mib += max(0, broker_max_connections(fleet)) * BROKER_MIB_PER_CONNECTION
     floor = RESOURCES["broker"]
     memory_limit = max(_mebibytes(floor["limits"]["memory"]), 64 + 2 * queued_mib)
     resources = {"requests": floor["requests"], "limits": {**floor["limits"], "memory": _memory(memory_limit)}}
@@ -567,7 +586,8 @@ def mosquitto_conf(fleet: SensorFleet) -> str:
     the init container writes; sessions expire and queues are bounded (sized in broker_resources)."""
     password_file = "/mosquitto/auth/passwd" if fleet.spec.broker.authentication else None
     return mosquitto_config(broker_port(fleet), None, "/mosquitto/data", password_file,
-                            session_expiry=BROKER_SESSION_EXPIRY, max_queued_bytes=broker_queue_bytes(fleet))
+                            session_expiry=BROKER_SESSION_EXPIRY, max_queued_bytes=broker_queue_bytes(fleet),
+                            max_connections=broker_max_connections(fleet))
 
 
 def build_broker_config(fleet: SensorFleet, owner: Owner, options: BuildOptions) -> dict[str, Any]:

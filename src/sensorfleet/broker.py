@@ -19,15 +19,18 @@ log = logging.getLogger(__name__)
 
 
 def mosquitto_config(port: int, bind: str | None, data_dir: str | None, password_file: str | None,
-                     session_expiry: str = "7d", max_queued_bytes: int = 0, user: str | None = None) -> str:
+                     session_expiry: str = "7d", max_queued_bytes: int = 0, user: str | None = None,
+                     max_connections: int = -1) -> str:
     """mosquitto.conf for a fleet broker. `bind=None` listens on every interface (pods).
     `session_expiry` and `max_queued_bytes` (per client, 0 = unbounded) bound what a session that
     is never resumed (a removed collector replica) can hold.
     `user`: who the broker runs as; a broker started as root otherwise switches to `mosquitto`,
-    which cannot write the persistence file in a directory of ours (sessions then die with it)."""
+    which cannot write the persistence file in a directory of ours (sessions then die with it).
+    `max_connections`: client connections the listener accepts (-1 = no bound, Mosquitto's default)."""
     lines = [
         "# Rendered by SensorFleet (sensorfleet.broker.mosquitto_config).",
         f"listener {port}{' ' + bind if bind else ''}",
+        *([f"max_connections {max_connections}"] if max_connections >= 0 else []),
         *([f"user {user}"] if user else []),
         "protocol mqtt",
         # Collectors acknowledge a message only once it is written to Parquet, so many QoS 1

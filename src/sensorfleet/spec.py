@@ -25,6 +25,7 @@ from pydantic import (
 from sensorfleet.sources import SourcesSpec
 from sensorfleet.spec_base import _CRON_FIELD, _DNS_LABEL, _SENSOR_NAME, CredentialsRef, SecretKeyRef, SpecModel
 
+MAX_CONNECTIONS_PER_PROCESS = 15_000  # connectionPerDevice: below a 20,000 open-file limit, with room for the rest
 API_GROUP = "sensorfleet.io"
 API_VERSION = "v1alpha1"
 KIND = "SensorFleet"
@@ -144,6 +145,9 @@ class MqttSpec(ProtocolSpec):
             raise ValueError(f"collectorReplicas: a Sparkplug B host application must see every birth of a node, so it cannot share the subscription; use 1, got {self.collector_replicas}")
         if self.connection_per_device and (self.message_mode != "perDevice" or self.payload_format != "json"):
             raise ValueError(f"connectionPerDevice: each device publishes its own perDevice JSON messages; use messageMode perDevice and payloadFormat json, got {self.message_mode} / {self.payload_format}")
+        per_process = -(-self.devices // self.replicas)  # one socket a device; 20,000 open files a process here
+        if self.connection_per_device and per_process > MAX_CONNECTIONS_PER_PROCESS:
+            raise ValueError(f"replicas: with connectionPerDevice one simulator process holds at most {MAX_CONNECTIONS_PER_PROCESS:,} device connections (open-file limit); use replicas >= {-(-self.devices // MAX_CONNECTIONS_PER_PROCESS)}, got {self.replicas}")
         return self
 
 
