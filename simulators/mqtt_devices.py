@@ -30,7 +30,7 @@ from sensorfleet.simulators.mqtt_session import Message, Mqtt5Publisher
 log = logging.getLogger(__name__)
 BIRTH_PACKET_ID = MAX_PACKET_ID  # reserved for the birth message; readings use 1..65534
 DEVICE_MAX_INFLIGHT = 20  # at one message per interval a device rarely has more than one in flight
-DEVICE_MIN_QUEUE = 10
+DEVICE_MIN_QUEUE = 100  # a device's due readings wait here until its turn in the connect ramp
 
 
 class ConnectPacer:
@@ -131,12 +131,15 @@ class DeviceConnections:
         total = len(self.by_topic)
         self.metrics.connected.set(1 if self.up == total else 0)
         if up and self.up == total:
-            log.info("all %d device connections up (broker %s)", total, self.broker.url)
+            took = time.monotonic() - self._started
+            log.info("all %d device connections up in %.2f s (%.0f connections/s; broker %s)", total, took, total / max(took, 1e-6), self.broker.url)
+            self._started = time.monotonic()  # the next wave (after a broker restart) is timed from here
         elif not up and self.up == total - 1:
             log.warning("device connections to %s going down; reconnecting with jittered back-off", self.broker.url)
 
     def start(self) -> None:
         log.info("opening %d device connections at up to %.0f/s", len(self.by_topic), 1.0 / self.pacer.interval)
+        self._started = time.monotonic()
         for connection in self.by_topic.values():
             connection.start()
 
