@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -24,11 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import yaml
 from rich.console import Console
 from rich.table import Table
 
+from bench.common import capacity_ladder, machine, window_figures
 from sensorfleet.runner import scrape
 from sensorfleet.runtime import free_port
 from sensorfleet.spec import DEFAULT_SENSORS
@@ -37,11 +36,6 @@ from sensorfleet.testing import component, wait_until
 RESULTS = Path(__file__).resolve().parent / "results"
 SENSORS = 3
 console = Console()
-
-
-def machine() -> dict:
-    return {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "load_average_1m": round(os.getloadavg()[0], 2),
-            "python": platform.python_version(), "platform": platform.platform()}
 
 
 def fleet_file(workdir: Path, devices: int, interval: float) -> Path:
@@ -135,21 +129,8 @@ def capacity_step(workdir: Path, devices: int, warmup: float, window: float) -> 
         if col is not None:
             time.sleep(1.0)
             col.stop()
-    elapsed = t1 - t0
-
-    def delta(a: dict, b: dict, name: str) -> float:
-        return b.get(name, 0.0) - a.get(name, 0.0)
-
-    offered = devices * SENSORS
-    received = delta(c0, c1, "sensorfleet_readings_received_total") / elapsed
-    stored = delta(c0, c1, "sensorfleet_readings_stored_total") / elapsed
-    lost = delta(c0, c1, "sensorfleet_readings_lost_total") - delta(c0, c1, "sensorfleet_readings_late_total")
-    dropped = delta(s0, s1, "sensorfleet_readings_dropped_total")
-    cpu = {"simulator_cpu": round(delta(s0, s1, "process_cpu_seconds_total") / elapsed, 2), "collector_cpu": round(delta(c0, c1, "process_cpu_seconds_total") / elapsed, 2)}
-    holds = lost == 0 and dropped == 0 and received >= 0.95 * offered
-    return {"devices": devices, "offered_per_s": offered, "received_per_s": round(received), "stored_per_s": round(stored), "lost": int(lost),
-            "simulator_dropped": int(dropped), "holds": holds, **cpu,
-            "collector_rss_mib": round(c1.get("process_resident_memory_bytes", 0) / 2**20), "simulator_rss_mib": round(s1.get("process_resident_memory_bytes", 0) / 2**20)}
+    figures = window_figures(devices * SENSORS, t1 - t0, (c0, c1), (s0, s1))
+    return {"devices": devices, **figures}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,20 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[bold]reference[/bold]: coap-client observers against the simulator")
         result["reference"] = reference_coap_client(workdir, devices=100, interval=0.03, seconds=10)
         console.print(result["reference"])
-        result["capacity"] = []
-        for devices in steps:
-            console.print(f"[bold]capacity[/bold]: {devices} devices x {SENSORS} sensors at 1 Hz")
-            try:
-                step = capacity_step(workdir, devices, warmup=5.0, window=window)
-            except (AssertionError, RuntimeError) as exc:  # never got going: that is "does not hold"
-                step = {"devices": devices, "offered_per_s": devices * SENSORS, "received_per_s": 0, "stored_per_s": 0, "lost": 0, "simulator_dropped": 0,
-                        "holds": False, "error": str(exc).splitlines()[0], "simulator_cpu": "-", "collector_cpu": "-", "simulator_startup_s": "-"}
-            result["capacity"].append(step)
-            console.print(step)
-            if not step["holds"]:
-                break
-    held = [s for s in result["capacity"] if s["holds"]]
-    best = max(held, key=lambda s: s["devices"]) if held else None
+        result["capacity"], best = capacity_ladder(steps, lambda devices: capacity_step(workdir, devices, warmup=5.0, window=window),
+                                                   lambda devices: devices * SENSORS, console)
     reference_rate = result["reference"].get("notifications_per_s")
     result["largest_devices_at_1hz"] = best["devices"] if best else 0
     result["readings_per_s_stored"] = best["stored_per_s"] if best else 0

@@ -25,18 +25,17 @@ import asyncio
 import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import yaml
 from rich.console import Console
 from rich.table import Table
 
+from bench.common import capacity_ladder, machine, window_figures
 from sensorfleet.runner import scrape
 from sensorfleet.runtime import free_port
 from sensorfleet.testing import component, wait_until
@@ -44,11 +43,6 @@ from sensorfleet.testing import component, wait_until
 RESULTS = Path(__file__).resolve().parent / "results"
 SENSORS = 3
 console = Console()
-
-
-def machine() -> dict:
-    return {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "load_average_1m": round(os.getloadavg()[0], 2),
-            "python": platform.python_version(), "platform": platform.platform()}
 
 
 def fleet_file(workdir: Path, devices: int, two_way: bool = False) -> Path:
@@ -204,22 +198,8 @@ def capacity_step(workdir: Path, devices: int, warmup: float, window: float, two
         sim.stop()
         if col is not None:
             col.stop()
-    elapsed = t1 - t0
-
-    def delta(name: str, a: dict, b: dict) -> float:
-        return b.get(name, 0.0) - a.get(name, 0.0)
-
-    offered = devices * SENSORS
-    received = delta("sensorfleet_readings_received_total", c0, c1) / elapsed
-    stored = delta("sensorfleet_readings_stored_total", c0, c1) / elapsed
-    lost = delta("sensorfleet_readings_lost_total", c0, c1) - delta("sensorfleet_readings_late_total", c0, c1)
-    dropped = delta("sensorfleet_readings_dropped_total", s0, s1)
-    holds = lost == 0 and dropped == 0 and received >= 0.95 * offered
-    return {"devices": devices, "offered_per_s": offered, "received_per_s": round(received), "stored_per_s": round(stored), "lost": int(lost), "simulator_dropped": int(dropped),
-            "holds": holds, "simulator_startup_s": round(startup, 1),
-            "simulator_cpu": round(delta("process_cpu_seconds_total", s0, s1) / elapsed, 2), "collector_cpu": round(delta("process_cpu_seconds_total", c0, c1) / elapsed, 2),
-            "simulator_rss_mib": round(s1.get("process_resident_memory_bytes", 0) / 2**20), "collector_rss_mib": round(c1.get("process_resident_memory_bytes", 0) / 2**20),
-            **({"clients": clients} if clients else {})}
+    figures = window_figures(devices * SENSORS, t1 - t0, (c0, c1), (s0, s1))
+    return {"devices": devices, **figures, "simulator_startup_s": round(startup, 1), **({"clients": clients} if clients else {})}
 
 
 def two_way_comparison(devices: int, window: float) -> int:
@@ -263,20 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold]reference[/bold]: plain asyncua server writing {variables} variables, plain asyncua subscription")
         result["reference"] = reference(workdir, variables, warmup=5.0, window=window)
         console.print(result["reference"])
-        result["capacity"] = []
-        for devices in steps:
-            console.print(f"[bold]capacity[/bold]: {devices} devices x {SENSORS} sensors at 1 Hz")
-            try:
-                step = capacity_step(workdir, devices, warmup=5.0, window=window)
-            except (AssertionError, RuntimeError) as exc:  # never got going: that is "does not hold"
-                step = {"devices": devices, "offered_per_s": devices * SENSORS, "received_per_s": 0, "stored_per_s": 0, "lost": 0, "simulator_dropped": 0,
-                        "holds": False, "error": str(exc).splitlines()[0], "simulator_cpu": "-", "collector_cpu": "-", "simulator_startup_s": "-"}
-            result["capacity"].append(step)
-            console.print(step)
-            if not step["holds"]:
-                break
-    held = [s for s in result["capacity"] if s["holds"]]
-    best = max(held, key=lambda s: s["devices"]) if held else None
+        result["capacity"], best = capacity_ladder(steps, lambda devices: capacity_step(workdir, devices, warmup=5.0, window=window),
+                                                   lambda devices: devices * SENSORS, console)
     reference_rate = result["reference"].get("data_changes_per_s")
     result["largest_devices_at_1hz"] = best["devices"] if best else 0
     result["values_per_s_delivered"] = best["received_per_s"] if best else 0
