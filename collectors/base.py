@@ -18,6 +18,7 @@ import pandas as pd
 
 from sensorfleet.collectors.backpressure import StorageWriter
 from sensorfleet.dataset import DatasetWriter, ReadingBatch, read_dataset
+from sensorfleet.internals import histogram_observe_many
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.reading import DecodedPayload, Reading, readings_from_documents
 
@@ -406,9 +407,8 @@ class CollectorSink:
             self.metrics.stored.inc(n)
             self.metrics.last_activity.set(stored_at)
             self.totals["stored"] += n
-            latency = self.metrics.latency
-            for ts in batch.columns["ts"]:
-                latency.observe(stored_at - ts.timestamp())
+            # One vectorised update, not one observe() per reading (~2 µs each on the hot path).
+            histogram_observe_many(self.metrics.latency, stored_at - batch.ts_seconds())
             self.metrics.batch_lag.set(0.0)
             self.metrics.buffered.set(self.buffered())
 

@@ -73,13 +73,17 @@ def partition_dir(root: str, protocol: str, day: str, hour: int) -> str:
 
 @dataclass
 class ReadingBatch:
-    """Readings collected column by column, ready to become one Arrow table per date."""
+    """Readings collected column by column, ready to become one Arrow table per date: rows added
+    one by one (`add`, CoAP/OPC UA) into lists, whole decoded messages (`add_table`, the MQTT
+    columnar path) as Arrow tables, kept in the order they came."""
 
     protocol: str
     columns: dict[str, list] = field(default_factory=lambda: {f.name: [] for f in FILE_SCHEMA})
+    tables: list[pa.Table] = field(default_factory=list)
+    table_rows: int = 0
 
     def __len__(self) -> int:
-        return len(self.columns["seq"])
+        return len(self.columns["seq"]) + self.table_rows
 
     def add(self, reading: Reading, received_at: datetime) -> None:
         c = self.columns
@@ -94,15 +98,42 @@ class ReadingBatch:
         c["anomaly"].append(reading.anomaly)
         c["received_at"].append(received_at)
 
+    def add_table(self, table: pa.Table) -> None:
+        """Append rows already in FILE_SCHEMA (after the rows added so far)."""
+        self._seal_rows()
+        self.tables.append(table)
+        self.table_rows += table.num_rows
+
+    def _seal_rows(self) -> None:
+        if self.columns["seq"]:
+            rows = pa.table(self.columns, schema=FILE_SCHEMA)
+            self.columns = {f.name: [] for f in FILE_SCHEMA}
+            self.tables.append(rows)
+            self.table_rows += rows.num_rows
+
     def merged(self, other: ReadingBatch) -> ReadingBatch:
         """This batch followed by `other` (both left as they are)."""
-        return ReadingBatch(self.protocol, {name: values + other.columns[name] for name, values in self.columns.items()})
+        batch = ReadingBatch(self.protocol)
+        for part in (self, other):
+            table = part.to_table()
+            if table.num_rows:
+                batch.add_table(table)
+        return batch
+
+    def ts_seconds(self) -> np.ndarray:
+        """Every row's source timestamp as seconds since the epoch (float64)."""
+        micros = pc.cast(self.to_table()["ts"], pa.int64()).to_numpy(zero_copy_only=False)
+        return micros / 1e6
 
     def oldest_ts(self) -> datetime | None:
-        return min(self.columns["ts"]) if len(self) else None
+        oldest = [min(self.columns["ts"])] if self.columns["seq"] else []
+        oldest += [pc.min(t["ts"]).as_py() for t in self.tables if t.num_rows]
+        return min(oldest) if oldest else None
 
     def to_table(self) -> pa.Table:
-        return pa.table(self.columns, schema=FILE_SCHEMA)
+        rows = [pa.table(self.columns, schema=FILE_SCHEMA)] if self.columns["seq"] or not self.tables else []
+        tables = self.tables + rows
+        return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
 class DatasetWriter:

@@ -73,3 +73,25 @@ def asyncua_value_attribute(server: Any, nodeid: Any) -> Any:
     if nodes is None:
         raise LibraryInternalsChanged("asyncua", "AddressSpace._nodes", "write sensor values without a copy per tick")
     return nodes[nodeid].attributes[ua.AttributeIds.Value]
+
+
+# --- prometheus_client -------------------------------------------------------------------------
+def histogram_observe_many(histogram: Any, amounts: Any) -> None:
+    """`Histogram.observe` for a whole array at once: a written batch's reading latencies (one
+    `observe` per reading cost ~2 µs of the collector's ~20 µs per reading). The public API only
+    observes one value at a time; the child keeps per-bucket (non-cumulative) counts, `_sum` and
+    `_upper_bounds`, which this updates as `observe` would for each amount."""
+    import numpy as np
+
+    bounds, buckets, total = (getattr(histogram, name, None) for name in ("_upper_bounds", "_buckets", "_sum"))
+    if bounds is None or buckets is None or total is None:
+        raise LibraryInternalsChanged("prometheus-client", "Histogram._upper_bounds/_buckets/_sum", "observe a batch's latencies at once")
+    amounts = np.asarray(amounts, dtype=np.float64)
+    if not len(amounts):
+        return
+    # observe() counts an amount in the first bucket whose bound is >= it (the last is +Inf).
+    counts = np.bincount(np.searchsorted(np.asarray(bounds, dtype=np.float64), amounts, side="left"), minlength=len(bounds))
+    total.inc(float(amounts.sum()))
+    for bucket, count in zip(buckets, counts.tolist()):
+        if count:
+            bucket.inc(count)

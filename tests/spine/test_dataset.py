@@ -62,3 +62,24 @@ def test_half_written_files_are_invisible(tmp_path):
     (day / ".part-crashed.parquet.tmp").write_bytes(b"PAR1 half a file")
     assert len(pd.read_parquet(tmp_path)) == len(rows)
     assert len(read_dataset(str(tmp_path))) == len(rows)
+
+
+def test_a_batch_of_rows_and_whole_tables_writes_them_all_in_the_order_they_came(tmp_path):
+    first, middle, last = readings("mqtt", 9000, 3), readings("mqtt", 9003, 4), readings("mqtt", 9007, 2)
+    now = datetime.now(timezone.utc)
+    rows_batch = ReadingBatch("mqtt")
+    for r in middle:
+        rows_batch.add(r, now)
+    batch = ReadingBatch("mqtt")
+    for r in first:
+        batch.add(r, now)
+    batch.add_table(rows_batch.to_table())
+    for r in last:
+        batch.add(r, now)
+    everything = first + middle + last
+    assert len(batch) == len(everything) and batch.oldest_ts() == min(r.ts for r in everything)
+    merged = batch.merged(ReadingBatch("mqtt"))
+    assert merged.to_table()["seq"].to_pylist() == [r.seq for r in everything]
+    assert list(merged.ts_seconds()) == [r.ts.timestamp() for r in everything]
+    DatasetWriter(str(tmp_path), "mqtt").write(merged)
+    assert sorted(pd.read_parquet(tmp_path)["seq"]) == sorted(r.seq for r in everything)

@@ -100,3 +100,20 @@ def test_msgspec_validation_messages_keep_the_wording_reasons_are_read_from(payl
 def test_msgspec_syntax_errors_name_the_byte():
     with pytest.raises(msgspec.DecodeError, match=r"\(byte 8\)"):
         msgspec.json.decode(b'{"a": 1 x}')
+
+
+def test_prometheus_histograms_take_a_whole_array_of_observations_as_observe_would_one_by_one():
+    from prometheus_client import CollectorRegistry, Histogram
+
+    amounts = [0.0, 0.001, 0.0011, 0.5, 2.5, 2.6, 59.0, 1e6, -1.0]  # on, between and beyond the bounds
+    registry = CollectorRegistry()
+    one_by_one = Histogram("one", "x", buckets=(0.001, 0.5, 2.5, 60.0), registry=registry)
+    at_once = Histogram("many", "x", buckets=(0.001, 0.5, 2.5, 60.0), registry=registry)
+    for amount in amounts:
+        one_by_one.observe(amount)
+    internals.histogram_observe_many(at_once, amounts)
+
+    def samples(name: str) -> dict:
+        return {(s.name.removeprefix(name), tuple(s.labels.items())): s.value for m in registry.collect() if m.name == name for s in m.samples if not s.name.endswith("_created")}
+
+    assert samples("many") == samples("one") and samples("many")[("_count", ())] == len(amounts)
