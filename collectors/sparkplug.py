@@ -25,6 +25,7 @@ publish only while someone collects.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
@@ -71,7 +72,11 @@ class SparkplugCollector(MqttCollector):
         self.host_id = opts.fleet.spec.protocols.mqtt.sparkplug.primary_host_id
         self.host = HostState(self.fleet)
         self.events: dict[str, int] = {}
-        self._parked: dict[tuple[str, str], list[_Parked]] = {}  # (edge node, device) -> data before its DBIRTH; writer thread only
+        # (edge node, device) -> data before its DBIRTH; writer thread only. In the order the keys
+        # came (a key's first message is its oldest), so expiry looks only at the oldest ones, and
+        # with a running count: a flood of data for unknown devices costs O(1) a message.
+        self._parked: dict[tuple[str, str], list[_Parked]] = {}
+        self._parked_count = 0
         self._online_ms = int(time.time() * 1000)
         if self.host_id is not None:
             self.client.will_set(state_topic(self.host_id), state_payload(False, self._online_ms), qos=1, retain=True)
@@ -97,14 +102,18 @@ class SparkplugCollector(MqttCollector):
 
     def _read(self, topic: str, payload: bytes, mid: int, qos: int, connection: int, received_at: datetime) -> bool:
         """One message into the sink; True if it was held back for its device's DBIRTH."""
+        if len(payload) > self.max_payload:  # what the JSON path refuses too, before any parsing
+            self.sink.reject("too_large", f"topic {topic}: payload of {len(payload):,} bytes is larger than the limit of {self.max_payload:,}")
+            return False
         try:
             out = self.host.handle(topic, payload, time.monotonic())
         except UnknownDevice as exc:
             if exc.rebirth is not None:
                 self.request_rebirth(exc.rebirth)
-            if sum(len(v) for v in self._parked.values()) < MAX_PARKED:
+            if self._parked_count < MAX_PARKED:
                 parts = topic.split("/")
                 self._parked.setdefault((parts[3], parts[4]), []).append(_Parked(topic, payload, mid, qos, connection, received_at, time.monotonic()))
+                self._parked_count += 1
                 return True
             self.sink.reject(exc.kind, str(exc))
             return False
@@ -114,6 +123,7 @@ class SparkplugCollector(MqttCollector):
         if "dbirth" in out.events:
             parts = topic.split("/")
             held = self._parked.pop((parts[3], parts[4]), [])
+            self._parked_count -= len(held)
             if held:
                 log.info("reading %d held-back messages of %s/%s now that its DBIRTH came", len(held), parts[3], parts[4])
             # The held-back data is older than the birth: into the sink first, in the order it came,
@@ -129,9 +139,11 @@ class SparkplugCollector(MqttCollector):
 
     def _expire_parked(self) -> None:
         now = time.monotonic()
-        expired = [key for key, held in self._parked.items() if now - held[0].since > PARK_SECONDS]
+        expired = list(itertools.takewhile(lambda key: now - self._parked[key][0].since > PARK_SECONDS, self._parked))
         for key in expired:
-            for p in self._parked.pop(key):
+            held = self._parked.pop(key)
+            self._parked_count -= len(held)
+            for p in held:
                 self.sink.reject("unknown_device", f"topic {p.topic}: no DBIRTH for this device within {PARK_SECONDS:.0f} s")
                 self._unacked.append((p.mid, p.qos, p.connection))
 
@@ -140,6 +152,8 @@ class SparkplugCollector(MqttCollector):
             self.events[event] = self.events.get(event, 0) + 1
             if event in COUNTED_EVENTS:
                 self.metrics.error(COUNTED_EVENTS[event]).inc()
+        for exc in out.rejected:
+            self.sink.reject(exc.kind, str(exc))
         for device, sensor, last_silent in out.resumed:
             self.sink.skip_to(device, sensor, last_silent)
         if out.documents:  # node messages (NBIRTH, NDEATH, NCMD) carry no readings

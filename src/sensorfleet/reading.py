@@ -39,7 +39,7 @@ MALFORMED_REASONS = (
     "duplicate_key", "missing_field", "bad_field", "bad_value", "bad_ts", "bad_seq", "empty_batch", "foreign_fleet",
     "bad_content_format", "unknown_handle",
     # Sparkplug B (sensorfleet.sparkplug.host)
-    "not_sparkplug", "bad_topic", "bad_birth", "unknown_device",
+    "not_sparkplug", "bad_topic", "bad_birth", "unknown_device", "unknown_alias",
 )
 
 

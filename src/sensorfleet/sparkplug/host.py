@@ -57,13 +57,21 @@ class Outcome:
     documents: list[dict] = field(default_factory=list)
     resumed: list[tuple[str, str, int]] = field(default_factory=list)  # (device, sensor, last silent tick)
     rebirth: str | None = None  # edge node to send an NCMD rebirth request
-    events: list[str] = field(default_factory=list)  # nbirth, ndeath, dbirth, ddeath, seq_gap, stale_ndeath, ...
+    events: list[str] = field(default_factory=list)  # nbirth, ndeath, dbirth, ddeath, seq_gap, stale_ndeath, no_change, ...
+    # Metrics of a readable message that cannot become a reading (a timestamp no date can hold,
+    # an alias the device's DBIRTH did not declare): refused one by one, the others still count.
+    rejected: list[MalformedReading] = field(default_factory=list)
 
 
 @lru_cache(maxsize=4096)
 def _ts(ms: int) -> str:
-    """The wire timestamp of a Sparkplug one (ms); cached: a message's metrics share theirs."""
-    return format_ts(datetime.fromtimestamp(ms / 1000, tz=timezone.utc))
+    """The wire timestamp of a Sparkplug one (ms); cached: a message's metrics share theirs. A
+    uint64 beyond year 9999 raises MalformedReading (`bad_ts`), not an error that would end the
+    collector's writer thread."""
+    try:
+        return format_ts(datetime.fromtimestamp(ms / 1000, tz=timezone.utc))
+    except (ValueError, OverflowError, OSError):
+        raise MalformedReading("bad_ts", f"timestamp {ms} ms is not a date (beyond year 9999)") from None
 
 
 class HostState:
@@ -161,6 +169,14 @@ class HostState:
                 return None
             raise MalformedReading("missing_field", f"topic {topic}: metric {SEQ_METRIC!r} (the readings' seq) is missing")
         default_ms = message.timestamp
+        unknown = [m.alias for m in message.metrics if m.alias not in device.sensors and m.alias != device.seq_alias]
+        if unknown:
+            # Data the host cannot name: refused, and the node asked for a birth that names it.
+            for alias in unknown:
+                out.rejected.append(MalformedReading("unknown_alias", f"topic {topic}: alias {alias} is not in the DBIRTH of device {dev_id!r}"))
+            if now is not None:
+                self._ask_rebirth(topic.edge_node, node, out, now)
+        documents = len(out.documents)
         for alias, (name, unit) in device.sensors.items():
             metric = by_alias.get(alias)
             if metric is None:
@@ -174,7 +190,12 @@ class HostState:
             quality = QUALITY_OF_CODE.get(quality_code, "uncertain") if isinstance(quality_code, int) else ("bad" if value is None else "good")
             anomaly = props.get(ANOMALY_PROPERTY)
             ms = metric.timestamp if metric.HasField("timestamp") else default_ms
-            out.documents.append(self._document(dev_id, name, unit, value, ms, tick, quality, anomaly if isinstance(anomaly, str) else None))
+            try:
+                out.documents.append(self._document(dev_id, name, unit, value, ms, tick, quality, anomaly if isinstance(anomaly, str) else None))
+            except MalformedReading as exc:
+                out.rejected.append(MalformedReading(exc.kind, f"topic {topic}: metric {name!r}: {exc}"))
+        if len(out.documents) == documents and not unknown and topic.message_type == "DDATA":
+            out.events.append("no_change")  # report by exception: only the seq, no sensor changed
         return tick
 
     def _document(self, device: str, sensor: str, unit: str, value: object, ms: int, tick: int, quality: str, anomaly: str | None) -> dict:
