@@ -43,7 +43,7 @@ from sensorfleet.collectors.base import CollectorSink, SequenceSpace, drain_into
 from sensorfleet.collectors.mqtt_session import Mqtt5Subscriber
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.reading import DEFAULT_MAX_PAYLOAD_BYTES, DecodedPayload, decode_json_payload
-from sensorfleet.runtime import BrokerAddress, CollectorOptions, mqtt_client, parse_broker_url, stop_event_on_signals
+from sensorfleet.runtime import BrokerAddress, CollectorOptions, mqtt_client, broker_address, stop_event_on_signals
 from sensorfleet.spec import SensorFleet
 
 log = logging.getLogger(__name__)
@@ -321,7 +321,7 @@ def run(opts: CollectorOptions) -> int:
         from sensorfleet.collectors.sparkplug import run as run_sparkplug
 
         return run_sparkplug(opts)
-    broker = parse_broker_url(opts.broker_url or "mqtt://127.0.0.1:1883")
+    broker = broker_address(opts.broker_url, opts.fleet, opts.tls_ca, opts.tls_cert, opts.tls_key)
     metrics = FleetMetrics(opts.fleet.name, "mqtt", "collector")
     collector = MqttCollector(opts, broker, metrics)  # fails (an unusable dataset) before it looks ready
     metrics.serve(opts.metrics_port, opts.metrics_host, opts.metrics_port_file)

@@ -21,6 +21,7 @@ import mqtt5
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.mqtt5_session import BrokerRefusedMqtt5, Mqtt5Connection, broker_speaks_mqtt5
 from sensorfleet.runtime import BrokerAddress
+from sensorfleet.tls import describe_tls_failure
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,14 @@ class Mqtt5Subscriber(Mqtt5Connection):
                     return
                 break
             except (OSError, asyncio.TimeoutError, ValueError) as exc:
+                tls_failure = describe_tls_failure(exc, self.broker.url)
+                if tls_failure:
+                    self.tls_failure = tls_failure
+                    log.error("%s; retrying in %.0f s", tls_failure, delay)
+                    self.metrics.error("tls_handshake").inc()
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.max_delay)
+                    continue
                 log.warning("cannot reach broker %s (%s); retrying in %.0f s", self.broker.url, exc or type(exc).__name__, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_delay)

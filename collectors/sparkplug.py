@@ -36,7 +36,7 @@ from datetime import datetime
 from sensorfleet.collectors.mqtt import MqttCollector
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.reading import MalformedReading
-from sensorfleet.runtime import BrokerAddress, CollectorOptions, parse_broker_url, stop_event_on_signals
+from sensorfleet.runtime import BrokerAddress, CollectorOptions, broker_address, stop_event_on_signals
 from sensorfleet.sparkplug.host import HostState, Outcome, UnknownDevice
 from sensorfleet.sparkplug.payload import NAMESPACE, rebirth_request, state_topic
 
@@ -177,7 +177,7 @@ class SparkplugCollector(MqttCollector):
 
 
 def run(opts: CollectorOptions) -> int:
-    broker = parse_broker_url(opts.broker_url or "mqtt://127.0.0.1:1883")
+    broker = broker_address(opts.broker_url, opts.fleet, opts.tls_ca, opts.tls_cert, opts.tls_key)
     metrics = FleetMetrics(opts.fleet.name, "mqtt", "collector")
     collector = SparkplugCollector(opts, broker, metrics)
     metrics.serve(opts.metrics_port, opts.metrics_host, opts.metrics_port_file)

@@ -30,7 +30,7 @@ from sensorfleet.internals import paho_unacknowledged
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.reading import Reading
 from sensorfleet.replay import ReplaySource
-from sensorfleet.runtime import BrokerAddress, SimulatorOptions, mqtt_client, parse_broker_url
+from sensorfleet.runtime import BrokerAddress, SimulatorOptions, mqtt_client, broker_address
 from sensorfleet.simulators.mqtt_devices import DeviceConnections
 from sensorfleet.simulators.mqtt_session import Mqtt5Publisher
 from sensorfleet.signals import ANOMALY_NAMES, QUALITY_BAD, QUALITY_NAMES, SignalModel, TickBlock, device_id, shard_devices
@@ -291,7 +291,7 @@ class MqttSimulator:
 def run(opts: SimulatorOptions) -> int:
     from sensorfleet.runtime import pause_event_on_sigusr1, stop_event_on_signals
 
-    broker = parse_broker_url(opts.broker_url or "mqtt://127.0.0.1:1883")
+    broker = broker_address(opts.broker_url, opts.fleet, opts.tls_ca, opts.tls_cert, opts.tls_key)
     metrics = FleetMetrics(opts.fleet.name, "mqtt", "simulator")
     metrics.serve(opts.metrics_port, opts.metrics_host, opts.metrics_port_file)
     stop = stop_event_on_signals()

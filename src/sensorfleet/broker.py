@@ -13,26 +13,42 @@ import asyncio
 import logging
 import shutil
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ListenerTls:
+    """PEM files of a TLS listener: the CA that signed the client certificates, the broker's own."""
+
+    cafile: str
+    certfile: str
+    keyfile: str
+    require_certificate: bool = True
+
+
 def mosquitto_config(port: int, bind: str | None, data_dir: str | None, password_file: str | None,
                      session_expiry: str = "7d", max_queued_bytes: int = 0, user: str | None = None,
-                     max_connections: int = -1) -> str:
+                     max_connections: int = -1,
+                     tls: ListenerTls | None = None) -> str:
     """mosquitto.conf for a fleet broker. `bind=None` listens on every interface (pods).
     `session_expiry` and `max_queued_bytes` (per client, 0 = unbounded) bound what a session that
     is never resumed (a removed collector replica) can hold.
     `user`: who the broker runs as; a broker started as root otherwise switches to `mosquitto`,
     which cannot write the persistence file in a directory of ours (sessions then die with it).
-    `max_connections`: client connections the listener accepts (-1 = no bound, Mosquitto's default)."""
+    `max_connections`: client connections the listener accepts (-1 = no bound, Mosquitto's default).
+
+    `tls`: the one listener speaks TLS only (no plain port beside it: a client that forgets TLS
+    is refused rather than sending its password in the clear)."""
     lines = [
         "# Rendered by SensorFleet (sensorfleet.broker.mosquitto_config).",
         f"listener {port}{' ' + bind if bind else ''}",
         *([f"max_connections {max_connections}"] if max_connections >= 0 else []),
         *([f"user {user}"] if user else []),
         "protocol mqtt",
+        *(_tls_lines(tls) if tls else []),
         # Collectors acknowledge a message only once it is written to Parquet, so many QoS 1
         # messages are in flight per collector; Mosquitto's default of 20 would throttle them.
         # Bounded below the 16-bit packet-id space: more in flight than ids would reuse ids.
@@ -57,6 +73,16 @@ def mosquitto_config(port: int, bind: str | None, data_dir: str | None, password
     else:
         lines += ["allow_anonymous true"]
     return "\n".join(lines) + "\n"
+
+
+def _tls_lines(tls: ListenerTls) -> list[str]:
+    return [
+        f"cafile {tls.cafile}",
+        f"certfile {tls.certfile}",
+        f"keyfile {tls.keyfile}",
+        f"require_certificate {'true' if tls.require_certificate else 'false'}",
+        "tls_version tlsv1.2",  # the oldest accepted; TLS 1.3 is negotiated when both sides have it
+    ]
 
 
 def current_user() -> str:

@@ -55,6 +55,12 @@ def validate(fleet: Annotated[Path, typer.Argument(help="SensorFleet manifest (Y
     Console().print(f"[green]ok[/green] {fleet}: fleet [bold]{parsed.name}[/bold] ({'; '.join(parts)})", soft_wrap=True)
 
 
+# TLS files of an mqtts:// broker; unset: spec.broker.tls.caFile / certFile / keyFile.
+TlsCa = Annotated[Optional[str], typer.Option("--tls-ca", help="PEM CA file the broker is verified against (mqtts://); default spec.broker.tls.caFile.")]
+TlsCert = Annotated[Optional[str], typer.Option("--tls-cert", help="PEM client certificate (mqtts://); default spec.broker.tls.certFile.")]
+TlsKey = Annotated[Optional[str], typer.Option("--tls-key", help="PEM key of the client certificate; default spec.broker.tls.keyFile.")]
+
+
 @app.command()
 def simulate(
     protocol: Annotated[Protocol, typer.Argument(help="Protocol to simulate.")],
@@ -67,6 +73,9 @@ def simulate(
     metrics_host: Annotated[str, typer.Option(help="Address the metrics endpoint binds to.")] = "0.0.0.0",
     duration: Annotated[Optional[float], typer.Option(help="Stop after this many seconds.")] = None,
     metrics_port_file: Annotated[Optional[Path], typer.Option(help="Write the metrics port to this file once it listens; with --metrics-port 0 a free port is picked (what `sensorfleet run` uses).")] = None,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
 ) -> None:
     """Run one simulator process (what a simulator pod runs)."""
     from sensorfleet.runtime import SimulatorOptions, setup_logging
@@ -77,7 +86,7 @@ def simulate(
     if not 0 <= replica < spec.replicas:
         err.print(f"[red]error[/red] --replica {replica}: spec.protocols.{protocol.value}.replicas is {spec.replicas}, so the replica must be 0..{spec.replicas - 1}")
         raise typer.Exit(2)
-    opts = SimulatorOptions(parsed, replica, broker, host, port, metrics_port, metrics_host, duration, metrics_port_file=str(metrics_port_file) if metrics_port_file else None)
+    opts = SimulatorOptions(parsed, replica, broker, host, port, metrics_port, metrics_host, duration, metrics_port_file=str(metrics_port_file) if metrics_port_file else None, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
     module = importlib.import_module(f"sensorfleet.simulators.{protocol.value}")
     raise typer.Exit(_guarded(module.run, opts))
 
@@ -95,13 +104,16 @@ def collect(
     duration: Annotated[Optional[float], typer.Option(help="Stop after this many seconds.")] = None,
     source: Annotated[Optional[str], typer.Option(help="Collect the third-party source of this name (spec.sources) instead of the simulators.")] = None,
     metrics_port_file: Annotated[Optional[Path], typer.Option(help="Write the metrics port to this file once it listens; with --metrics-port 0 a free port is picked (what `sensorfleet run` uses).")] = None,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
 ) -> None:
     """Run one collector process (what a collector pod runs)."""
     from sensorfleet.runtime import CollectorOptions, setup_logging
 
     setup_logging()
     parsed = _load(fleet)
-    opts = CollectorOptions(parsed, data, broker, list(target or []), metrics_port, metrics_host, client_id, duration, source, metrics_port_file=str(metrics_port_file) if metrics_port_file else None)
+    opts = CollectorOptions(parsed, data, broker, list(target or []), metrics_port, metrics_host, client_id, duration, source, metrics_port_file=str(metrics_port_file) if metrics_port_file else None, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
     if source is not None:
         try:
             actual = parsed.spec.sources.protocol_of(source)
@@ -156,9 +168,11 @@ def run(
 
 def _guarded(function, opts) -> int:
     """Run a component; an OSError (port in use, unreachable path) is a one-line error, exit 2."""
+    from sensorfleet.tls import TlsConfigError
+
     try:
         return function(opts)
-    except OSError as exc:
+    except (OSError, TlsConfigError) as exc:
         err.print(f"[red]error[/red] {exc}", highlight=False)
         return 2
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import time
 
 import mqtt5
 
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.runtime import BrokerAddress
+from sensorfleet.tls import describe_tls_failure
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ async def broker_speaks_mqtt5(broker: BrokerAddress, client_id: str) -> bool:
     """Ask with a minimal CONNECT (clean start, no properties) whether the broker speaks MQTT 5.
     Needed before a CONNECT with properties: amqtt reads those as MQTT 3.1.1 fields and waits for
     bytes that never come instead of refusing. Raises OSError/TimeoutError if there is no answer."""
-    context = ssl.create_default_context() if broker.tls else None
+    context = broker.ssl_context()
     reader, writer = await asyncio.wait_for(asyncio.open_connection(broker.host, broker.port, ssl=context), CONNACK_TIMEOUT)
     try:
         password = broker.password.encode() if broker.password is not None else None
@@ -82,6 +82,7 @@ class Mqtt5Connection(asyncio.Protocol):
         self.keepalive = keepalive
         self.min_delay, self.max_delay = min_delay, max_delay
         self.refused: BrokerRefusedMqtt5 | None = None
+        self.tls_failure: str | None = None  # the last failed TLS handshake, in words
         self.generation = 0
         self.connected = False
         self._writable = True
@@ -223,7 +224,7 @@ class Mqtt5Connection(asyncio.Protocol):
     # -- connection management ---------------------------------------------------------------
     async def _keep_connected(self) -> None:
         loop = asyncio.get_running_loop()
-        context = ssl.create_default_context() if self.broker.tls else None
+        context = self.broker.ssl_context()
         delay = self.min_delay
         while not self._closing:
             self._connack, self._lost = loop.create_future(), loop.create_future()
@@ -239,9 +240,16 @@ class Mqtt5Connection(asyncio.Protocol):
                     self._transport.close()
                 return
             except (OSError, asyncio.TimeoutError) as exc:
+                tls_failure = describe_tls_failure(exc, self.broker.url)
                 if isinstance(exc, BrokerRefusedConnection):
                     log.error("%s; retrying in %.0f s", exc, delay)
                     self.metrics.error("connect_refused").inc()
+                elif tls_failure:
+                    # A configuration fault, not a network one; retried all the same (a Secret
+                    # or the broker's certificate may be replaced while we wait).
+                    self.tls_failure = tls_failure
+                    log.error("%s; retrying in %.0f s", tls_failure, delay)
+                    self.metrics.error("tls_handshake").inc()
                 else:
                     log.log(logging.WARNING if self.log_level >= logging.INFO else self.log_level, "cannot reach broker %s (%s); retrying in %.0f s", self.broker.url, exc or type(exc).__name__, delay)
                 if self._transport is not None:

@@ -27,9 +27,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from sensorfleet.broker import current_user, find_mosquitto, mosquitto_config
+from sensorfleet.broker import ListenerTls, current_user, find_mosquitto, mosquitto_config
 from sensorfleet.run_summary import ProtocolCounts, ProtocolSummary, child_summary, summarize, summary_document
 from sensorfleet.runtime import free_port, parse_broker_url, port_is_free
+from sensorfleet.tls import generate_tls, write_generated
 from sensorfleet.spec import SensorFleet
 
 STARTUP_TIMEOUT = 30.0
@@ -101,6 +102,35 @@ def _sensorfleet() -> list[str]:
     return [sys.executable, "-m", "sensorfleet.cli"]
 
 
+def _tls_port(spec) -> int:
+    port = spec.broker.tls.port or free_port()
+    if not port_is_free(port):
+        raise FleetRunError(f"broker TLS port 127.0.0.1:{port} is already in use (spec.broker.tls.port); set it to a free port, or 0 for any")
+    return port
+
+
+def local_broker_tls(fleet: SensorFleet, log_dir: Path) -> tuple[ListenerTls, list[str]]:
+    """The local Mosquitto's TLS files and the clients' flags: the user's (spec.broker.tls
+    serverCertFile/serverKeyFile with caFile, certFile, keyFile; clients read them from the spec),
+    or a CA, a server certificate for 127.0.0.1/localhost and a client certificate generated into
+    `<run dir>/tls` (new for every run: nothing outside the run trusts them)."""
+    tls = fleet.spec.broker.tls
+    if tls.server_cert_file and tls.server_key_file and tls.ca_file:
+        files = {"server_cert_file": tls.server_cert_file, "server_key_file": tls.server_key_file, "ca_file": tls.ca_file}
+        for name, path in files.items():
+            if not Path(path).is_file():
+                raise FleetRunError(f"spec.broker.tls.{_camel(name)}: {path} is not a readable file")
+        return ListenerTls(str(Path(tls.ca_file).resolve()), str(Path(tls.server_cert_file).resolve()), str(Path(tls.server_key_file).resolve()), tls.require_client_certificate), []
+    paths = write_generated(log_dir / "tls", generate_tls(fleet.name, ["127.0.0.1", "localhost"]))
+    listener = ListenerTls(str(paths["ca.crt"]), str(paths["tls.crt"]), str(paths["tls.key"]), tls.require_client_certificate)
+    return listener, ["--tls-ca", str(paths["ca.crt"]), "--tls-cert", str(paths["client.crt"]), "--tls-key", str(paths["client.key"])]
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(w.capitalize() for w in rest)
+
+
 def plan_run(fleet: SensorFleet, fleet_path: Path, data_url: str, broker_url: str | None, log_dir: Path, mosquitto: str | None) -> Plan:
     spec = fleet.spec
 
@@ -112,6 +142,7 @@ def plan_run(fleet: SensorFleet, fleet_path: Path, data_url: str, broker_url: st
     fleet_arg = ["--fleet", str(fleet_path)]
     children: list[ChildSpec] = []
     conf = None
+    client_tls_args: list[str] = []  # --tls-ca/--tls-cert/--tls-key of generated files
     if "mqtt" in spec.enabled_protocols() and not broker_url:
         mode = spec.broker.mode
         if mode == "external":
@@ -125,9 +156,16 @@ def plan_run(fleet: SensorFleet, fleet_path: Path, data_url: str, broker_url: st
                 raise FleetRunError("spec.broker.mode is 'mosquitto' but no mosquitto binary is on PATH (apt-get install mosquitto), or use mode 'auto'")
             if spec.protocols.mqtt.payload_format == "sparkplugB" and not (mode in ("auto", "mosquitto") and mosquitto):
                 raise FleetRunError("spec.protocols.mqtt.payloadFormat: sparkplugB needs an MQTT 5 broker (the edge node's Last Will); the embedded amqtt broker speaks MQTT 3.1.1 only: install mosquitto (apt-get install mosquitto), or use spec.broker.mode external")
+            if spec.broker.tls.enabled and not mosquitto:
+                raise FleetRunError("spec.broker.tls.enabled needs Mosquitto (apt-get install mosquitto): the embedded amqtt broker has no TLS listener")
             if mode in ("auto", "mosquitto") and mosquitto:
                 persistence = log_dir / "broker"
-                conf = mosquitto_config(port, "127.0.0.1", str(persistence), None, user=current_user())
+                listener_tls = None
+                if spec.broker.tls.enabled:
+                    port = _tls_port(spec)
+                    listener_tls, client_tls_args = local_broker_tls(fleet, log_dir)
+                    broker_url = f"mqtts://127.0.0.1:{port}"
+                conf = mosquitto_config(port, "127.0.0.1", str(persistence), None, user=current_user(), tls=listener_tls)
                 children.append(ChildSpec("broker", "broker", "mqtt", [mosquitto, "-c", str(log_dir / "mosquitto.conf")], ready_port=port))
             else:
                 children.append(ChildSpec("broker", "broker", "mqtt", [*_sensorfleet(), "broker", "--port", str(port)], ready_port=port))
@@ -139,7 +177,7 @@ def plan_run(fleet: SensorFleet, fleet_path: Path, data_url: str, broker_url: st
             argv = [*_sensorfleet(), "simulate", protocol, *fleet_arg, "--replica", str(replica), "--metrics-host", "127.0.0.1"]
             ready = None
             if protocol == "mqtt":
-                argv += ["--broker", broker_url]
+                argv += ["--broker", broker_url, *client_tls_args]
             else:
                 port = p.port + replica
                 udp = protocol == "coap"
@@ -153,7 +191,7 @@ def plan_run(fleet: SensorFleet, fleet_path: Path, data_url: str, broker_url: st
         for replica in range(p.collector_replicas):
             argv = [*_sensorfleet(), "collect", protocol, *fleet_arg, "--data", data_url, "--metrics-host", "127.0.0.1"]
             if protocol == "mqtt":
-                argv += ["--broker", broker_url, "--client-id", f"{fleet.name}-mqtt-collector-{replica}"]
+                argv += ["--broker", broker_url, "--client-id", f"{fleet.name}-mqtt-collector-{replica}", *client_tls_args]
             else:
                 # Each collector replica takes its share of the servers.
                 mine = server_urls[replica :: p.collector_replicas]

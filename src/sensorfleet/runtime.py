@@ -6,13 +6,15 @@ The same entry points run as local processes under `sensorfleet run` and as cont
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import unquote, urlsplit
 
 from sensorfleet.spec import SensorFleet
@@ -32,6 +34,9 @@ class SimulatorOptions:
     metrics_host: str = "0.0.0.0"
     duration: float | None = None  # seconds, then stop (tests and benchmarks)
     metrics_port_file: str | None = None  # with metrics_port 0: any free port, written here (FleetMetrics.serve)
+    tls_ca: str | None = None  # TLS files; None = the spec's (spec.broker.tls)
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 @dataclass
@@ -46,6 +51,9 @@ class CollectorOptions:
     duration: float | None = None
     source: str | None = None  # a third-party source of spec.sources instead of the simulators
     metrics_port_file: str | None = None  # with metrics_port 0: any free port, written here (FleetMetrics.serve)
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -55,10 +63,27 @@ class BrokerAddress:
     username: str | None = None
     password: str | None = None
     tls: bool = False
+    # PEM files for mqtts:// (sensorfleet.tls.client_context): the CA the broker is verified
+    # against (None: the system's) and the client certificate with its key.
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
     @property
     def url(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The client TLS context for mqtts:// (built once per address); None for mqtt://.
+        Raises sensorfleet.tls.TlsConfigError naming the field of a missing or bad file."""
+        return _ssl_context(self.ca_file, self.cert_file, self.key_file) if self.tls else None
+
+
+@functools.lru_cache(maxsize=8)
+def _ssl_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:
+    from sensorfleet.tls import client_context
+
+    return client_context(ca_file, cert_file, key_file)
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
@@ -78,6 +103,19 @@ def parse_broker_url(url: str) -> BrokerAddress:
     return BrokerAddress(parts.hostname, port, username, password, tls)
 
 
+def broker_address(url: str | None, fleet: SensorFleet, ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None) -> BrokerAddress:
+    """The broker a simulator or collector talks to: the URL (default mqtt://127.0.0.1:1883) with,
+    for mqtts://, the TLS files from the command line or else from spec.broker.tls. The TLS
+    context is built here, so a missing or unreadable file fails at start, naming its field."""
+    address = parse_broker_url(url or "mqtt://127.0.0.1:1883")
+    if not address.tls:
+        return address
+    tls = fleet.spec.broker.tls
+    address = replace(address, ca_file=ca_file or tls.ca_file, cert_file=cert_file or tls.cert_file, key_file=key_file or tls.key_file)
+    address.ssl_context()
+    return address
+
+
 def mqtt_client(broker: BrokerAddress, client_id: str, *, clean_session: bool, manual_ack: bool = False):
     """A paho client for SensorFleet: MQTT 3.1.1 (the embedded amqtt broker speaks nothing newer),
     reconnecting with back-off from 1 s up to 30 s, credentials and TLS from the broker address."""
@@ -87,8 +125,9 @@ def mqtt_client(broker: BrokerAddress, client_id: str, *, clean_session: bool, m
     client.reconnect_delay_set(min_delay=1, max_delay=30)
     if broker.username:
         client.username_pw_set(broker.username, broker.password)
-    if broker.tls:
-        client.tls_set()
+    context = broker.ssl_context()
+    if context is not None:
+        client.tls_set_context(context)
     return client
 
 

@@ -196,6 +196,30 @@ class ProtocolsSpec(SpecModel):
     opcua: Annotated[OpcuaSpec, Field(default_factory=OpcuaSpec, description="OPC UA devices: one server per replica, one object per device, one variable per sensor.")]
 
 
+class BrokerTlsSpec(SpecModel):
+    """TLS between the fleet's MQTT clients and the broker (docs/protocols.md, "TLS")."""
+
+    enabled: Annotated[bool, Field(default=False, description="The broker SensorFleet runs (local Mosquitto, or the operator's) listens with TLS only, on `port`, and simulators and collectors connect with `mqtts://`. For an `external` broker, TLS follows the URL's scheme (`mqtts://`) and this flag is not needed.")]
+    port: Annotated[int, Field(default=8883, ge=0, le=65535, description="TLS port of the broker SensorFleet runs; 0 picks a free port locally.")]
+    require_client_certificate: Annotated[bool, Field(default=True, description="The broker SensorFleet runs refuses clients without a certificate signed by its CA (mutual TLS); username and password stay required as with `authentication`.")]
+    ca_file: Annotated[str | None, Field(default=None, min_length=1, description="PEM file of the CA that signed the broker's certificate (clients verify the broker with it); unset: the system's CAs, or the generated CA of a broker SensorFleet runs. Local runs only; in Kubernetes the file comes from `secret`.")]
+    cert_file: Annotated[str | None, Field(default=None, min_length=1, description="PEM file of the client certificate simulators and collectors present (with `keyFile`). Local runs only; in Kubernetes from `secret`.")]
+    key_file: Annotated[str | None, Field(default=None, min_length=1, description="PEM file of the client certificate's private key. Local runs only; in Kubernetes from `secret`.")]
+    server_cert_file: Annotated[str | None, Field(default=None, min_length=1, description="Local runs: the PEM certificate the local Mosquitto presents (with `serverKeyFile` and `caFile`); unset: a CA, a server and a client certificate are generated in the run directory.")]
+    server_key_file: Annotated[str | None, Field(default=None, min_length=1, description="Local runs: the private key of `serverCertFile`.")]
+    secret: Annotated[str | None, Field(default=None, pattern=_SECRET_NAME, max_length=253, description="Kubernetes: a Secret in the fleet's namespace with `ca.crt`, `client.crt`, `client.key` (mounted into simulators and collectors) and, for the broker the operator runs, `tls.crt` and `tls.key` (its server certificate, for the name `<fleet>-broker`). Unset: the operator generates a CA and certificates into the Secret `<fleet>-broker-tls`, which it owns.")]
+
+    @model_validator(mode="after")
+    def _pairs(self) -> BrokerTlsSpec:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("certFile and keyFile go together (a client certificate and its key)")
+        if bool(self.server_cert_file) != bool(self.server_key_file):
+            raise ValueError("serverCertFile and serverKeyFile go together")
+        if self.server_cert_file and not (self.ca_file and self.cert_file):
+            raise ValueError("with serverCertFile, set caFile (the CA that signed it and the client certificates) and certFile/keyFile (the clients' certificate)")
+        return self
+
+
 class BrokerSpec(SpecModel):
     mode: Annotated[
         Literal["auto", "embedded", "mosquitto", "external"],
@@ -205,12 +229,17 @@ class BrokerSpec(SpecModel):
     port: Annotated[int, Field(default=1883, ge=0, le=65535, description="Port of the broker started locally or in the cluster; 0 picks a free port locally.")]
     authentication: Annotated[bool, Field(default=True, description="Require username and password (generated per fleet in Kubernetes; local embedded mode runs anonymously).")]
     image: Annotated[str, Field(default="eclipse-mosquitto:2.0.20", description="Broker container image used by the operator.")]
+    tls: Annotated[BrokerTlsSpec, Field(default_factory=BrokerTlsSpec, description="TLS with a custom CA and client certificates, for the broker SensorFleet runs and for an external `mqtts://` broker.")]
     credentials: Annotated[CredentialsRef | None, Field(default=None, description="Username and password of an `external` broker, from Secret keys; in Kubernetes the simulators and collectors get them as SENSORFLEET_MQTT_USERNAME / _PASSWORD. The broker the operator runs gets generated credentials instead.")]
 
     @model_validator(mode="after")
     def _external_needs_url(self) -> BrokerSpec:
         if self.mode == "external" and not self.url:
             raise ValueError("mode 'external' needs url (e.g. mqtt://host:1883)")
+        if self.tls.enabled and self.mode == "embedded":
+            raise ValueError("tls.enabled: the embedded amqtt broker has no TLS listener; use mode mosquitto (or auto with mosquitto installed)")
+        if self.mode == "external" and self.tls.enabled and not (self.url or "").startswith("mqtts://"):
+            raise ValueError("tls.enabled with mode 'external': the url must be mqtts://host:port")
         if self.credentials and self.mode != "external":
             raise ValueError("credentials are for mode 'external' only (a broker SensorFleet runs gets generated credentials)")
         return self

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from sensorfleet.broker import current_user, find_mosquitto, mosquitto_config
+from sensorfleet.broker import ListenerTls, current_user, find_mosquitto, mosquitto_config
 from sensorfleet.runner import scrape
 from sensorfleet.runtime import free_port
+from sensorfleet.tls import generate_tls, write_generated
 
 
 def wait_for_port(port: int, timeout: float = 15.0, host: str = "127.0.0.1") -> None:
@@ -40,10 +41,11 @@ class ServerProcess:
     log_path: Path
     process: subprocess.Popen | None = None
     env: dict[str, str] = field(default_factory=dict)
+    tls: dict[str, Path] | None = None  # a TLS broker's PEM files (ca.crt, tls.*, client.*)
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
@@ -80,6 +82,28 @@ def mosquitto_broker(workdir: Path | None = None, persistence: bool = True) -> I
     conf = workdir / "mosquitto.conf"
     conf.write_text(mosquitto_config(port, "127.0.0.1", str(workdir) if persistence else None, None, user=current_user()))
     server = ServerProcess([binary, "-c", str(conf)], port, workdir / "mosquitto.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def tls_mosquitto_broker(workdir: Path | None = None, require_certificate: bool = True, fleet: str = "test") -> Iterator[ServerProcess]:
+    """Mosquitto with one TLS listener and certificates generated for 127.0.0.1 (`server.tls`
+    holds their paths: ca.crt, tls.crt/tls.key of the broker, client.crt/client.key)."""
+    binary = find_mosquitto()
+    if not binary:
+        raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="sf-mosquitto-tls-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = write_generated(workdir / "tls", generate_tls(fleet, ["127.0.0.1", "localhost"]))
+    port = free_port()
+    conf = workdir / "mosquitto.conf"
+    listener = ListenerTls(str(paths["ca.crt"]), str(paths["tls.crt"]), str(paths["tls.key"]), require_certificate)
+    conf.write_text(mosquitto_config(port, "127.0.0.1", None, None, user=current_user(), tls=listener))
+    server = ServerProcess([binary, "-c", str(conf)], port, workdir / "mosquitto.log", tls=paths)
     server.start()
     try:
         yield server
