@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from sensorfleet.sources import SourcesSpec
-from sensorfleet.spec_base import _CRON_FIELD, _DNS_LABEL, _SENSOR_NAME, CredentialsRef, SecretKeyRef, SpecModel
+from sensorfleet.spec_base import _CRON_FIELD, _DNS_LABEL, _SECRET_NAME, _SENSOR_NAME, CredentialsRef, SecretKeyRef, SpecModel
 
 MAX_CONNECTIONS_PER_PROCESS = 15_000  # connectionPerDevice: below a 20,000 open-file limit, with room for the rest
 API_GROUP = "sensorfleet.io"
