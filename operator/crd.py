@@ -50,6 +50,20 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
             "fieldPath": ".url",
         }
     ],
+    # Not a rule of spec.py: local runs have TLS on the broker they start, the operator's broker
+    # has no TLS listener yet (issue 13 part 4), so the cluster refuses it instead of ignoring it.
+    "BrokerTlsSpec": [
+        {
+            "rule": "!has(self.enabled) || !self.enabled",
+            "message": "the broker the operator runs has no TLS listener yet (TLS works in `sensorfleet run`); in the cluster use mode external with an mqtts:// url",
+            "fieldPath": ".enabled",
+        },
+        {
+            "rule": "!has(self.secret)",
+            "message": "certificates from a Secret are not built for the cluster yet",
+            "fieldPath": ".secret",
+        },
+    ],
     "StorageSpec": [
         {
             "rule": "!(has(self.url) && has(self.size))",

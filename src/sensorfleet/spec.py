@@ -199,7 +199,7 @@ class ProtocolsSpec(SpecModel):
 class BrokerTlsSpec(SpecModel):
     """TLS between the fleet's MQTT clients and the broker (docs/protocols.md, "TLS")."""
 
-    enabled: Annotated[bool, Field(default=False, description="The broker SensorFleet runs (local Mosquitto, or the operator's) listens with TLS only, on `port`, and simulators and collectors connect with `mqtts://`. For an `external` broker, TLS follows the URL's scheme (`mqtts://`) and this flag is not needed.")]
+    enabled: Annotated[bool, Field(default=False, description="The broker SensorFleet runs locally (Mosquitto; not yet the operator's: the API server refuses it) listens with TLS only, on `port`, and simulators and collectors connect with `mqtts://`. For an `external` broker, TLS follows the URL's scheme (`mqtts://`) and this flag is not needed.")]
     port: Annotated[int, Field(default=8883, ge=0, le=65535, description="TLS port of the broker SensorFleet runs; 0 picks a free port locally.")]
     require_client_certificate: Annotated[bool, Field(default=True, description="The broker SensorFleet runs refuses clients without a certificate signed by its CA (mutual TLS); username and password stay required as with `authentication`.")]
     ca_file: Annotated[str | None, Field(default=None, min_length=1, description="PEM file of the CA that signed the broker's certificate (clients verify the broker with it); unset: the system's CAs, or the generated CA of a broker SensorFleet runs. Local runs only; in Kubernetes the file comes from `secret`.")]
@@ -207,7 +207,7 @@ class BrokerTlsSpec(SpecModel):
     key_file: Annotated[str | None, Field(default=None, min_length=1, description="PEM file of the client certificate's private key. Local runs only; in Kubernetes from `secret`.")]
     server_cert_file: Annotated[str | None, Field(default=None, min_length=1, description="Local runs: the PEM certificate the local Mosquitto presents (with `serverKeyFile` and `caFile`); unset: a CA, a server and a client certificate are generated in the run directory.")]
     server_key_file: Annotated[str | None, Field(default=None, min_length=1, description="Local runs: the private key of `serverCertFile`.")]
-    secret: Annotated[str | None, Field(default=None, pattern=_SECRET_NAME, max_length=253, description="Kubernetes: a Secret in the fleet's namespace with `ca.crt`, `client.crt`, `client.key` (mounted into simulators and collectors) and, for the broker the operator runs, `tls.crt` and `tls.key` (its server certificate, for the name `<fleet>-broker`). Unset: the operator generates a CA and certificates into the Secret `<fleet>-broker-tls`, which it owns.")]
+    secret: Annotated[str | None, Field(default=None, pattern=_SECRET_NAME, max_length=253, description="Reserved for Kubernetes (a Secret with `ca.crt`, `client.crt`, `client.key`, `tls.crt`, `tls.key`); not built yet: the API server refuses it, as it refuses `enabled`, until the operator's broker has a TLS listener.")]
 
     @model_validator(mode="after")
     def _pairs(self) -> BrokerTlsSpec:

@@ -243,6 +243,9 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("no sensors", {"sensors": []}, "spec.sensors"),
     ("unknown field", {"protocols": {"mqtt": {"devicez": 3}}}, "devicez"),
     ("seed negative", {"seed": -1}, "spec.seed"),
+    # TLS on the operator's broker is not built: refused, never silently ignored.
+    ("broker TLS in the cluster", {"broker": {"tls": {"enabled": True}}}, "spec.broker.tls.enabled"),
+    ("broker TLS Secret in the cluster", {"broker": {"tls": {"secret": "certs"}}}, "spec.broker.tls.secret"),
 ]
 
 
