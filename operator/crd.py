@@ -41,7 +41,13 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
             " || (has(self.sources.opcua) && size(self.sources.opcua) > 0) || (has(self.sources.coap) && size(self.sources.coap) > 0)))",
             "message": "at least one of mqtt, coap, opcua must be enabled (set spec.protocols.<name>.enabled: true), or spec.sources must list a third-party source",
             "fieldPath": ".protocols",
-        }
+        },
+        {
+            "rule": "!has(self.forecasting) || !has(self.forecasting.parallelism) || self.forecasting.parallelism <= 1"
+            " || !has(self.storage) || !has(self.storage.url)",
+            "message": "forecasting.parallelism above 1 needs a claim (storage.size), not storage.url: the shard pods merge in a folder they all mount",
+            "fieldPath": ".forecasting.parallelism",
+        },
     ],
     "BrokerSpec": [
         {

@@ -369,6 +369,15 @@ class FleetSpec(SpecModel):
         return self
 
     @model_validator(mode="after")
+    def _shards_need_a_claim(self) -> FleetSpec:
+        # The shard pods meet in one folder to merge (forecasting/shards.py); an object store
+        # gives them no shared folder, so each would fail at start.
+        if self.forecasting.parallelism > 1 and self.storage.url:
+            raise ValueError(f"forecasting.parallelism {self.forecasting.parallelism} needs a claim (storage.size), not storage.url: "
+                             "the shard pods merge in a folder they all mount")
+        return self
+
+    @model_validator(mode="after")
     def _sensor_names_unique(self) -> FleetSpec:
         names = [s.name for s in self.sensors]
         duplicated = sorted({n for n in names if names.count(n) > 1})

@@ -51,7 +51,7 @@ def test_schema_is_structural_and_documented() -> None:
     assert spec["protocols"]["properties"]["mqtt"]["properties"]["qos"]["enum"] == [0, 1]
     assert spec["protocols"]["default"] == {} and len(spec["sensors"]["default"]) == 3
     rules = {v["rule"] for _, n in _walk(schema["properties"]["spec"], "spec") for v in n.get("x-kubernetes-validations", [])}
-    assert len(rules) == 7  # crd.CEL_RULES: 5 mirror spec.py, 2 refuse broker TLS in the cluster
+    assert len(rules) == 8  # crd.CEL_RULES: 6 mirror spec.py, 2 refuse broker TLS in the cluster
 
 
 def test_printer_columns_and_names() -> None:

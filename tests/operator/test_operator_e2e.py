@@ -246,6 +246,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     # TLS on the operator's broker is not built: refused, never silently ignored.
     ("broker TLS in the cluster", {"broker": {"tls": {"enabled": True}}}, "spec.broker.tls.enabled"),
     ("broker TLS Secret in the cluster", {"broker": {"tls": {"secret": "certs"}}}, "spec.broker.tls.secret"),
+    ("shards on object storage", {"storage": {"url": "s3://bucket/x"}, "forecasting": {"parallelism": 2}}, "spec.forecasting.parallelism"),
 ]
 
 

@@ -28,9 +28,14 @@ def kjson(cluster: devcluster.Cluster, *args: str) -> Any:
 def test_parallelism_makes_the_forecast_an_indexed_job_of_shards(deployed: dict[str, Any]) -> None:
     cluster: devcluster.Cluster = deployed["cluster"]
     cluster.kubectl("create", "namespace", NS, check=False)
+    # The shard pods merge in the claim's folder (object storage is refused with parallelism > 1):
+    # a static volume bound to the fleet's claim, as kwok's nodes have no provisioner.
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({
+        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "sf-shards-claim"},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "hostPath": {"path": "/tmp/sf-shards-claim"},
+                 "persistentVolumeReclaimPolicy": "Retain", "claimRef": {"namespace": NS, "name": builders.data_claim_name(FLEET)}}}))
     fleet = {"apiVersion": "sensorfleet.io/v1alpha1", "kind": "SensorFleet", "metadata": {"name": FLEET, "namespace": NS},
-             # Object storage: no claim to bind on kwok's nodes.
-             "spec": {"storage": {"url": "s3://bucket/sharded"}, "protocols": {"coap": {"enabled": False}, "opcua": {"enabled": False}},
+             "spec": {"storage": {"size": "1Gi", "claimRetention": {"whenDeleted": "Delete"}}, "protocols": {"coap": {"enabled": False}, "opcua": {"enabled": False}},
                       "forecasting": {"parallelism": SHARDS}}}
     cluster.kubectl("apply", "-f", "-", input=json.dumps(fleet))
     name = builders.forecast_name(FLEET)
@@ -57,3 +62,4 @@ def test_parallelism_makes_the_forecast_an_indexed_job_of_shards(deployed: dict[
     finally:
         cluster.kubectl("delete", "sensorfleet", FLEET, "-n", NS, "--wait=false", check=False)
         cluster.kubectl("delete", "job", "forecast-sharded", "-n", NS, "--wait=false", check=False)
+        cluster.kubectl("delete", "pv", "sf-shards-claim", "--wait=false", check=False)

@@ -66,6 +66,8 @@ def test_defaults_fill_every_section():
          "spec.sources: source names must be unique across mqtt, opcua and coap; repeated: lab"),
         (lambda d: d["spec"]["broker"].update(mode="external"), "spec.broker: mode 'external' needs url"),
         (lambda d: d["spec"].update(storage={"url": "s3://bucket/x", "size": "5Gi"}), "spec.storage: set either url or size, not both"),
+        (lambda d: d["spec"].update(storage={"url": "s3://bucket/x"}, forecasting={"parallelism": 3}),
+         "spec: forecasting.parallelism 3 needs a claim (storage.size), not storage.url"),
         (lambda d: d["metadata"].update(name="Bad_Name"), "metadata.name"),
         (lambda d: d.update(kind="Deployment"), "kind"),
     ],
