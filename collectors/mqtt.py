@@ -98,9 +98,11 @@ class MqttCollector:
         # redelivered by the broker, never acknowledged on the new one (the tracker drops the copy).
         self._connection = 0
         self._stop = threading.Event()
-        self.subscriber: Mqtt5Subscriber | None = Mqtt5Subscriber(broker, self.client_id, metrics, self.topic, self._take, stale_topic=self.stale_topic)
+        # spec mqttVersion "3.1.1": paho from the start (the MQTT 5 subscriber never connects).
+        self.subscriber: Mqtt5Subscriber | None = (None if opts.fleet.spec.protocols.mqtt.mqtt_version == "3.1.1" else
+                                                  Mqtt5Subscriber(broker, self.client_id, metrics, self.topic, self._take, stale_topic=self.stale_topic))
         self._network_stop = threading.Event()
-        # paho at MQTT 3.1.1, used only if the broker refuses MQTT 5.
+        # paho at MQTT 3.1.1, used if the spec says so or the broker refuses MQTT 5.
         self.client = mqtt_client(broker, self.client_id, clean_session=False, manual_ack=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect

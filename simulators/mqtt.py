@@ -53,9 +53,10 @@ class PayloadEncoder:
     """Encodes a TickBlock straight into wire documents. Must produce exactly what
     `Reading.to_wire()` produces for the same readings (a test holds it to that)."""
 
-    def __init__(self, model: SignalModel, topic_prefix: str, mode: str, gateway: str = "0", gateway_batch: int = 500):
+    def __init__(self, model: SignalModel, topic_prefix: str, mode: str, gateway: str = "0", gateway_batch: int = 500, user_properties: bool = False):
         self.model = model
         self.mode = mode
+        self.user_properties = user_properties  # MQTT 5: seq and ts of the reading(s) as a 4th element
         self.base = f"{topic_prefix}/{model.fleet}"
         self.gateway_topic = f"{self.base}/gateway/{gateway}"
         self.gateway_batch = gateway_batch
@@ -63,9 +64,11 @@ class PayloadEncoder:
         self.heads = [f'{{"fleet":{fleet},"protocol":"mqtt","device":"' for _ in model.sensors]
         self.tails = [(f'","sensor":{json.dumps(s.name)},"unit":{json.dumps(s.unit)},"value":', s.name) for s in model.sensors]
 
-    def messages(self, block: TickBlock) -> list[tuple[str, bytes, int]]:
-        """(topic, payload, readings in it) for every device in the block."""
-        out: list[tuple[str, bytes, int]] = []
+    def messages(self, block: TickBlock) -> list[tuple]:
+        """(topic, payload, readings in it) for every device in the block; with user properties
+        (topic, payload, readings, [("seq", …), ("ts", …)])."""
+        out: list[tuple] = []
+        props = self.user_properties
         values = block.values.tolist()
         quality = block.quality.tolist()
         anomaly = block.anomaly.tolist()
@@ -85,9 +88,13 @@ class PayloadEncoder:
                     docs.append(doc)
                 elif gateway:
                     pending.append(doc)
+                elif props:
+                    out.append((f"{self.base}/{dev}/{sensor_name}", doc.encode(), 1, [("seq", str(k)), ("ts", ts)]))
                 else:
                     out.append((f"{self.base}/{dev}/{sensor_name}", doc.encode(), 1))
-            if per_device:
+            if per_device and props:  # the readings of one device and tick share seq and ts
+                out.append((f"{self.base}/{dev}", ("[" + ",".join(docs) + "]").encode(), len(docs), [("seq", str(k)), ("ts", ts)]))
+            elif per_device:
                 out.append((f"{self.base}/{dev}", ("[" + ",".join(docs) + "]").encode(), len(docs)))
             elif gateway and len(pending) >= self.gateway_batch:
                 out.append((self.gateway_topic, ("[" + ",".join(pending) + "]").encode(), len(pending)))
@@ -130,9 +137,9 @@ class PahoPublisher:
             log.warning("lost the broker %s (%s); reconnecting with back-off", self.broker.url, reason_code)
             self.metrics.error("connection_lost").inc()
 
-    def publish(self, messages: list[tuple[str, bytes, int]]) -> int:
+    def publish(self, messages: list[tuple]) -> int:
         handed = 0
-        for topic, payload, count in messages:
+        for topic, payload, count, *_properties in messages:  # MQTT 3.1.1 has no properties
             info = self.client.publish(topic, payload, qos=self.qos)
             if info.rc == mqtt.MQTT_ERR_SUCCESS or (self.qos > 0 and info.rc == mqtt.MQTT_ERR_NO_CONN):
                 handed += count  # QoS 1 while disconnected: queued in paho, resent on reconnect
@@ -164,16 +171,19 @@ class MqttSimulator:
         self.spec = fleet.spec.protocols.mqtt
         self.model = SignalModel(fleet.spec, fleet.name, "mqtt")
         self.devices = np.array(shard_devices(self.spec.devices, self.spec.replicas, opts.replica), dtype=np.int64)
-        self.encoder = PayloadEncoder(self.model, self.spec.topic_prefix, self.spec.message_mode, str(opts.replica), self.spec.gateway_batch)
+        self.encoder = PayloadEncoder(self.model, self.spec.topic_prefix, self.spec.message_mode, str(opts.replica), self.spec.gateway_batch, self.spec.user_properties)
         self.metrics = metrics
         self.broker = broker
         self.published = 0
         self._dropped_before_fallback = 0
         self.client_id = f"{fleet.name}-mqtt-sim-{opts.replica}-{uuid.uuid4().hex[:6]}"
-        self.publisher: Mqtt5Publisher | PahoPublisher | DeviceConnections = Mqtt5Publisher(broker, self.client_id, metrics, **self._limits())
+        self.publisher: Mqtt5Publisher | PahoPublisher | DeviceConnections = (
+            PahoPublisher(broker, self.client_id, metrics, **self._limits()) if self.spec.mqtt_version == "3.1.1"
+            else Mqtt5Publisher(broker, self.client_id, metrics, **self._limits(), message_expiry=self.spec.message_expiry, topic_aliases=self.spec.topic_aliases))
         if self.spec.connection_per_device:  # every device its own client: simulators/mqtt_devices.py
             names = [device_id("mqtt", int(d)) for d in self.devices]
-            self.publisher = DeviceConnections(broker, metrics, fleet.name, self.encoder.base, names, qos=self.spec.qos, max_queued=self.spec.max_queued, connect_rate=self.spec.connect_rate, keepalive=self.spec.keepalive, max_delay=self.spec.reconnect_max_delay)
+            self.publisher = DeviceConnections(broker, metrics, fleet.name, self.encoder.base, names, qos=self.spec.qos, max_queued=self.spec.max_queued, connect_rate=self.spec.connect_rate, keepalive=self.spec.keepalive, max_delay=self.spec.reconnect_max_delay,
+                                             message_expiry=self.spec.message_expiry)
         if self.spec.payload_format == "sparkplugB":  # an edge node: simulators/sparkplug.py
             from sensorfleet.simulators.sparkplug import sparkplug_edge_node
 
@@ -195,7 +205,8 @@ class MqttSimulator:
             return
         if self.spec.payload_format == "sparkplugB":
             raise RuntimeError(f"spec.protocols.mqtt.payloadFormat: sparkplugB needs a broker that speaks MQTT 5 ({self.publisher.refused}); use broker.mode mosquitto")
-        log.warning("%s; publishing through paho at MQTT 3.1.1 instead", self.publisher.refused)
+        log.warning("%s; publishing through paho at MQTT 3.1.1 instead%s", self.publisher.refused,
+                    " (without the MQTT 5 user properties, message expiry and topic aliases of the spec)" if self.spec.user_properties or self.spec.message_expiry or self.spec.topic_aliases else "")
         backlog = self.publisher.take_backlog()
         self._dropped_before_fallback = self.publisher.dropped
         self.publisher = PahoPublisher(self.broker, self.client_id, self.metrics, **self._limits())
@@ -223,7 +234,7 @@ class MqttSimulator:
         next_tick[due] += 1
         return handed
 
-    def _publish_messages(self, messages: list[tuple[str, bytes, int]], now: float) -> int:
+    def _publish_messages(self, messages: list[tuple], now: float) -> int:
         handed = self.publisher.publish(messages)
         self.published += handed
         self.metrics.published.inc(handed)

@@ -50,8 +50,10 @@ class ConnectPacer:
 
 
 class DeviceConnection(Mqtt5Publisher):
-    def __init__(self, pool: DeviceConnections, device: str, topic: str, client_id: str, *, qos: int, max_queued: int, keepalive: int, max_delay: float):
-        super().__init__(pool.broker, client_id, pool.metrics, qos=qos, max_inflight=DEVICE_MAX_INFLIGHT, max_queued=max_queued, keepalive=keepalive)
+    def __init__(self, pool: DeviceConnections, device: str, topic: str, client_id: str, *, qos: int, max_queued: int, keepalive: int, max_delay: float,
+                 message_expiry: int = 0):
+        super().__init__(pool.broker, client_id, pool.metrics, qos=qos, max_inflight=DEVICE_MAX_INFLIGHT, max_queued=max_queued, keepalive=keepalive,
+                         message_expiry=message_expiry)
         self.pool = pool
         self.device = device
         self.topic = topic
@@ -98,7 +100,8 @@ class DeviceConnections:
     """The simulator's publisher face (start, publish, backlog, drain, close, dropped) over one
     connection per device. Messages are routed by their topic (`<prefix>/<fleet>/<device>`)."""
 
-    def __init__(self, broker: BrokerAddress, metrics: FleetMetrics, fleet: str, base: str, devices: list[str], *, qos: int, max_queued: int, connect_rate: float, keepalive: int, max_delay: float):
+    def __init__(self, broker: BrokerAddress, metrics: FleetMetrics, fleet: str, base: str, devices: list[str], *, qos: int, max_queued: int, connect_rate: float, keepalive: int, max_delay: float,
+                 message_expiry: int = 0):
         self.broker = broker
         self.metrics = metrics
         self.pacer = ConnectPacer(connect_rate)
@@ -106,7 +109,8 @@ class DeviceConnections:
         self.by_topic: dict[str, DeviceConnection] = {}
         for device in devices:
             topic = f"{base}/{device}"
-            self.by_topic[topic] = DeviceConnection(self, device, topic, f"{fleet}-{device}", qos=qos, max_queued=per_device_queue, keepalive=keepalive, max_delay=max_delay)
+            self.by_topic[topic] = DeviceConnection(self, device, topic, f"{fleet}-{device}", qos=qos, max_queued=per_device_queue, keepalive=keepalive, max_delay=max_delay,
+                                                  message_expiry=message_expiry)
         self.up = 0
         self.connects: list[float] = []  # monotonic time of every CONNACK, in order (tests, bench)
         self._unrouted = 0

@@ -20,15 +20,21 @@ from sensorfleet.metrics import FleetMetrics
 from sensorfleet.mqtt5_session import MAX_PACKET_ID, Mqtt5Connection
 from sensorfleet.runtime import BrokerAddress
 
-Message = tuple[str, bytes, int]  # (topic, payload, readings in it)
+# (topic, payload, readings in it), or with MQTT 5 user properties a 4th element [(name, value), ...]
+Message = tuple
 
 
 class Mqtt5Publisher(Mqtt5Connection):
     """`publish` never blocks; the event loop drives the network. `dropped` counts readings not queued."""
 
-    def __init__(self, broker: BrokerAddress, client_id: str, metrics: FleetMetrics, *, qos: int, max_inflight: int, max_queued: int, keepalive: int = 30):
+    def __init__(self, broker: BrokerAddress, client_id: str, metrics: FleetMetrics, *, qos: int, max_inflight: int, max_queued: int, keepalive: int = 30,
+                 message_expiry: int = 0, topic_aliases: bool = False):
         super().__init__(broker, client_id, metrics, clean_start=True, keepalive=keepalive)
         self.qos = qos
+        self.message_expiry = message_expiry or None  # seconds; None: the property is left out
+        self.topic_aliases = topic_aliases
+        self._aliases: dict[str, int] = {}  # topic -> alias, for this connection only
+        self._alias_max = 0  # the broker's Topic Alias Maximum (CONNACK), when topic_aliases
         self.max_inflight = min(max_inflight, MAX_PACKET_ID)
         self.max_queued = max_queued
         self.queue: deque[Message] = deque()
@@ -45,11 +51,11 @@ class Mqtt5Publisher(Mqtt5Connection):
         accepted = messages if len(messages) <= room else messages[: max(0, room)]
         self.queue.extend(accepted)
         if len(accepted) < len(messages):
-            lost = sum(count for _, _, count in messages[len(accepted) :])
+            lost = sum(m[2] for m in messages[len(accepted) :])
             self.metrics.dropped("queue_full").inc(lost)
             self.dropped += lost
         self._send_queued()
-        return sum(count for _, _, count in accepted)
+        return sum(m[2] for m in accepted)
 
     def backlog(self) -> int:
         """Messages not yet acknowledged (queued or in flight)."""
@@ -81,10 +87,12 @@ class Mqtt5Publisher(Mqtt5Connection):
         if not (self.writable and self.queue):
             return
         queue, inflight, chunks = self.queue, self.inflight, []
+        plain = self.message_expiry is None and not self._alias_max  # the hot path: no properties but the messages' own
         if self.qos == 0:
             while queue:
-                topic, payload, _ = queue.popleft()
-                chunks.append(mqtt5.PublishPacket(topic, payload).write())
+                message = queue.popleft()
+                chunks.append(mqtt5.PublishPacket(message[0], message[1], user_properties=message[3] if len(message) > 3 else None).write()
+                              if plain else self._packet(message))
         else:
             qos = mqtt5.QoS.AT_LEAST_ONCE
             room = self.window - len(inflight)
@@ -92,14 +100,32 @@ class Mqtt5Publisher(Mqtt5Connection):
                 message = queue.popleft()
                 packet_id = self._packet_id()
                 inflight[packet_id] = message
-                chunks.append(mqtt5.PublishPacket(message[0], message[1], qos=qos, packet_id=packet_id).write())
+                if plain and len(message) == 3:
+                    chunks.append(mqtt5.PublishPacket(message[0], message[1], qos=qos, packet_id=packet_id).write())
+                else:
+                    chunks.append(self._packet(message, qos=qos, packet_id=packet_id))
                 room -= 1
         if chunks:
             self.write(b"".join(chunks))
 
+    def _packet(self, message: Message, **packet_id_and_qos) -> bytes:
+        """One PUBLISH with the MQTT 5 properties of the spec: message expiry, topic alias, user properties."""
+        topic, alias = message[0], None
+        if self._alias_max:
+            alias = self._aliases.get(topic)
+            if alias is not None:
+                topic = ""  # MQTT 5 §3.3.2.3.4: a known alias stands for the topic name
+            elif len(self._aliases) < self._alias_max:
+                alias = self._aliases[topic] = len(self._aliases) + 1  # sent with its topic once: the broker learns it
+        return mqtt5.PublishPacket(topic, message[1], message_expiry_interval=self.message_expiry, topic_alias=alias,
+                                   user_properties=message[3] if len(message) > 3 else None, **packet_id_and_qos).write()
+
     # -- Mqtt5Connection hooks ---------------------------------------------------------------
     def _on_connected(self, connack: mqtt5.ConnAckPacket) -> None:
         self.window = min(self.max_inflight, connack.receive_max)
+        # Aliases live as long as a connection: a new one starts with none.
+        self._aliases.clear()
+        self._alias_max = connack.topic_alias_max if self.topic_aliases else 0
         self._send_queued()
 
     def _on_packet(self, packet: object) -> None:

@@ -136,6 +136,24 @@ class MqttSpec(ProtocolSpec):
     connect_rate: Annotated[float, Field(default=1000.0, gt=0, le=100_000, description="With `connectionPerDevice`: device connections opened per second at most per simulator replica (ramp-up and every reconnect wave after a broker restart).")]
     keepalive: Annotated[int, Field(default=60, ge=5, le=65535, description="With `connectionPerDevice`: MQTT keep-alive of each device connection, in seconds.")]
     reconnect_max_delay: Annotated[float, Field(default=30.0, ge=1, le=3600, description="With `connectionPerDevice`: ceiling of a device's exponential reconnect back-off (1 s doubling up to this), each wait drawn uniformly from 0 to the back-off (full jitter).")]
+    mqtt_version: Annotated[
+        Literal["5", "3.1.1"],
+        Field(default="5", description="MQTT version the simulators and collectors speak: `5` (a broker that refuses it gets 3.1.1 instead, logged) or `3.1.1` (paho on both sides). Write it as a string: `\"3.1.1\"`, `\"5\"`."),
+    ]
+    user_properties: Annotated[bool, Field(default=False, description="MQTT 5: every `perDevice` and `perReading` message carries its reading's `seq` and source timestamp `ts` (as in the payload) as user properties, so brokers, bridges and rules engines can route or filter without parsing the payload. Not in `gateway` mode (a message holds many readings).")]
+    message_expiry: Annotated[int, Field(default=0, ge=0, le=4_294_967_295, description="MQTT 5 Message Expiry Interval of published readings, in seconds; 0: they never expire. The broker discards a reading still queued for a collector after this long, and the collector counts it lost.")]
+    topic_aliases: Annotated[bool, Field(default=False, description="MQTT 5: the simulators publish with topic aliases, as many as the broker's Topic Alias Maximum allows (Mosquitto: 10 by default; the first topics of a connection get one), so a repeated topic travels as a 2-byte number. Subscribers still see full topic names. Not with `connectionPerDevice` (one topic a connection).")]
+
+    @model_validator(mode="after")
+    def _mqtt5_options_need_mqtt5(self) -> MqttSpec:
+        if self.mqtt_version == "3.1.1":
+            used = [name for name, on in (("userProperties", self.user_properties), ("messageExpiry", self.message_expiry), ("topicAliases", self.topic_aliases),
+                                          ("connectionPerDevice", self.connection_per_device), ("payloadFormat sparkplugB", self.payload_format == "sparkplugB")) if on]
+            if used:
+                raise ValueError(f"mqttVersion: {', '.join(used)} need MQTT 5; use mqttVersion \"5\" (the default), got \"3.1.1\"")
+        if self.user_properties and self.message_mode == "gateway":
+            raise ValueError("userProperties: a gateway message holds many readings, so it has no one seq and ts; use messageMode perDevice or perReading")
+        return self
 
     @model_validator(mode="after")
     def _sparkplug_fits(self) -> MqttSpec:
