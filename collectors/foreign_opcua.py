@@ -94,7 +94,25 @@ class ForeignOpcuaCollector:
                 raise ValueError(f"spec.sources.opcua {self.source.name}: authentication is 'username' but {ENV_USERNAME} / {ENV_PASSWORD} are not set (in Kubernetes: set its credentials)")
             client.set_user(username)
             client.set_password(password)
+        if self.source.security == "Basic256Sha256":
+            from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+
+            from sensorfleet.collectors.opcua import ensure_client_certificate
+
+            client.application_uri = f"urn:sensorfleet:{self.fleet}:source-{self.source.name}"
+            cert, key = await ensure_client_certificate(client.application_uri, self.fleet, f"source-{self.source.name}")
+            await client.set_security(SecurityPolicyBasic256Sha256, str(cert), str(key), mode=getattr(ua.MessageSecurityMode, self.source.security_mode))
         return client
+
+    def _security_hint(self, exc: BaseException) -> str:
+        """What to change in the source's spec when the server refused its security settings."""
+        code = getattr(exc, "code", None)
+        if code in (ua.StatusCodes.BadSecurityModeRejected, ua.StatusCodes.BadSecurityPolicyRejected):
+            other = "None" if self.source.security == "Basic256Sha256" else "Basic256Sha256"
+            return f" (spec.sources.opcua {self.source.name}: the server refused security {self.source.security}; try security: {other}, or securityMode)"
+        if code in (ua.StatusCodes.BadUserAccessDenied, ua.StatusCodes.BadIdentityTokenRejected, ua.StatusCodes.BadIdentityTokenInvalid):
+            return f" (spec.sources.opcua {self.source.name}: the server refused the {self.source.authentication} identity; check authentication and its credentials)"
+        return ""
 
     async def resolve(self, client: Client) -> dict[ua.NodeId, OpcuaNode]:
         """The node id of every listed node; one that does not resolve is logged and skipped
@@ -165,7 +183,8 @@ class ForeignOpcuaCollector:
                 raise
             except (OSError, asyncio.TimeoutError, ua.UaError, ConnectionError, RuntimeError) as exc:
                 self.metrics.error("connection_lost" if connected else "connect_failed").inc()
-                log.warning("source %s: %s: %s; reconnecting in %.1f s", self.source.name, self.source.endpoint, exc or type(exc).__name__, backoff)
+                log.warning("source %s: %s: %s%s; reconnecting in %.1f s", self.source.name, self.source.endpoint, exc or type(exc).__name__,
+                            self._security_hint(exc), backoff)
             finally:
                 self.metrics.connected.set(0)
                 self.subscribed = 0

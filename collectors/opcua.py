@@ -134,7 +134,7 @@ class TargetCollector:
             from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 
             app_uri = f"urn:sensorfleet:{self.fleet.name}:opcua-collector"
-            cert, key = await _ensure_client_certificate(app_uri, self.fleet.name)
+            cert, key = await ensure_client_certificate(app_uri, self.fleet.name)
             client.application_uri = app_uri
             await client.set_security(SecurityPolicyBasic256Sha256, str(cert), str(key), mode=ua.MessageSecurityMode.SignAndEncrypt)
         return client
@@ -301,7 +301,9 @@ async def _quietly_disconnect(client: Client) -> None:
             pass
 
 
-async def _ensure_client_certificate(app_uri: str, fleet: str) -> tuple[Path, Path]:
+async def ensure_client_certificate(app_uri: str, fleet: str, name: str = "collector") -> tuple[Path, Path]:
+    """The collector's own self-signed application certificate for Basic256Sha256 (made once, by
+    asyncua's cert_gen), per fleet and per `name` (each client its own application URI)."""
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
     from asyncua.crypto.cert_gen import setup_self_signed_certificate
@@ -309,7 +311,7 @@ async def _ensure_client_certificate(app_uri: str, fleet: str) -> tuple[Path, Pa
     base = os.environ.get(ENV_PKI) or os.path.join(os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "sensorfleet", "opcua-pki")
     directory = Path(base) / fleet
     directory.mkdir(parents=True, exist_ok=True)
-    cert, key = directory / "collector-cert.der", directory / "collector-key.pem"
+    cert, key = directory / f"{name}-cert.der", directory / f"{name}-key.pem"
     await setup_self_signed_certificate(key, cert, app_uri, socket.gethostname(), [ExtendedKeyUsageOID.CLIENT_AUTH],
                                         {"commonName": "SensorFleet collector", "organizationName": "SensorFleet"})
     return cert, key

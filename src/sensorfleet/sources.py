@@ -87,7 +87,9 @@ class OpcuaNode(SpecModel):
 
 class OpcuaSource(SourceBase):
     endpoint: Annotated[str, Field(pattern=r"^opc\.tcp://[^\s/]+(/[^\s]*)?$", description="Endpoint URL of the server, e.g. `opc.tcp://plc.plant:4840`.")]
-    authentication: Annotated[Literal["anonymous", "username"], Field(default="anonymous", description="`anonymous`, or `username` with SENSORFLEET_OPCUA_USERNAME / _PASSWORD (in Kubernetes from `credentials`). Security policy None: the server must offer it.")]
+    authentication: Annotated[Literal["anonymous", "username"], Field(default="anonymous", description="`anonymous`, or `username` with SENSORFLEET_OPCUA_USERNAME / _PASSWORD (in Kubernetes from `credentials`).")]
+    security: Annotated[Literal["None", "Basic256Sha256"], Field(default="None", description="Security policy of the connection: `None` (the server must offer it), or `Basic256Sha256` with the collector's own self-signed application certificate (made once under SENSORFLEET_OPCUA_PKI, URI `urn:sensorfleet:<fleet>:source-<name>`), which the server must trust. The server's certificate is not checked against a trust list.")]
+    security_mode: Annotated[Literal["Sign", "SignAndEncrypt"], Field(default="SignAndEncrypt", description="With `security: Basic256Sha256`: sign only, or sign and encrypt every message.")]
     credentials: Annotated[CredentialsRef | None, Field(default=None, description="With `authentication: username` in Kubernetes: the Secret keys of the username and password.")]
     publishing_interval: Annotated[float, Field(default=1.0, ge=0.05, le=60, description="Publishing interval of the subscription, in seconds.")]
     sampling_interval: Annotated[float, Field(default=0.0, ge=0, le=3600, description="Sampling interval the server is asked for, in seconds (0: as fast as the server reports changes).")]

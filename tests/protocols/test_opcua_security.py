@@ -9,7 +9,7 @@ import pytest
 from asyncua import Client, ua
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 
-from sensorfleet.collectors.opcua import _ensure_client_certificate
+from sensorfleet.collectors.opcua import ensure_client_certificate
 
 
 async def test_signed_encrypted_session_with_username_collects_and_wrong_password_is_refused(write_fleet, procs, h, tmp_path, tcp_port, monkeypatch):
@@ -27,7 +27,7 @@ async def test_signed_encrypted_session_with_username_collects_and_wrong_passwor
     result = await asyncio.to_thread(h.stop, col)
     assert result["lost"] == 0 and result["malformed"] == 0
 
-    cert, key = await _ensure_client_certificate("urn:sensorfleet:proto:opcua-collector", "proto")
+    cert, key = await ensure_client_certificate("urn:sensorfleet:proto:opcua-collector", "proto")
 
     async def connect(password: str | None, secure: bool) -> None:
         client = Client(url, timeout=20)

@@ -102,3 +102,48 @@ def test_the_collector_resubscribes_after_the_server_restarts(opcua_server_peer,
     # no seq to tell), then its three changes.
     assert list(df["value"]) == [1000.0, 1000.0, 1001.0, 1002.0, 1003.0]
     assert summary["stored"] == 5 and summary["malformed"] == 0
+
+
+def test_a_secured_server_is_collected_over_basic256sha256_with_a_username(opcua_server_peer, procs, h, tmp_path, tcp_port, monkeypatch):
+    """node-opcua's server offering only Basic256Sha256 and only a named user: a source asking for
+    security None is refused with the reason in its log; with Basic256Sha256 (its own certificate,
+    made under SENSORFLEET_OPCUA_PKI) and the credentials from the environment, every value lands."""
+    argv, env = opcua_server_peer
+    monkeypatch.setenv("SENSORFLEET_OPCUA_PKI", str(tmp_path / "client-pki"))
+    monkeypatch.setenv("SENSORFLEET_OPCUA_USERNAME", "operator")
+    monkeypatch.setenv("SENSORFLEET_OPCUA_PASSWORD", "s3cret")
+    server = subprocess.Popen([*argv, str(tcp_port), "3", "secure", str(tmp_path / "server-pki")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+    def collector(name: str, **security: str):
+        source = {"name": name, "endpoint": f"opc.tcp://127.0.0.1:{tcp_port}/", "publishingInterval": 0.2, "authentication": "username", **security,
+                  "nodes": [{"browsePath": "1:Boiler/1:Pressure", "device": "boiler-1", "sensor": "pressure"}]}
+        fleet = tmp_path / f"{name}.yaml"
+        fleet.write_text(yaml.safe_dump({"apiVersion": "sensorfleet.io/v1alpha1", "kind": "SensorFleet", "metadata": {"name": "proto"},
+                                         "spec": {"protocols": {"mqtt": {"enabled": False}}, "collector": {"flushInterval": 0.3},
+                                                  "sources": {"opcua": [source]}}}))
+        col = component("collect", "opcua", fleet, tmp_path, "--data", str(tmp_path / name), "--source", name).start()
+        procs.append(col)
+        return col
+
+    try:
+        wait_for_port(tcp_port, timeout=60)
+        plain = collector("plain")
+        h.wait_until(lambda: "reconnecting" in plain.log(), 60, message="the plain connection refused")
+        assert "BadSecurityModeRejected" in plain.log() and "the server refused security None; try security: Basic256Sha256" in plain.log(), plain.log()[-2000:]
+        assert plain.metric("sensorfleet_connected") == 0 and not plain.metric("sensorfleet_readings_stored_total")
+        h.stop(plain)
+        secured = collector("secured", security="Basic256Sha256", securityMode="SignAndEncrypt")
+        h.wait_until(lambda: "subscribed to 1 of 1 variables" in secured.log(), 60, message=f"subscribed over Basic256Sha256; log:\n{secured.log()[-2000:]}")
+        h.wait_until(lambda: secured.metric("sensorfleet_readings_stored_total") >= 1, 30, message="the initial value stored")
+        server.stdin.write("go\n")
+        server.stdin.flush()
+        h.wait_until(lambda: secured.metric("sensorfleet_readings_stored_total") >= 4, 60, message="every change stored")
+        summary = h.stop(secured)
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert (tmp_path / "client-pki" / "proto" / "source-secured-cert.der").exists()
+    df = read_dataset(str(tmp_path / "secured"))
+    assert sorted(df["value"]) == [1000.0 + k for k in range(4)]
+    assert (summary["stored"], summary["lost"], summary["duplicates"]) == (4, 0, 0)

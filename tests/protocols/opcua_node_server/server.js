@@ -3,7 +3,9 @@
 // id, found by browse path), a String label (not a number), and a pump's Boolean in a namespace
 // of its own (addressed by namespace URI).
 //
-// usage: node server.js PORT STEPS
+// usage: node server.js PORT STEPS [secure PKI_DIR]
+// With `secure`: only Basic256Sha256 (Sign or SignAndEncrypt) and only user "operator" with
+// password "s3cret"; it trusts an unknown client certificate on first use (its PKI in PKI_DIR).
 // Prints "READY" once listening; on a line "go" on stdin it changes every variable STEPS times,
 // 300 ms apart, with source timestamps 2026-12-02T10:00:00Z + k s, then prints "DONE". Step 4
 // of the temperature is Bad (a sensor failure), step 5 Uncertain; the rest Good.
@@ -13,19 +15,26 @@ const { SecurityPolicy } = require("node-opcua-secure-channel");
 const { MessageSecurityMode } = require("node-opcua-service-secure-channel");
 const { DataType } = require("node-opcua-variant");
 const { StatusCodes } = require("node-opcua-status-code");
+const { OPCUACertificateManager } = require("node-opcua-certificate-manager");
 const readline = require("readline");
 
 const port = parseInt(process.argv[2], 10);
 const steps = parseInt(process.argv[3] || "8", 10);
+const secure = process.argv[4] === "secure";
 const BASE = Date.UTC(2026, 11, 2, 10, 0, 0);
 
 (async () => {
+  const security = secure ? {
+    securityPolicies: [SecurityPolicy.Basic256Sha256],
+    securityModes: [MessageSecurityMode.Sign, MessageSecurityMode.SignAndEncrypt],
+    allowAnonymous: false,
+    userManager: { isValidUser: (user, password) => user === "operator" && password === "s3cret" },
+    serverCertificateManager: new OPCUACertificateManager({ rootFolder: process.argv[5], automaticallyAcceptUnknownCertificate: true }),
+  } : { securityPolicies: [SecurityPolicy.None], securityModes: [MessageSecurityMode.None], allowAnonymous: true };
   const server = new OPCUAServer({
     port,
     resourcePath: "/",
-    securityPolicies: [SecurityPolicy.None],
-    securityModes: [MessageSecurityMode.None],
-    allowAnonymous: true,
+    ...security,
     buildInfo: { productName: "foreign-plant", manufacturerName: "not SensorFleet" },
   });
   await server.initialize();
