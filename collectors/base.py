@@ -138,6 +138,11 @@ class SequenceSpace:
         offset = ticks - seq.astype("float64")
         return (offset > -_SEQUENCE_SPACE_TOLERANCE) & (offset < 1 + _SEQUENCE_SPACE_TOLERANCE)
 
+    def holds_one(self, ts: datetime, seq: int) -> bool:
+        """`holds` for one reading."""
+        offset = (ts - self.epoch).total_seconds() / self.interval - seq
+        return -_SEQUENCE_SPACE_TOLERANCE < offset < 1 + _SEQUENCE_SPACE_TOLERANCE
+
 
 def _holes_below_last(df: pd.DataFrame) -> dict[tuple[str, str], list[int]]:
     """Per series, the seqs missing between stored ones, within MAX_PENDING_GAP of the last."""
@@ -180,6 +185,13 @@ class CollectorSink:
         self.count_gaps = count_gaps
         self.writer = DatasetWriter(data_url, protocol, writer_id)
         self.tracker = SequenceTracker()
+        # The sequence space of this collector's spec (set by resume_from_dataset). During a
+        # rollout after an edit of seed, epoch or interval, readings of the other spec still
+        # arrive (the old simulator's last ones, queued in the broker session this collector took
+        # over, or the new simulator's while the old collector runs). Their seqs count elsewhere:
+        # in this tracker one old-space reading would make every new-space one look duplicate.
+        self.space: SequenceSpace | None = None
+        self.other_space = SequenceTracker()  # de-duplicates them; their gaps are not this spec's
         self._batch = ReadingBatch(protocol)
         self._batch_started = time.monotonic()
         self._lock = threading.RLock()
@@ -187,7 +199,9 @@ class CollectorSink:
         self.malformed_by_reason: collections.Counter[str] = collections.Counter()
         self.totals = {"received": 0, "stored": 0, "lost": 0, "duplicates": 0, "malformed": 0, "late": 0, "offline": 0,
                        # readings of third-party devices (no seq), and those of them with quality bad
-                       "unsequenced": 0, "bad_quality": 0}
+                       "unsequenced": 0, "bad_quality": 0,
+                       # readings of another seed/epoch/interval, during a rollout (see `space`)
+                       "other_space": 0}
         self.buffer_limit = buffer_limit
         # True when the sender keeps what is not acknowledged (MQTT QoS 1): nothing is dropped at
         # the bound (the adapter stops taking messages), nothing unwritten at exit is lost.
@@ -248,6 +262,7 @@ class CollectorSink:
         neither stores again what it already wrote nor counts the restart as a gap. With `space`,
         only rows of that sequence space count: after an edit of epoch or interval the new seqs
         start elsewhere, and old ones would make them look like duplicates or a gap."""
+        self.space = space
         since = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
         since = since.fromtimestamp(since.timestamp() - (days - 1) * 86400, tz=timezone.utc)
         columns = ["fleet", "device", "sensor", "seq"] + (["ts"] if space is not None else [])
@@ -301,6 +316,8 @@ class CollectorSink:
             self.totals["received"] += 1
             if reading.seq is None:
                 return self._accept_unsequenced(reading, received_at)
+            if self.space is not None and not self.space.holds_one(reading.ts, reading.seq):
+                return self._accept_other_space(reading, received_at)
             verdict = self.tracker.observe(reading.device, reading.sensor, reading.seq)
             if not verdict.new:
                 self.metrics.duplicates.inc()
@@ -337,6 +354,22 @@ class CollectorSink:
         self.totals["unsequenced"] += 1
         if reading.quality == "bad":
             self.totals["bad_quality"] += 1
+        if not self.redelivered and self.full():
+            self._count_unstored(1)
+            return False
+        if not len(self._batch):
+            self._batch_started = time.monotonic()
+        self._batch.add(reading, received_at)
+        return True
+
+    def _accept_other_space(self, reading: Reading, received_at: datetime) -> bool:
+        """A reading of another sequence space (see `space`): stored once, not counted for loss."""
+        if not self.other_space.observe(reading.device, reading.sensor, reading.seq).new:
+            self.metrics.duplicates.inc()
+            self.totals["duplicates"] += 1
+            return False
+        self.metrics.other_space.inc()
+        self.totals["other_space"] += 1
         if not self.redelivered and self.full():
             self._count_unstored(1)
             return False

@@ -18,7 +18,7 @@ import json
 import re
 import time
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import pytest
 
 import devcluster
 from devcluster import deploy
+from sensorfleet.collectors.base import SequenceSpace
 from sensorfleet.dataset import read_dataset
 from sensorfleet.operator import builders
 
@@ -227,6 +228,143 @@ def test_with_history_on_the_claim_the_forecast_job_reports_and_fills_last_forec
     assert last["result"] == "Succeeded" and last["reason"] == "Forecast" and last["time"], last
     assert last["headline"].startswith(f"{head['model']} MASE ") and f"{head['series']} series" in last["headline"], last
     print(f"forecast job with 2 days of history: {took:.0f}s")
+
+
+# --- spec edits and scaling on the running fleet (issue 12) ----------------------------------------
+
+EDIT_TIMEOUT = 600  # every pod of the fleet restarts: a cold Python start each, on a loaded 2-core machine
+EDITED_EPOCH = datetime(2026, 3, 1, tzinfo=timezone.utc)
+# A clean-session client reads the broker's count of persistent sessions nobody is connected to.
+SESSIONS_PROBE = """
+import os, sys, threading, urllib.parse
+import paho.mqtt.client as mqtt
+url = urllib.parse.urlsplit(sys.argv[1])
+got, value = threading.Event(), {}
+client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv311, clean_session=True)
+client.username_pw_set(os.environ["SENSORFLEET_MQTT_USERNAME"], os.environ["SENSORFLEET_MQTT_PASSWORD"])
+client.on_connect = lambda c, u, f, rc, p: c.subscribe("$SYS/broker/clients/disconnected", qos=0)
+client.on_message = lambda c, u, m: (value.update(n=m.payload.decode()), got.set())
+client.connect(url.hostname, url.port or 1883)
+client.loop_start()
+got.wait(40)
+client.disconnect()
+client.loop_stop()
+print(value.get("n", "none"))
+"""
+
+
+def _patch_and_wait(cluster: devcluster.Cluster, namespace: str, patch: dict[str, Any]) -> datetime:
+    """Merge-patch the fleet and wait until it is Ready at the new generation; when it was patched."""
+    patched_at = datetime.now(timezone.utc)
+    body = json.loads(cluster.kubectl("patch", "sensorfleet", FLEET, "-n", namespace, "--type", "merge",
+                                      "-p", json.dumps(patch), "-o", "json").stdout)
+    generation = body["metadata"]["generation"]
+
+    def ready() -> bool:
+        status = cluster.kubectl_json("get", "sensorfleet", FLEET, "-n", namespace).get("status", {})
+        return any(c["type"] == "Ready" and c["status"] == "True" and c.get("observedGeneration") == generation
+                   for c in status.get("conditions", []))
+    try:
+        devcluster.wait_for(ready, timeout=EDIT_TIMEOUT, interval=3, what=f"the fleet Ready at generation {generation}")
+    except TimeoutError as error:
+        raise AssertionError(f"{error}\n{diagnosis(cluster, namespace)}") from None
+    return patched_at
+
+
+def _running_pods(cluster: devcluster.Cluster, namespace: str, component: str) -> list[dict[str, Any]]:
+    selector = f"{builders.FLEET_LABEL}={FLEET},{builders.COMPONENT}={component}"
+    return [p for p in cluster.kubectl_json("get", "pods", "-n", namespace, "-l", selector)["items"]
+            if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
+
+
+def _collector_counts(cluster: devcluster.Cluster, namespace: str, protocol: str) -> list[dict[str, float]]:
+    """Per running collector pod of `protocol`: its readings counters, read from its /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = []
+    for pod in _running_pods(cluster, namespace, f"{protocol}-collector"):
+        port = next(p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", []) if p["name"] == "metrics")
+        text = cluster.kubectl("exec", "-n", namespace, pod["metadata"]["name"], "--", "python", "-c",
+                               f"import urllib.request as u; print(u.urlopen('http://127.0.0.1:{port}/metrics').read().decode())").stdout
+        totals: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name.startswith("sensorfleet_readings_") and sample.name.endswith("_total"):
+                    key = sample.name.removeprefix("sensorfleet_readings_").removesuffix("_total")
+                    totals[key] = totals.get(key, 0.0) + sample.value
+        counts.append(totals)
+    return counts
+
+
+def assert_collectors_lost_and_doubled_nothing(cluster: devcluster.Cluster, namespace: str, protocols: list[str]) -> None:
+    for protocol in protocols:
+        counts = _collector_counts(cluster, namespace, protocol)
+        assert counts and all(c.get("stored", 0) > 0 for c in counts), (protocol, counts)
+        for c in counts:
+            # lost_total counts a gap when it is seen; late_total what of it arrived after all
+            assert c.get("lost", 0) - c.get("late", 0) == 0 and c.get("duplicate", 0) == 0, (protocol, c)
+
+
+def _space_rows(frame: Any, protocol: str, epoch: datetime, interval: float) -> Any:
+    rows = frame[frame["protocol"] == protocol]
+    return rows[SequenceSpace(epoch, interval).holds(rows["ts"], rows["seq"]).to_numpy()]
+
+
+def _in_space(cluster: devcluster.Cluster, namespace: str, since: datetime, wanted: dict[str, tuple[datetime, float, int, int]]) -> tuple[Any] | None:
+    """(frame,) once, for each protocol, every one of its `devices` has `per_series` readings of
+    every sensor in the space (epoch, interval)."""
+    frame = read_dataset(str(_claim_folder(cluster, namespace)), start=since)
+    for protocol, (epoch, interval, devices, per_series) in wanted.items():
+        counts = _space_rows(frame, protocol, epoch, interval).groupby(["device", "sensor"]).size()
+        if len(counts) < devices * 3 or counts.min() < per_series:
+            return None
+    return (frame,)
+
+
+def _wait_in_space(cluster: devcluster.Cluster, namespace: str, since: datetime, wanted: dict[str, tuple[datetime, float, int, int]]) -> Any:
+    try:
+        (frame,) = devcluster.wait_for(lambda: _in_space(cluster, namespace, since, wanted), timeout=EDIT_TIMEOUT,
+                                       interval=5, what=f"readings in the edited sequence spaces {wanted}")
+    except TimeoutError as error:
+        raise AssertionError(f"{error}\n{diagnosis(cluster, namespace)}") from None
+    return frame
+
+
+@pytest.mark.timeout(1200)  # every pod of the fleet restarts
+def test_seed_and_epoch_edit_restarts_the_fleet_into_a_new_sequence_space_with_nothing_lost(real: dict[str, Any]) -> None:
+    cluster, fleets = real["cluster"], real["fleets"]
+    since = _patch_and_wait(cluster, fleets, {"spec": {"seed": 7, "epoch": EDITED_EPOCH.isoformat().replace("+00:00", "Z")}})
+    wanted = {p: (EDITED_EPOCH, 1.0, 50 if p == "mqtt" else 20, 20) for p in ("mqtt", "coap", "opcua")}
+    frame = _wait_in_space(cluster, fleets, since - timedelta(minutes=5), wanted)
+    for protocol in wanted:
+        assert_no_gaps_or_duplicates(_space_rows(frame, protocol, EDITED_EPOCH, 1.0))
+    assert_collectors_lost_and_doubled_nothing(cluster, fleets, ["mqtt", "coap", "opcua"])
+
+
+@pytest.mark.timeout(1500)  # every pod restarts, then a minute before the removed replica's session is retired
+def test_interval_devices_and_replicas_edit_then_scale_down_leaves_no_gap_and_no_stale_session(real: dict[str, Any]) -> None:
+    cluster, fleets = real["cluster"], real["fleets"]
+    mqtt = {"devices": 60, "interval": 0.5, "replicas": 2, "collectorReplicas": 2}
+    since = _patch_and_wait(cluster, fleets, {"spec": {"protocols": {"mqtt": mqtt}}})
+    assert len(_running_pods(cluster, fleets, "mqtt-simulator")) == 2
+    _wait_in_space(cluster, fleets, since - timedelta(minutes=5), {"mqtt": (EDITED_EPOCH, 0.5, 60, 40)})
+    assert_collectors_lost_and_doubled_nothing(cluster, fleets, ["mqtt"])  # both replicas store, none twice
+
+    # Scale the collectors back down: replica 0 restarts alone and, after a minute, drains and
+    # deletes the session replica 1 left on the broker (what it held is stored, in seq order).
+    _patch_and_wait(cluster, fleets, {"spec": {"protocols": {"mqtt": {"collectorReplicas": 1}}}})
+    (collector,) = _running_pods(cluster, fleets, "mqtt-collector")
+    name = collector["metadata"]["name"]
+    retired = f"left in the session of removed replica {builders.collector_name(FLEET, 'mqtt', 1)}"
+    devcluster.wait_for(lambda: retired in cluster.kubectl("logs", "-n", fleets, name).stdout, timeout=300, interval=5,
+                        what="replica 1's session drained and deleted")
+    frame = _wait_in_space(cluster, fleets, since - timedelta(minutes=5), {"mqtt": (EDITED_EPOCH, 0.5, 60, 400)})
+    assert_no_gaps_or_duplicates(_space_rows(frame, "mqtt", EDITED_EPOCH, 0.5))
+    assert_collectors_lost_and_doubled_nothing(cluster, fleets, ["mqtt"])
+    argv = [a for c in collector["spec"]["containers"] for a in c.get("command", []) + c.get("args", [])]
+    broker = argv[argv.index("--broker") + 1]
+    sessions = cluster.kubectl("exec", "-n", fleets, name, "--", "python", "-c", SESSIONS_PROBE, broker, timeout=90).stdout.strip()
+    assert sessions == "0", f"persistent sessions nobody is connected to on the broker: {sessions}"
 
 
 def test_deleting_the_fleet_removes_its_pods_and_keeps_the_claim(real: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from sensorfleet.collectors.base import CollectorSink, SequenceSpace
+from sensorfleet.dataset import read_dataset
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.signals import SignalModel
 from sensorfleet.spec import FleetSpec
@@ -114,3 +115,38 @@ def test_a_reading_counted_offline_that_arrives_after_all_is_stored_and_taken_ba
     resumed.flush()
     t = resumed.totals
     assert (t["stored"], t["duplicates"], t["offline"], t["lost"]) == (2 * series, series, 3 * series, 0)
+
+
+@pytest.mark.parametrize("edit", [
+    {"epoch": datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(days=300)},  # the new seqs are lower
+    {"epoch": datetime(2025, 1, 1, tzinfo=timezone.utc)},  # the new seqs are higher
+], ids=["new-seqs-lower", "new-seqs-higher"])
+def test_during_a_rollout_readings_of_both_specs_arrive_and_each_is_stored_once(tmp_path: Path, edit: dict[str, Any]) -> None:
+    """The new collector took over the broker session: the old simulator's last readings (queued
+    there) and the new simulator's arrive interleaved. The old ones are stored as another space,
+    and do not make the new ones look duplicate (nor a gap); a redelivery of either is one
+    duplicate. The old collector, still running, stores the new simulator's the same way."""
+    data = tmp_path / "data"
+    old_spec, new_spec = spec(), spec(**edit)
+    old_model, new_model = SignalModel(old_spec, "demo", "mqtt"), SignalModel(new_spec, "demo", "mqtt")
+    at = time.time()
+    old_tick, new_tick = old_model.current_tick(DEVICES, at), new_model.current_tick(DEVICES, at)
+    old_tail = [old_model.readings(old_model.block(DEVICES, old_tick - back)) for back in (2, 1, 0)]
+    new_head = [new_model.readings(new_model.block(DEVICES, new_tick + k)) for k in (0, 1, 2)]
+    old_collector = CollectorSink("demo", "mqtt", str(data), FleetMetrics("demo", "mqtt", "collector"))
+    old_collector.resume_from_dataset(space=SequenceSpace.of(old_spec, "mqtt"))
+    received = lambda sink, ticks: sum(sink.accept(r, datetime.now(timezone.utc)) for tick in ticks for r in tick)  # noqa: E731
+    assert received(old_collector, old_tail[:1] + new_head[:1]) == 2 * len(old_tail[0])
+    old_collector.flush()
+    assert (old_collector.totals["other_space"], old_collector.totals["duplicates"], old_collector.totals["lost"]) == (len(new_head[0]), 0, 0)
+
+    new_collector = CollectorSink("demo", "mqtt", str(data), FleetMetrics("demo", "mqtt", "collector"))
+    new_collector.resume_from_dataset(space=SequenceSpace.of(new_spec, "mqtt"))  # resumes from the new tick it finds
+    series = len(old_tail[0])
+    interleaved = [old_tail[1], new_head[1], old_tail[2], new_head[2], old_tail[2], new_head[2]]  # the last two again: redelivered
+    assert received(new_collector, interleaved) == 4 * series
+    new_collector.flush()
+    t = new_collector.totals
+    assert (t["stored"], t["other_space"], t["duplicates"], t["lost"], t["offline"]) == (4 * series, 2 * series, 2 * series, 0, 0)
+    stored = read_dataset(str(data))
+    assert len(stored) == 6 * series and not stored.duplicated(["device", "sensor", "seq"]).any()
