@@ -25,7 +25,7 @@ from rich.table import Table
 
 import devcluster
 from devcluster import deploy
-from sensorfleet.operator import builders
+from sensorfleet.operator import broker_builders, builders, child_meta
 from sensorfleet.spec import SensorFleet
 
 RESULTS = Path(__file__).resolve().parent / "results" / "operator.json"
@@ -46,8 +46,8 @@ def fleet_manifest(name: str) -> dict[str, Any]:
 
 def expected_children(name: str) -> int:
     fleet = SensorFleet.model_validate(fleet_manifest(name))
-    return len(builders.build_children(fleet, builders.Owner(name, NAMESPACE, "x"), builders.BuildOptions(),
-                                       builders.BrokerCredentials("u", "p")))
+    return len(builders.build_children(fleet, child_meta.Owner(name, NAMESPACE, "x"), child_meta.BuildOptions(),
+                                       broker_builders.BrokerCredentials("u", "p")))
 
 
 def count_children(api: Any, name: str) -> int:

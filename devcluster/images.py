@@ -87,7 +87,7 @@ def qualified_ref(image: str) -> str:
 
 
 def app_image_ref() -> str:
-    from sensorfleet.operator.builders import BuildOptions
+    from sensorfleet.operator.child_meta import BuildOptions
 
     return qualified_ref(BuildOptions().image)
 

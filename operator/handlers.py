@@ -12,7 +12,7 @@ from typing import Any
 
 import kopf
 
-from sensorfleet.operator import builders
+from sensorfleet.operator import child_meta
 from sensorfleet.operator.crd import PLURAL
 from sensorfleet.operator.kube import KubeClient
 from sensorfleet.spec import API_GROUP, API_VERSION
@@ -29,7 +29,7 @@ WATCHED_CHILDREN: tuple[tuple[str, str, str], ...] = (
     ("batch", "v1", "cronjobs"),
     ("batch", "v1", "jobs"),
 )
-CHILD_LABELS = {builders.MANAGED_BY: builders.OPERATOR_NAME}
+CHILD_LABELS = {child_meta.MANAGED_BY: child_meta.OPERATOR_NAME}
 CHILD_SELECTOR = ",".join(f"{k}={v}" for k, v in CHILD_LABELS.items())
 
 

@@ -32,8 +32,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from sensorfleet.operator import builders
-from sensorfleet.operator.builders import BrokerCredentials, BuildOptions
+from sensorfleet.operator import broker_builders, builders, child_meta, storage_builders
+from sensorfleet.operator.broker_builders import BrokerCredentials
+from sensorfleet.operator.child_meta import BuildOptions
 from sensorfleet.operator.kube import ApiError, KubeClient, NotLeading
 from sensorfleet.operator.metrics import OperatorMetrics
 from sensorfleet.operator.status import Failure, compute_status, newest_finished_job, ready_condition
@@ -199,9 +200,9 @@ class Reconciler:
             fleet = builders.fleet_from_body(body)
         except ValueError:
             return
-        if not builders.retains_claim(fleet):
+        if not storage_builders.retains_claim(fleet):
             return
-        claim = builders.data_claim_name(fleet.name)
+        claim = child_meta.data_claim_name(fleet.name)
         message = (f"PersistentVolumeClaim {fleet.metadata.namespace}/{claim} is kept with the dataset "
                    f"(spec.storage.claimRetention.whenDeleted: Retain); a fleet of the same name uses it "
                    f"again, `kubectl delete pvc {claim} -n {fleet.metadata.namespace}` removes it")
@@ -213,7 +214,7 @@ class Reconciler:
     def child_seen(self, event: str | None, body: dict[str, Any]) -> None:
         """A watch event of a labelled child (`event` None: the watch's initial listing)."""
         meta = body.get("metadata", {})
-        fleet = (meta.get("labels") or {}).get(builders.FLEET_LABEL)
+        fleet = (meta.get("labels") or {}).get(child_meta.FLEET_LABEL)
         key = (meta.get("namespace", ""), fleet or "")
         kind = body.get("kind", "")
         ident = (meta.get("namespace", ""), kind, meta.get("name", ""))
@@ -312,9 +313,9 @@ class Reconciler:
     async def _credentials(self, fleet: SensorFleet, state: FleetState) -> BrokerCredentials | Failure | None:
         """Existing broker credentials are kept for ever; new ones are generated once. A Secret of
         that name that the fleet did not create is neither read nor adopted."""
-        if not builders.uses_broker(fleet):
+        if not broker_builders.uses_broker(fleet):
             return None
-        name = builders.broker_secret_name(fleet.name)
+        name = child_meta.broker_secret_name(fleet.name)
         ident = (fleet.metadata.namespace, "Secret", name)
         secret = await self.client.get("Secret", fleet.metadata.namespace, name)
         if secret is None:
@@ -330,7 +331,7 @@ class Reconciler:
         data = (secret or {}).get("data") or {}
         if data.get("username") and data.get("password"):
             return BrokerCredentials(base64.b64decode(data["username"]).decode(), base64.b64decode(data["password"]).decode())
-        return BrokerCredentials(builders.BROKER_USERNAME, secrets.token_urlsafe(24))
+        return BrokerCredentials(broker_builders.BROKER_USERNAME, secrets.token_urlsafe(24))
 
     async def _apply_all(self, fleet: SensorFleet, state: FleetState) -> list[Failure]:
         """Apply every child concurrently, in one round: the children that do not depend on the
@@ -360,7 +361,7 @@ class Reconciler:
             self.metrics.applies.labels(kind, str(before is None or before[0] != meta.get("resourceVersion")).lower()).inc()
             return None
 
-        if builders.uses_broker(fleet):
+        if broker_builders.uses_broker(fleet):
             probe = builders.build_children(fleet, owner, self.options, BrokerCredentials("a", "a"))
             other = builders.build_children(fleet, owner, self.options, BrokerCredentials("b", "b"))
             independent = [c for c, o in zip(probe, other) if c == o]
@@ -394,14 +395,14 @@ class Reconciler:
         if (kind, name) in state.applied:
             return None
         fleet_name = state.body["metadata"]["name"]
-        if kind == "PersistentVolumeClaim" and name == builders.data_claim_name(fleet_name):
+        if kind == "PersistentVolumeClaim" and name == child_meta.data_claim_name(fleet_name):
             # A retained claim has no owner: this fleet's, or an earlier fleet's of the same name
             # (its dataset), when it carries the fleet's label.
             live = await self.client.get(kind, namespace, name)
             if live is None:
                 return None
             owner = _controller_uid(live["metadata"])
-            if owner in (None, uid) and (live["metadata"].get("labels") or {}).get(builders.FLEET_LABEL) == fleet_name:
+            if owner in (None, uid) and (live["metadata"].get("labels") or {}).get(child_meta.FLEET_LABEL) == fleet_name:
                 return None
             return self._refuse(state, kind, name, owner)
         ident = (namespace, kind, name)
@@ -434,7 +435,7 @@ class Reconciler:
         failures: list[Failure] = []
         stale: list[tuple[str, str, str]] = []
         try:
-            listed = await asyncio.gather(*(self.client.list(k, namespace, builders.child_selector(fleet.name)) for k in PRUNED_KINDS))
+            listed = await asyncio.gather(*(self.client.list(k, namespace, child_meta.child_selector(fleet.name)) for k in PRUNED_KINDS))
         except ApiError as error:
             return [Failure("PruneFailed", str(error))]
         for kind, items in zip(PRUNED_KINDS, listed):
@@ -444,7 +445,7 @@ class Reconciler:
                 if owned and (kind, meta["name"]) not in desired:
                     stale.append((kind, meta["name"], meta["uid"]))
         # Secrets and PodMonitors are not listed (no list/watch permission on Secrets): by name.
-        for kind, name in (("Secret", builders.broker_secret_name(fleet.name)), ("PodMonitor", fleet.name)):
+        for kind, name in (("Secret", child_meta.broker_secret_name(fleet.name)), ("PodMonitor", fleet.name)):
             if (kind, name) not in desired and state.applied.pop((kind, name), None) is not None:
                 stale.append((kind, name, ""))
         for kind, name, child_uid in stale:
@@ -541,8 +542,8 @@ class Reconciler:
             "firstTimestamp": now[:19] + "Z",
             "lastTimestamp": now[:19] + "Z",
             "count": 1,
-            "source": {"component": builders.OPERATOR_NAME},
-            "reportingComponent": builders.OPERATOR_NAME,
+            "source": {"component": child_meta.OPERATOR_NAME},
+            "reportingComponent": child_meta.OPERATOR_NAME,
         }
         try:
             await self.client.create(event)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import kopf
 
-from sensorfleet.operator.builders import BuildOptions
+from sensorfleet.operator.child_meta import BuildOptions
 from sensorfleet.operator.handlers import make_registry, operator_settings
 from sensorfleet.operator.kube import KubeClient
 from sensorfleet.operator.lease import LeaderLease

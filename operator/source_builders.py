@@ -1,36 +1,18 @@
 """Pure builders of the collectors of third-party sources (spec.sources): one Deployment each,
 `<fleet>-src-<name>`, running `sensorfleet collect <protocol> --source <name>`.
 
-Apart from builders.py (which holds the simulated fleet's children) and built from its shared
-pieces; the same rules: no I/O, no kopf, the same fleet gives the same manifests.
+Apart from workload_builders.py (which holds the simulated fleet's simulators and collectors)
+and built from the same pieces (pod_builders, child_meta); the same rules: no I/O, no kopf, the
+same fleet gives the same manifests.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sensorfleet.operator.builders import (
-    ENV_MQTT_PASSWORD,
-    ENV_MQTT_USERNAME,
-    ENV_OPCUA_PASSWORD,
-    ENV_OPCUA_USERNAME,
-    FLEET_FILE,
-    PROTOCOL_LABEL,
-    BuildOptions,
-    Owner,
-    _app_container,
-    _app_pod_spec,
-    _deployment,
-    _metrics_args,
-    _metrics_port,
-    _section,
-    claim_user_labels,
-    data_location,
-    secret_env,
-    spec_hash,
-    storage_env,
-    uses_claim,
-)
+from sensorfleet.operator.child_meta import PROTOCOL_LABEL, BuildOptions, Owner, spec_hash, spec_sections
+from sensorfleet.operator.pod_builders import ENV_MQTT_PASSWORD, ENV_MQTT_USERNAME, ENV_OPCUA_PASSWORD, ENV_OPCUA_USERNAME, FLEET_FILE, app_container, app_pod_spec, metrics_args, metrics_ports, secret_env, single_pod_deployment, storage_env
+from sensorfleet.operator.storage_builders import claim_user_labels, data_location, uses_claim
 from sensorfleet.sources import MqttSource, OpcuaSource
 from sensorfleet.spec import SensorFleet
 
@@ -47,7 +29,7 @@ def source_collector_names(fleet: SensorFleet) -> list[str]:
 
 
 def source_collector_args(fleet: SensorFleet, protocol: str, source: str) -> list[str]:
-    return ["collect", protocol, "--fleet", FLEET_FILE, "--data", data_location(fleet), *_metrics_args(fleet), "--source", source]
+    return ["collect", protocol, "--fleet", FLEET_FILE, "--data", data_location(fleet), *metrics_args(fleet), "--source", source]
 
 
 def _credentials_env(source: Any) -> list[dict[str, Any]]:
@@ -66,15 +48,15 @@ def _credentials_env(source: Any) -> list[dict[str, Any]]:
 def build_source_collector_deployment(fleet: SensorFleet, owner: Owner, options: BuildOptions, protocol: str, source_name: str) -> dict[str, Any]:
     source = fleet.spec.sources.named(source_name)
     with_data = uses_claim(fleet)
-    container = _app_container("collector", source_collector_args(fleet, protocol, source_name), "collector", options,
-                               _credentials_env(source) + storage_env(fleet), _metrics_port(fleet), fleet, with_data=with_data)
+    container = app_container("collector", source_collector_args(fleet, protocol, source_name), "collector", options,
+                              _credentials_env(source) + storage_env(fleet), metrics_ports(fleet), fleet, with_data=with_data)
     # Only what this process reads: its own source, batching, storage and metrics; an edit of the
     # simulators or of another source leaves it running.
-    template_hash = spec_hash(_section(fleet, "collector", "storage", "monitoring"), protocol, source.model_dump(mode="json", by_alias=True))
-    return _deployment(
+    template_hash = spec_hash(spec_sections(fleet, "collector", "storage", "monitoring"), protocol, source.model_dump(mode="json", by_alias=True))
+    return single_pod_deployment(
         source_collector_name(fleet.name, source_name), owner, f"{protocol}-source-collector",
         {PROTOCOL_LABEL: protocol, SOURCE_LABEL: source_name},
-        _app_pod_spec(fleet, container, with_data=with_data), template_hash, options,
+        app_pod_spec(fleet, container, with_data=with_data), template_hash, options,
         pod_labels=claim_user_labels(fleet),
     )
 

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sensorfleet.operator import builders
+from sensorfleet.operator import broker_builders, child_meta, sizing, storage_builders
 from sensorfleet.operator.source_builders import source_collector_names
 from sensorfleet.spec import SensorFleet
 
@@ -62,7 +62,7 @@ def storage_condition(fleet: SensorFleet, deployments: dict[str, dict[str, Any]]
     if not fleet.spec.monitoring.enabled:
         return "Unknown", "NoReadinessProbe", "spec.monitoring.enabled is false: collectors serve no /readyz to tell"
     failing, starting = [], []
-    names = [builders.collector_name(fleet.name, protocol, i) for protocol, pods in builders.desired_pods(fleet).items() for i in range(pods["collectors"])]
+    names = [child_meta.collector_name(fleet.name, protocol, i) for protocol, pods in sizing.desired_pods(fleet).items() for i in range(pods["collectors"])]
     for name in names + source_collector_names(fleet):  # a source's collector writes the same store
         deployment = deployments.get(name)
         if deployment is not None and _deployment_ready(deployment):
@@ -188,9 +188,9 @@ def compute_status(
         total_ready += ready
         return ready
 
-    for protocol, pods in builders.desired_pods(fleet).items():
-        sims = [builders.simulator_name(fleet.name, protocol, i) for i in range(pods["simulators"])]
-        cols = [builders.collector_name(fleet.name, protocol, i) for i in range(pods["collectors"])]
+    for protocol, pods in sizing.desired_pods(fleet).items():
+        sims = [child_meta.simulator_name(fleet.name, protocol, i) for i in range(pods["simulators"])]
+        cols = [child_meta.collector_name(fleet.name, protocol, i) for i in range(pods["collectors"])]
         protocols[protocol] = {
             "devices": fleet.spec.protocol(protocol).devices,
             "simulators": len(sims),
@@ -199,8 +199,8 @@ def compute_status(
             "collectorsReady": count(cols),
         }
     count(source_collector_names(fleet))  # third-party sources: one collector each
-    if builders.uses_broker(fleet):
-        count([builders.broker_name(fleet.name)])
+    if broker_builders.uses_broker(fleet):
+        count([child_meta.broker_name(fleet.name)])
     if claim is not None and claim.get("status", {}).get("phase") not in (None, "Bound", "Pending"):
         problems.append(f"ClaimLost: {claim['metadata']['name']} is {claim['status']['phase']}")
 
@@ -243,17 +243,17 @@ def compute_status(
         "enabledProtocols": ",".join(fleet.spec.enabled_protocols()),
         "devices": sum(fleet.spec.protocol(p).devices for p in fleet.spec.enabled_protocols()),
         "ready": f"{total_ready}/{total_desired}",
-        "brokerEndpoint": builders.broker_url(fleet) if fleet.spec.protocols.mqtt.enabled else "",
-        "dataset": fleet.spec.storage.url or f"pvc/{builders.data_claim_name(fleet.name)}",
+        "brokerEndpoint": broker_builders.broker_url(fleet) if fleet.spec.protocols.mqtt.enabled else "",
+        "dataset": fleet.spec.storage.url or f"pvc/{child_meta.data_claim_name(fleet.name)}",
     }
-    if builders.uses_claim(fleet):
-        status["dataClaim"] = {"name": builders.data_claim_name(fleet.name),
+    if storage_builders.uses_claim(fleet):
+        status["dataClaim"] = {"name": child_meta.data_claim_name(fleet.name),
                                "onFleetDelete": fleet.spec.storage.claim_retention.when_deleted}
     if forecast:
         status["lastForecast"] = forecast
-    if status["brokerEndpoint"] and builders.uses_broker(fleet):
-        host = f"{builders.broker_name(fleet.name)}.{fleet.metadata.namespace}.svc"
-        status["brokerEndpoint"] = f"mqtt://{host}:{builders.broker_port(fleet)}"
+    if status["brokerEndpoint"] and broker_builders.uses_broker(fleet):
+        host = f"{child_meta.broker_name(fleet.name)}.{fleet.metadata.namespace}.svc"
+        status["brokerEndpoint"] = f"mqtt://{host}:{broker_builders.broker_port(fleet)}"
     return status
 
 

@@ -29,7 +29,7 @@ import devcluster
 from devcluster import deploy
 from sensorfleet.collectors.base import SequenceSpace
 from sensorfleet.dataset import read_dataset
-from sensorfleet.operator import builders
+from sensorfleet.operator import child_meta, pod_builders
 
 pytestmark = pytest.mark.cluster
 
@@ -134,7 +134,7 @@ def _created(cluster: devcluster.Cluster, namespace: str) -> datetime:
 
 def _run_forecast_job(cluster: devcluster.Cluster, namespace: str, job: str) -> dict[str, Any]:
     """`kubectl create job --from=cronjob/<fleet>-forecast` and wait until it finished; its pods."""
-    cluster.kubectl("create", "job", job, "-n", namespace, f"--from=cronjob/{builders.forecast_name(FLEET)}")
+    cluster.kubectl("create", "job", job, "-n", namespace, f"--from=cronjob/{child_meta.forecast_name(FLEET)}")
 
     def finished() -> dict[str, Any] | None:
         status = cluster.kubectl_json("get", "job", job, "-n", namespace).get("status", {})
@@ -181,7 +181,7 @@ def test_helm_test_passes_against_the_operator_pod(real: dict[str, Any]) -> None
 
 def test_a_deleted_collector_pod_comes_back_and_nothing_is_lost_or_doubled(real: dict[str, Any]) -> None:
     cluster, fleets = real["cluster"], real["fleets"]
-    selector = f"{builders.FLEET_LABEL}={FLEET},{builders.COMPONENT}=mqtt-collector"
+    selector = f"{child_meta.FLEET_LABEL}={FLEET},{child_meta.COMPONENT}=mqtt-collector"
     (old,) = [p for p in cluster.kubectl_json("get", "pods", "-n", fleets, "-l", selector)["items"]
               if not p["metadata"].get("deletionTimestamp")]
     since = _created(cluster, fleets)
@@ -209,9 +209,9 @@ def test_with_history_on_the_claim_the_forecast_job_reports_and_fills_last_forec
     # reading: another sequence space than the live 1 s readings, which the collectors ignore.
     end = _created(cluster, fleets) - timedelta(seconds=60)
     start = end - timedelta(days=2)
-    selector = f"{builders.FLEET_LABEL}={FLEET},{builders.COMPONENT}=mqtt-collector"
+    selector = f"{child_meta.FLEET_LABEL}={FLEET},{child_meta.COMPONENT}=mqtt-collector"
     pod = next(p for p in cluster.kubectl_json("get", "pods", "-n", fleets, "-l", selector)["items"] if not p["metadata"].get("deletionTimestamp"))
-    cluster.kubectl("exec", "-n", fleets, pod["metadata"]["name"], "--", "sensorfleet", "generate", builders.FLEET_FILE,
+    cluster.kubectl("exec", "-n", fleets, pod["metadata"]["name"], "--", "sensorfleet", "generate", pod_builders.FLEET_FILE,
                     "--days", "2", "--start", start.strftime("%Y-%m-%dT%H:%M:%S"), "--interval", "60", "--data", "/data", "--quiet",
                     timeout=300)
     started = time.monotonic()
@@ -373,9 +373,9 @@ def test_deleting_the_fleet_removes_its_pods_and_keeps_the_claim(real: dict[str,
     cluster.kubectl("delete", "sensorfleet", FLEET, "-n", fleets, "--wait=true", timeout=180)
 
     def pods_gone() -> bool:
-        return not cluster.kubectl_json("get", "pods", "-n", fleets, "-l", f"{builders.FLEET_LABEL}={FLEET}")["items"]
+        return not cluster.kubectl_json("get", "pods", "-n", fleets, "-l", f"{child_meta.FLEET_LABEL}={FLEET}")["items"]
     devcluster.wait_for(pods_gone, timeout=300, interval=3, what="every pod of the fleet gone")
-    claim = cluster.kubectl_json("get", "pvc", builders.data_claim_name(FLEET), "-n", fleets)
+    claim = cluster.kubectl_json("get", "pvc", child_meta.data_claim_name(FLEET), "-n", fleets)
     assert claim["status"]["phase"] == "Bound" and not claim["metadata"].get("ownerReferences")
-    assert claim["metadata"]["labels"][builders.CLAIM_RETENTION_LABEL] == "Retain"
+    assert claim["metadata"]["labels"][child_meta.CLAIM_RETENTION_LABEL] == "Retain"
     assert len(read_dataset(str(folder))) > 0  # the dataset is still there for a fleet of the same name

@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 
 from sensorfleet.dataset import read_dataset
-from sensorfleet.operator import builders
+from sensorfleet.operator import broker_builders, builders, child_meta
 from sensorfleet.runtime import free_port
 from sensorfleet.spec import parse_fleet
 from sensorfleet.testing import wait_for_port, wait_until
 
 pytestmark = pytest.mark.slow
 
-OWNER = builders.Owner(name="pods", namespace="default", uid="00000000-0000-0000-0000-000000000001")
+OWNER = child_meta.Owner(name="pods", namespace="default", uid="00000000-0000-0000-0000-000000000001")
 DEVICES = 3
 
 
@@ -49,9 +49,9 @@ def _run_fleet(pods, children: list[dict], protocol: str) -> Path:
     every device are stored there."""
     pods.add_objects(children)
     named = _by_name(children)
-    pods.run_pod(pods.pod_spec_of(named[f"Deployment/{builders.simulator_name('pods', protocol, 0)}"]))
-    collector = pods.run_pod(pods.pod_spec_of(named[f"Deployment/{builders.collector_name('pods', protocol, 0)}"]))
-    data = pods.claim_dir(builders.data_claim_name("pods"))
+    pods.run_pod(pods.pod_spec_of(named[f"Deployment/{child_meta.simulator_name('pods', protocol, 0)}"]))
+    collector = pods.run_pod(pods.pod_spec_of(named[f"Deployment/{child_meta.collector_name('pods', protocol, 0)}"]))
+    data = pods.claim_dir(child_meta.data_claim_name("pods"))
 
     def stored_every_device() -> bool:
         assert collector.running(), f"collector exited: {collector.logs()}"
@@ -75,10 +75,10 @@ def test_mqtt_fleet_with_its_mosquitto_pod(pods):
     image authenticate with the generated Secret."""
     port = free_port()
     fleet = _fleet({"mqtt": {}}, broker={"port": port})
-    credentials = builders.BrokerCredentials(builders.BROKER_USERNAME, "generated-" + "x" * 16)
-    children = builders.build_children(fleet, OWNER, builders.BuildOptions(), credentials)
+    credentials = broker_builders.BrokerCredentials(broker_builders.BROKER_USERNAME, "generated-" + "x" * 16)
+    children = builders.build_children(fleet, OWNER, child_meta.BuildOptions(), credentials)
     pods.add_objects(children)
-    broker = pods.run_pod(pods.pod_spec_of(_by_name(children)[f"Deployment/{builders.broker_name('pods')}"]))
+    broker = pods.run_pod(pods.pod_spec_of(_by_name(children)[f"Deployment/{child_meta.broker_name('pods')}"]))
     wait_for_port(port, timeout=120)
     assert broker.running(), broker.logs()
     data = _run_fleet(pods, children, "mqtt")
@@ -100,7 +100,7 @@ def test_external_broker_credentials_come_from_the_users_secret(pods, tmp_path):
         wait_for_port(port, timeout=30)
         ref = {"username": {"name": "plant-broker", "key": "user"}, "password": {"name": "plant-broker", "key": "pass"}}
         fleet = _fleet({"mqtt": {}}, broker={"mode": "external", "url": f"mqtt://127.0.0.1:{port}", "credentials": ref})
-        children = builders.build_children(fleet, OWNER, builders.BuildOptions(), None)
+        children = builders.build_children(fleet, OWNER, child_meta.BuildOptions(), None)
         assert "plant-secret-42" not in json.dumps(children) and "plant-user" not in json.dumps(children)
         pods.secrets["plant-broker"] = {"user": "plant-user", "pass": "plant-secret-42"}
         _no_duplicates(_run_fleet(pods, children, "mqtt"))
@@ -115,7 +115,7 @@ def test_opcua_username_and_basic256sha256_on_a_read_only_root(pods):
     port = free_port()
     ref = {"username": {"name": "opcua-users", "key": "username"}, "password": {"name": "opcua-users", "key": "password"}}
     fleet = _fleet({"opcua": {"port": port, "security": "Basic256Sha256", "authentication": "username", "credentials": ref}})
-    children = builders.build_children(fleet, OWNER, builders.BuildOptions(), None)
+    children = builders.build_children(fleet, OWNER, child_meta.BuildOptions(), None)
     assert "line-operator" not in json.dumps(children)
     pods.secrets["opcua-users"] = {"username": "line-operator", "password": "opcua-secret-7"}
     _no_duplicates(_run_fleet(pods, children, "opcua"))
@@ -125,7 +125,7 @@ def test_opcua_username_and_basic256sha256_on_a_read_only_root(pods):
 
 def test_coap_fleet_in_containers(pods):
     fleet = _fleet({"coap": {"port": free_port()}})
-    children = builders.build_children(fleet, OWNER, builders.BuildOptions(), None)
+    children = builders.build_children(fleet, OWNER, child_meta.BuildOptions(), None)
     _no_duplicates(_run_fleet(pods, children, "coap"))
 
 
@@ -145,20 +145,20 @@ def test_forecast_job_gets_the_timegpt_key_from_its_secret_and_writes_its_report
 
     fleet = _fleet({"mqtt": {}}, forecasting={"enabled": True, "model": "timegpt", "horizon": 30,
                                              "apiKey": {"name": "nixtla", "key": "api-key"}})
-    children = builders.build_children(fleet, OWNER, builders.BuildOptions(), builders.BrokerCredentials("u", "p"))
+    children = builders.build_children(fleet, OWNER, child_meta.BuildOptions(), broker_builders.BrokerCredentials("u", "p"))
     assert "test-key" not in json.dumps(children)
     pods.add_objects(children)
     pods.secrets["nixtla"] = {"api-key": "test-key"}  # the key the stub accepts
     fleet_file = tmp_path / "fleet.yaml"
-    fleet_file.write_text(pods.configmaps[builders.fleet_configmap_name("pods")]["fleet.yaml"])
-    data = pods.claim_dir(builders.data_claim_name("pods"))
+    fleet_file.write_text(pods.configmaps[child_meta.fleet_configmap_name("pods")]["fleet.yaml"])
+    data = pods.claim_dir(child_meta.data_claim_name("pods"))
     subprocess.run([sys.executable, "-m", "sensorfleet.cli", "generate", str(fleet_file), "--days", "2", "--interval", "60", "--data", str(data), "--quiet"],
                    check=True, capture_output=True, timeout=300)
     subprocess.run(["chmod", "-R", "a+rwX", str(data)], check=True)
     stub = _stub_nixtla()
     threading.Thread(target=stub.serve_forever, daemon=True).start()
     try:
-        job = pods.pod_spec_of(_by_name(children)[f"CronJob/{builders.forecast_name('pods')}"])
+        job = pods.pod_spec_of(_by_name(children)[f"CronJob/{child_meta.forecast_name('pods')}"])
         # NIXTLA_BASE_URL: where the stub listens instead of Nixtla's service
         run = pods.run_pod(job, extra_env={"NIXTLA_BASE_URL": stub.url})
         code = run.exit_code(timeout=900)
@@ -177,10 +177,10 @@ def test_sparkplug_fleet_with_its_mosquitto_pod(pods):
     Will) and Sparkplug host through the operator's Mosquitto pod, with the generated credentials."""
     port = free_port()
     fleet = _fleet({"mqtt": {"payloadFormat": "sparkplugB"}}, broker={"port": port})
-    credentials = builders.BrokerCredentials(builders.BROKER_USERNAME, "generated-" + "x" * 16)
-    children = builders.build_children(fleet, OWNER, builders.BuildOptions(), credentials)
+    credentials = broker_builders.BrokerCredentials(broker_builders.BROKER_USERNAME, "generated-" + "x" * 16)
+    children = builders.build_children(fleet, OWNER, child_meta.BuildOptions(), credentials)
     pods.add_objects(children)
-    broker = pods.run_pod(pods.pod_spec_of(_by_name(children)[f"Deployment/{builders.broker_name('pods')}"]))
+    broker = pods.run_pod(pods.pod_spec_of(_by_name(children)[f"Deployment/{child_meta.broker_name('pods')}"]))
     wait_for_port(port, timeout=120)
     assert broker.running(), broker.logs()
     data = _run_fleet(pods, children, "mqtt")

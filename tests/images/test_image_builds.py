@@ -13,7 +13,7 @@ import tarfile
 from pathlib import Path
 
 from devcluster import images
-from sensorfleet.operator.builders import BuildOptions
+from sensorfleet.operator.child_meta import BuildOptions
 from sensorfleet.spec import BrokerSpec
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sensorfleet.operator import builders
+from sensorfleet.operator import broker_builders, builders, child_meta, pod_builders, storage_builders
 from sensorfleet.runtime import free_port
 from sensorfleet.spec import SensorFleet
 from sensorfleet.testing import mosquitto_broker, wait_for_port, wait_until
@@ -121,13 +121,13 @@ def stack(k8s_cluster, prometheus_with_k8s_sd: Path, tmp_path_factory: pytest.Te
     kubectl = k8s_cluster.kubectl
     metrics_port, coap_port, opcua_port = free_port(), free_port(udp=True), free_port()
     fleet = make_fleet(metrics_port, coap_port, opcua_port)
-    owner = builders.Owner(FLEET, NAMESPACE, "00000000-0000-0000-0000-0000000000sd")
+    owner = child_meta.Owner(FLEET, NAMESPACE, "00000000-0000-0000-0000-0000000000sd")
     # the broker here is a local Mosquitto, anonymous (spec.broker.authentication false)
-    children = builders.build_children(fleet, owner, builders.BuildOptions(), builders.BrokerCredentials("unused", "unused"))
+    children = builders.build_children(fleet, owner, child_meta.BuildOptions(), broker_builders.BrokerCredentials("unused", "unused"))
     fleet_file = tmp / "fleet.yaml"
     fleet_file.write_text(next(c for c in children if c["kind"] == "ConfigMap")["data"]["fleet.yaml"])
     # the simulators and collectors (the broker serves no metrics; a local Mosquitto stands in for it)
-    deployments = [c for c in children if c["kind"] == "Deployment" and c["metadata"]["name"] != builders.broker_name(FLEET)]
+    deployments = [c for c in children if c["kind"] == "Deployment" and c["metadata"]["name"] != child_meta.broker_name(FLEET)]
     ips = {d["metadata"]["name"]: _pod_ip(i) for i, d in enumerate(deployments)}
     with mosquitto_broker(tmp / "broker", persistence=False) as broker:
         try:
@@ -151,10 +151,10 @@ def stack(k8s_cluster, prometheus_with_k8s_sd: Path, tmp_path_factory: pytest.Te
                 kubectl("patch", "pod", f"{name}-0", "--namespace", NAMESPACE, "--subresource=status", "--type=merge",
                         "--patch", json.dumps(status))
                 # the pod's process, with the pod's own args, where a cluster would put it
-                args = [a.replace(builders.FLEET_FILE, str(fleet_file)) for a in d["spec"]["template"]["spec"]["containers"][0]["args"]]
-                args = [a.replace(f"{builders.broker_name(FLEET)}:{builders.MQTT_PORT}", f"127.0.0.1:{broker.port}") for a in args]
+                args = [a.replace(pod_builders.FLEET_FILE, str(fleet_file)) for a in d["spec"]["template"]["spec"]["containers"][0]["args"]]
+                args = [a.replace(f"{child_meta.broker_name(FLEET)}:{broker_builders.MQTT_PORT}", f"127.0.0.1:{broker.port}") for a in args]
                 args = [re.sub(rf"{FLEET}-(coap|opcua)-simulator-(\d+):", lambda m: ips[m.group(0)[:-1]] + ":", a) for a in args]
-                args = [str(tmp / "data") if a == builders.DATA_DIR else ips[name] if a == "0.0.0.0" else a for a in args]
+                args = [str(tmp / "data") if a == storage_builders.DATA_DIR else ips[name] if a == "0.0.0.0" else a for a in args]
                 s.spawn(name, [sys.executable, "-m", "sensorfleet.cli", *args, "--metrics-host", ips[name]])
             for d in deployments:
                 wait_for_port(metrics_port, timeout=120, host=ips[d["metadata"]["name"]])
@@ -232,7 +232,7 @@ def test_every_fleet_panel_query_returns_data_from_discovered_pods(stack: Stack)
 
 def test_component_down_fires_for_a_killed_pod_process_with_its_kubernetes_labels(stack: Stack) -> None:
     wait_until(lambda: stack.query(f'up{{namespace="{NAMESPACE}"}} == 1'), timeout=120, message="targets up")
-    victim = builders.simulator_name(FLEET, "coap", 0)
+    victim = child_meta.simulator_name(FLEET, "coap", 0)
     process = stack.processes[victim]
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(10)

@@ -6,8 +6,9 @@ import copy
 
 import pytest
 
-from sensorfleet.operator import builders, status
-from sensorfleet.operator.builders import BrokerCredentials, BuildOptions, Owner
+from sensorfleet.operator import builders, child_meta, status
+from sensorfleet.operator.broker_builders import BrokerCredentials
+from sensorfleet.operator.child_meta import BuildOptions, Owner
 from sensorfleet.spec import SensorFleet
 
 OWNER = Owner("plant", "factory", "0000-uid")
@@ -37,9 +38,9 @@ def test_every_child_is_labelled_owned_and_namespaced() -> None:
         meta = child["metadata"]
         assert meta["namespace"] == "factory", name
         if kind == "PersistentVolumeClaim":  # kept when the fleet is deleted: no owner (test_claims.py)
-            assert "ownerReferences" not in meta and meta["labels"][builders.CLAIM_RETENTION_LABEL] == "Retain"
+            assert "ownerReferences" not in meta and meta["labels"][child_meta.CLAIM_RETENTION_LABEL] == "Retain"
             continue
-        assert meta["ownerReferences"] == [builders.owner_reference(OWNER)], name
+        assert meta["ownerReferences"] == [child_meta.owner_reference(OWNER)], name
         assert meta["ownerReferences"][0]["controller"] is True
         for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component",
                     "app.kubernetes.io/part-of", "app.kubernetes.io/managed-by"):
@@ -86,7 +87,7 @@ def test_coap_and_opcua_servers_get_services_and_collectors_split_them() -> None
     for i in range(3):
         service = c[("Service", f"plant-coap-simulator-{i}")]
         assert service["spec"]["ports"][0]["protocol"] == "UDP" and service["spec"]["ports"][0]["port"] == 5683
-        assert service["spec"]["selector"][builders.REPLICA_LABEL] == str(i)
+        assert service["spec"]["selector"][child_meta.REPLICA_LABEL] == str(i)
     targets = []
     for j in range(2):
         args = c[("Deployment", f"plant-coap-collector-{j}")]["spec"]["template"]["spec"]["containers"][0]["args"]

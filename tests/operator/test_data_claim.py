@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 import devcluster
-from sensorfleet.operator import builders
+from sensorfleet.operator import child_meta
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -48,7 +48,7 @@ def static_volume(name: str, mode: str, fleet: str = FLEET) -> str:
     return json.dumps({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
                        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": [mode], "hostPath": {"path": f"/tmp/{name}"},
                                 "persistentVolumeReclaimPolicy": "Retain",
-                                "claimRef": {"namespace": NS, "name": builders.data_claim_name(fleet)}}})
+                                "claimRef": {"namespace": NS, "name": child_meta.data_claim_name(fleet)}}})
 
 
 def fleet_manifest(name: str = FLEET, **storage: Any) -> str:
@@ -62,7 +62,7 @@ def fleet_manifest(name: str = FLEET, **storage: Any) -> str:
 
 
 def claim(cluster: devcluster.Cluster, name: str = FLEET) -> dict[str, Any] | None:
-    got = cluster.kubectl("get", "pvc", builders.data_claim_name(name), "-n", NS, "-o", "json", check=False)
+    got = cluster.kubectl("get", "pvc", child_meta.data_claim_name(name), "-n", NS, "-o", "json", check=False)
     return json.loads(got.stdout) if got.returncode == 0 else None
 
 
@@ -88,11 +88,11 @@ def cluster(deployed: dict[str, Any]) -> devcluster.Cluster:
 def test_readwriteonce_claim_users_share_one_node_and_the_claim_outlives_the_fleet(cluster: devcluster.Cluster) -> None:
     cluster.kubectl("apply", "-f", "-", input=fleet_manifest())
     body = wait_for("fleet Ready", lambda: ready(cluster), timeout=120)
-    assert body["status"]["dataClaim"] == {"name": builders.data_claim_name(FLEET), "onFleetDelete": "Retain"}
+    assert body["status"]["dataClaim"] == {"name": child_meta.data_claim_name(FLEET), "onFleetDelete": "Retain"}
     # The forecast job's pod mounts the claim too: run one now rather than waiting for its schedule.
-    cluster.kubectl("create", "job", "vault-forecast-now", "--from", f"cronjob/{builders.forecast_name(FLEET)}", "-n", NS)
-    cluster.kubectl("create", "job", "vault-compact-now", "--from", f"cronjob/{builders.compaction_name(FLEET)}", "-n", NS)
-    selector = f"{builders.DATA_CLAIM_LABEL}={builders.data_claim_name(FLEET)}"
+    cluster.kubectl("create", "job", "vault-forecast-now", "--from", f"cronjob/{child_meta.forecast_name(FLEET)}", "-n", NS)
+    cluster.kubectl("create", "job", "vault-compact-now", "--from", f"cronjob/{child_meta.compaction_name(FLEET)}", "-n", NS)
+    selector = f"{child_meta.DATA_CLAIM_LABEL}={child_meta.data_claim_name(FLEET)}"
 
     def scheduled() -> list[dict[str, Any]] | None:
         pods = kjson(cluster, "get", "pods", "-n", NS, "-l", selector)["items"]
@@ -106,7 +106,7 @@ def test_readwriteonce_claim_users_share_one_node_and_the_claim_outlives_the_fle
 
     live = claim(cluster)
     assert live and "ownerReferences" not in live["metadata"]
-    assert live["metadata"]["labels"][builders.CLAIM_RETENTION_LABEL] == "Retain"
+    assert live["metadata"]["labels"][child_meta.CLAIM_RETENTION_LABEL] == "Retain"
     uid = live["metadata"]["uid"]
 
     # Deleting the fleet: the claim stays, and an Event says so.
@@ -116,7 +116,7 @@ def test_readwriteonce_claim_users_share_one_node_and_the_claim_outlives_the_fle
     assert kept and kept["metadata"]["uid"] == uid and not kept["metadata"].get("deletionTimestamp")
     events = wait_for("a DataClaimRetained event", lambda: kjson(
         cluster, "get", "events", "-n", NS, "--field-selector", f"involvedObject.name={FLEET},reason=DataClaimRetained")["items"], timeout=60)
-    assert builders.data_claim_name(FLEET) in events[0]["message"]
+    assert child_meta.data_claim_name(FLEET) in events[0]["message"]
 
 
 def test_claim_with_when_deleted_delete_goes_with_the_fleet(cluster: devcluster.Cluster) -> None:

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from sensorfleet.operator import builders
-from sensorfleet.operator.builders import BrokerCredentials, BuildOptions, Owner
+from sensorfleet.operator import broker_builders, builders, child_meta, sizing
+from sensorfleet.operator.broker_builders import BrokerCredentials
+from sensorfleet.operator.child_meta import BuildOptions, Owner
 from sensorfleet.spec import SensorFleet
 
 OWNER = Owner("plant", "factory", "0000-uid")
@@ -34,7 +35,7 @@ def children(f: SensorFleet, options: BuildOptions | None = None) -> dict[tuple[
 
 
 def template_hashes(f: SensorFleet) -> dict[str, str]:
-    return {name: c["spec"]["template"]["metadata"]["annotations"][builders.HASH_ANNOTATION]
+    return {name: c["spec"]["template"]["metadata"]["annotations"][child_meta.HASH_ANNOTATION]
             for (kind, name), c in children(f).items() if kind == "Deployment"}
 
 
@@ -72,10 +73,10 @@ def test_resources_grow_with_the_devices_a_pod_serves() -> None:
         return float(q[:-2]) * (1024 if q.endswith("Gi") else 1)
 
     small = fleet()
-    assert resources(small, "plant-mqtt-simulator-0") == builders.RESOURCES["simulator"]  # the floor
+    assert resources(small, "plant-mqtt-simulator-0") == sizing.RESOURCES["simulator"]  # the floor
     big = fleet(protocols={"mqtt": {"devices": 40_000, "interval": 1.0}})
     for name, role in (("plant-mqtt-simulator-0", "simulator"), ("plant-mqtt-collector-1", "collector")):
-        grown, floor = resources(big, name), builders.RESOURCES[role]
+        grown, floor = resources(big, name), sizing.RESOURCES[role]
         assert millis(grown["requests"]["cpu"]) > millis(floor["requests"]["cpu"]), name
         assert mebibytes(grown["requests"]["memory"]) > mebibytes(floor["requests"]["memory"]), name
         assert millis(grown["limits"]["cpu"]) >= millis(grown["requests"]["cpu"])
@@ -99,14 +100,14 @@ def test_every_empty_dir_is_bounded_and_the_broker_expires_abandoned_sessions() 
             if "emptyDir" in volume:
                 assert volume["emptyDir"].get("sizeLimit"), (name, volume["name"])
     conf = c[("ConfigMap", "plant-broker-config")]["data"]["mosquitto.conf"].splitlines()
-    assert f"persistent_client_expiration {builders.BROKER_SESSION_EXPIRY}" in conf
+    assert f"persistent_client_expiration {broker_builders.BROKER_SESSION_EXPIRY}" in conf
     queued = next(int(line.split()[1]) for line in conf if line.startswith("max_queued_bytes "))
     assert 0 < queued
     # The broker's memory and data volume hold every collector session's full queue.
     broker = c[("Deployment", "plant-broker")]["spec"]["template"]["spec"]
     data = next(v for v in broker["volumes"] if v["name"] == "data")["emptyDir"]["sizeLimit"]
     memory = broker["containers"][0]["resources"]["limits"]["memory"]
-    sessions = builders.collector_count(fleet(), "mqtt")
+    sessions = sizing.collector_count(fleet(), "mqtt")
     assert float(data[:-2]) * (1 << 20) >= sessions * queued
     assert float(memory[:-2]) * (1 << 20) >= sessions * queued
 

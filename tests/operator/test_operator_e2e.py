@@ -18,7 +18,7 @@ import yaml
 
 import devcluster
 from devcluster import deploy
-from sensorfleet.operator import builders
+from sensorfleet.operator import broker_builders, builders, child_meta, pod_builders
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -84,7 +84,7 @@ def env(deployed: dict[str, Any]) -> dict[str, Any]:
     pv = {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "sf-e2e-demo-data"},
           "spec": {"capacity": {"storage": "5Gi"}, "accessModes": ["ReadWriteOnce"], "hostPath": {"path": "/tmp/sf-e2e"},
                    "storageClassName": devcluster.STORAGE_CLASS,
-                   "claimRef": {"namespace": NS, "name": builders.data_claim_name(FLEET)}}}
+                   "claimRef": {"namespace": NS, "name": child_meta.data_claim_name(FLEET)}}}
     cluster.kubectl("apply", "-f", "-", input=json.dumps(pv))
     return deployed
 
@@ -94,11 +94,11 @@ def test_example_fleet_becomes_ready_with_every_child(env: dict[str, Any]) -> No
     cluster.kubectl("apply", "-n", NS, "-f", str(REPO / "examples" / "fleet.yaml"))
     body = wait_ready(cluster)
     live = children_of(cluster)
-    secret = live[("Secret", builders.broker_secret_name(FLEET))]
-    creds = builders.BrokerCredentials(*(base64.b64decode(secret["data"][k]).decode() for k in ("username", "password")))
+    secret = live[("Secret", child_meta.broker_secret_name(FLEET))]
+    creds = broker_builders.BrokerCredentials(*(base64.b64decode(secret["data"][k]).decode() for k in ("username", "password")))
     assert len(creds.password) >= 24
     expected = builders.build_children(builders.fleet_from_body(body), builders.owner_from_body(body),
-                                       builders.BuildOptions(), creds)
+                                       child_meta.BuildOptions(), creds)
     assert set(live) == {(c["kind"], c["metadata"]["name"]) for c in expected}
     for manifest in expected:
         child = live[(manifest["kind"], manifest["metadata"]["name"])]
@@ -143,7 +143,7 @@ def test_a_fleet_of_third_party_sources_runs_a_collector_per_source(env: dict[st
     try:
         body = wait_ready(cluster, "plant")
         live = children_of(cluster, "plant")
-        expected = builders.build_children(builders.fleet_from_body(body), builders.owner_from_body(body), builders.BuildOptions(), None)
+        expected = builders.build_children(builders.fleet_from_body(body), builders.owner_from_body(body), child_meta.BuildOptions(), None)
         assert set(live) == {(c["kind"], c["metadata"]["name"]) for c in expected}
         assert sorted(name for kind, name in live if kind == "Deployment") == ["plant-src-hall-1", "plant-src-lab", "plant-src-plc"]
         args = live[("Deployment", "plant-src-plc")]["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -207,7 +207,7 @@ def test_deleted_or_edited_children_are_restored(env: dict[str, Any]) -> None:
     cluster.kubectl("patch", "deployment", "demo-mqtt-simulator-0", "-n", NS, "--type=json", "-p", json.dumps(
         [{"op": "replace", "path": "/spec/template/spec/containers/0/args/3", "value": "/elsewhere.yaml"}]))
     wait_for("hand edit reverted", lambda: kjson(cluster, "get", "deployment", "demo-mqtt-simulator-0", "-n", NS)[
-        "spec"]["template"]["spec"]["containers"][0]["args"][3] == builders.FLEET_FILE, 30)
+        "spec"]["template"]["spec"]["containers"][0]["args"][3] == pod_builders.FLEET_FILE, 30)
     cluster.kubectl("patch", "configmap", "demo-fleet", "-n", NS, "--type=merge", "-p", '{"data": {"fleet.yaml": "x: 1"}}')
     wait_for("config map edit reverted", lambda: "kind: SensorFleet" in kjson(
         cluster, "get", "configmap", "demo-fleet", "-n", NS)["data"]["fleet.yaml"], 30)
@@ -346,7 +346,7 @@ def test_a_finished_forecast_job_shows_as_the_last_forecast(env: dict[str, Any])
     # The status follows the Jobs the operator watches (no listing per pass): a Job started from the
     # fleet's CronJob completes on kwok and becomes `.status.lastForecast`.
     cluster = env["cluster"]
-    cluster.kubectl("create", "job", "forecast-by-hand", "-n", NS, f"--from=cronjob/{builders.forecast_name(FLEET)}")
+    cluster.kubectl("create", "job", "forecast-by-hand", "-n", NS, f"--from=cronjob/{child_meta.forecast_name(FLEET)}")
     try:
         forecast = wait_for("lastForecast of the finished Job", lambda: fleet_body(cluster).get("status", {}).get(
             "lastForecast", {}).get("job") == "forecast-by-hand" and fleet_body(cluster)["status"]["lastForecast"], 60)

@@ -22,8 +22,9 @@ from typing import Any
 
 import pytest
 
-from sensorfleet.operator import builders
-from sensorfleet.operator.builders import BrokerCredentials, BuildOptions, Owner
+from sensorfleet.operator import broker_builders, builders, child_meta, pod_builders, sizing, storage_builders
+from sensorfleet.operator.broker_builders import BrokerCredentials
+from sensorfleet.operator.child_meta import BuildOptions, Owner
 from sensorfleet.spec import SensorFleet
 
 pytestmark = pytest.mark.slow
@@ -69,20 +70,20 @@ class Pods:
         self.ports = {"broker": free_port()}
         for protocol in ("coap", "opcua"):
             for i in range(self.fleet.spec.protocol(protocol).replicas):
-                self.ports[builders.simulator_name(FLEET, protocol, i)] = free_port()
+                self.ports[child_meta.simulator_name(FLEET, protocol, i)] = free_port()
         self.procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
 
     def localize(self, value: str) -> str:
         """Cluster addresses and mount paths -> this machine."""
-        value = value.replace(builders.FLEET_FILE, str(self.fleet_file))
-        value = value.replace(builders.HOME_DIR, str(self.tmp / "home"))  # the pod's home emptyDir
+        value = value.replace(pod_builders.FLEET_FILE, str(self.fleet_file))
+        value = value.replace(pod_builders.HOME_DIR, str(self.tmp / "home"))  # the pod's home emptyDir
         for name, path in self.mosquitto.items():
             value = value.replace(f"/mosquitto/{name}", str(path))
-        value = value.replace(f"{builders.broker_name(FLEET)}:{builders.MQTT_PORT}", f"127.0.0.1:{self.ports['broker']}")
+        value = value.replace(f"{child_meta.broker_name(FLEET)}:{broker_builders.MQTT_PORT}", f"127.0.0.1:{self.ports['broker']}")
         for name, port in self.ports.items():
             value = re.sub(rf"\b{re.escape(name)}:\d+", f"127.0.0.1:{port}", value)
-        if value == builders.DATA_DIR or value.startswith(builders.DATA_DIR + "/"):
-            value = str(self.data) + value[len(builders.DATA_DIR):]
+        if value == storage_builders.DATA_DIR or value.startswith(storage_builders.DATA_DIR + "/"):
+            value = str(self.data) + value[len(storage_builders.DATA_DIR):]
         return value
 
     def argv(self, container: dict[str, Any], server: str | None = None) -> list[str]:
@@ -166,9 +167,9 @@ def ran_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pods]:
     pods = Pods(tmp_path_factory.mktemp("pods"))
     try:
         # broker: the init container hashes the Secret's credentials, then Mosquitto runs the ConfigMap's config
-        broker = pods.pod("Deployment", builders.broker_name(FLEET))
-        conf = pods.children[("ConfigMap", builders.broker_config_name(FLEET))]["data"]["mosquitto.conf"]
-        conf = pods.localize(conf).replace(f"listener {builders.MQTT_PORT}", f"listener {pods.ports['broker']} 127.0.0.1")
+        broker = pods.pod("Deployment", child_meta.broker_name(FLEET))
+        conf = pods.children[("ConfigMap", child_meta.broker_config_name(FLEET))]["data"]["mosquitto.conf"]
+        conf = pods.localize(conf).replace(f"listener {broker_builders.MQTT_PORT}", f"listener {pods.ports['broker']} 127.0.0.1")
         (pods.mosquitto["config"] / "mosquitto.conf").write_text(conf)
         init = broker["initContainers"][0]
         hashed = pods.run("hash-credentials", init, timeout=30)
@@ -183,15 +184,15 @@ def ran_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pods]:
 
         for protocol in ("mqtt", "coap", "opcua"):
             for i in range(pods.fleet.spec.protocol(protocol).replicas):
-                name = builders.simulator_name(FLEET, protocol, i)
+                name = child_meta.simulator_name(FLEET, protocol, i)
                 pods.start(name, pods.pod("Deployment", name)["containers"][0], server=name if protocol != "mqtt" else None)
         for protocol in ("coap", "opcua"):
             if protocol == "opcua":
-                assert wait_port(pods.ports[builders.simulator_name(FLEET, "opcua", 0)], 30), pods.logs()
+                assert wait_port(pods.ports[child_meta.simulator_name(FLEET, "opcua", 0)], 30), pods.logs()
         time.sleep(1.0)
         for protocol in ("mqtt", "coap", "opcua"):
-            for i in range(builders.collector_count(pods.fleet, protocol)):
-                name = builders.collector_name(FLEET, protocol, i)
+            for i in range(sizing.collector_count(pods.fleet, protocol)):
+                name = child_meta.collector_name(FLEET, protocol, i)
                 pods.start(name, pods.pod("Deployment", name)["containers"][0])
 
         def stored() -> set[str]:
@@ -231,7 +232,7 @@ def test_forecast_cronjob_command_writes_a_report_next_to_the_data(ran_fleet: Po
     start = (datetime.now(timezone.utc) - timedelta(days=2)).replace(second=0, microsecond=0)
     seeded = subprocess.run([sys.executable, "-m", "sensorfleet.cli", "generate", str(ran_fleet.fleet_file), "--days", "1.99", "--interval", "60", "--start", start.isoformat(), "--data", str(ran_fleet.data), "--quiet"], capture_output=True, text=True, timeout=300)
     assert seeded.returncode == 0, seeded.stderr[-2000:]
-    forecast = ran_fleet.pod("CronJob", builders.forecast_name(FLEET))["containers"][0]
+    forecast = ran_fleet.pod("CronJob", child_meta.forecast_name(FLEET))["containers"][0]
     result = ran_fleet.run("forecast", forecast, timeout=300)
     assert result.returncode == 0, f"forecast command failed ({forecast['args']}):\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     reports = ran_fleet.data / "_reports"

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from sensorfleet.operator import builders
+from sensorfleet.operator import child_meta
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -41,7 +41,7 @@ def test_a_foreign_object_is_never_adopted_and_the_fleet_recovers_once_it_is_gon
     cluster = deployed["cluster"]
     cluster.kubectl("create", "namespace", NS, check=False)
     try:
-        theirs = builders.fleet_configmap_name(FLEET)
+        theirs = child_meta.fleet_configmap_name(FLEET)
         cluster.kubectl("create", "configmap", theirs, "-n", NS, "--from-literal=owner=someone-else")
         fleet = {"apiVersion": "sensorfleet.io/v1alpha1", "kind": "SensorFleet",
                  "metadata": {"name": FLEET, "namespace": NS},
@@ -83,7 +83,7 @@ def test_a_fleet_deleted_and_recreated_under_its_name_owns_its_broker_secret_aga
     nothing cleared it) and refused the Secret the new fleet was about to create."""
     cluster = deployed["cluster"]
     namespace, name = "sf-recreate", "again"
-    secret_name = builders.broker_secret_name(name)
+    secret_name = child_meta.broker_secret_name(name)
     cluster.kubectl("create", "namespace", namespace, check=False)
     fleet = {"apiVersion": "sensorfleet.io/v1alpha1", "kind": "SensorFleet", "metadata": {"name": name, "namespace": namespace},
              "spec": {"protocols": {"mqtt": {"devices": 2}, "coap": {"enabled": False}, "opcua": {"enabled": False}},
@@ -110,7 +110,7 @@ def test_a_fleet_deleted_and_recreated_under_its_name_owns_its_broker_secret_aga
         # Recreated once deletion is complete: every child of the first fleet garbage-collected.
         def children_left() -> list[str]:
             listed = kjson(cluster, "get", "deployments,services,configmaps,secrets,cronjobs", "-n", namespace,
-                           "-l", f"{builders.FLEET_LABEL}={name}") or {"items": []}
+                           "-l", f"{child_meta.FLEET_LABEL}={name}") or {"items": []}
             return [f"{i['kind']}/{i['metadata']['name']}" for i in listed["items"]]
         wait_for("the first fleet's children garbage-collected", lambda: not children_left(), 90)
         assert kjson(cluster, "get", "secret", secret_name, "-n", namespace) is None

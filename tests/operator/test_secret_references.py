@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from sensorfleet.operator import builders
-from sensorfleet.operator.builders import BuildOptions, Owner
+from sensorfleet.operator import broker_builders, builders, pod_builders
+from sensorfleet.operator.child_meta import BuildOptions, Owner
 from sensorfleet.spec import FleetSpecError, SensorFleet, parse_fleet
 
 OWNER = Owner("f", "default", "uid-1")
@@ -49,7 +49,7 @@ def test_external_broker_credentials_are_secret_refs_of_simulators_and_collector
 
 def test_opcua_credentials_reach_both_ends_and_no_other_pod() -> None:
     f = fleet(protocols={"coap": {"enabled": True}, "opcua": {"enabled": True, "authentication": "username", "credentials": CREDS}})
-    containers = app_containers(builders.build_children(f, OWNER, BuildOptions(), builders.BrokerCredentials("u", "p")))
+    containers = app_containers(builders.build_children(f, OWNER, BuildOptions(), broker_builders.BrokerCredentials("u", "p")))
     for name in ("f-opcua-simulator-0", "f-opcua-collector-0"):
         assert secret_env(containers[name]) == {
             "SENSORFLEET_OPCUA_USERNAME": {"name": "plant", "key": "user"},
@@ -61,7 +61,7 @@ def test_opcua_credentials_reach_both_ends_and_no_other_pod() -> None:
 
 def test_timegpt_key_is_a_secret_ref_of_the_forecast_job_only() -> None:
     f = fleet(forecasting={"model": "timegpt", "apiKey": {"name": "nixtla", "key": "api-key"}})
-    containers = app_containers(builders.build_children(f, OWNER, BuildOptions(), builders.BrokerCredentials("u", "p")))
+    containers = app_containers(builders.build_children(f, OWNER, BuildOptions(), broker_builders.BrokerCredentials("u", "p")))
     assert secret_env(containers["f-forecast"])["NIXTLA_API_KEY"] == {"name": "nixtla", "key": "api-key"}
     assert all("NIXTLA_API_KEY" not in secret_env(c) for n, c in containers.items() if n != "f-forecast")
 
@@ -78,7 +78,7 @@ def test_secret_names_never_carry_values_into_args_or_the_configmap() -> None:
 
 def test_every_writable_place_is_on_an_empty_dir() -> None:
     f = fleet(protocols={"coap": {"enabled": True}, "opcua": {"enabled": True, "security": "Basic256Sha256"}})
-    for name, container in app_containers(builders.build_children(f, OWNER, BuildOptions(), builders.BrokerCredentials("u", "p"))).items():
+    for name, container in app_containers(builders.build_children(f, OWNER, BuildOptions(), broker_builders.BrokerCredentials("u", "p"))).items():
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         volumes = {v["name"]: v for v in container["_pod"]["volumes"]}
         writable = [m["mountPath"] for m in container["volumeMounts"]
@@ -93,13 +93,13 @@ def test_env_names_are_the_ones_the_processes_read(monkeypatch: pytest.MonkeyPat
     from sensorfleet.forecasting import errors, models
     from sensorfleet.simulators import opcua
 
-    assert (builders.ENV_MQTT_USERNAME, builders.ENV_MQTT_PASSWORD) == (runtime.ENV_MQTT_USERNAME, runtime.ENV_MQTT_PASSWORD)
-    assert (builders.ENV_OPCUA_USERNAME, builders.ENV_OPCUA_PASSWORD) == (opcua.ENV_USERNAME, opcua.ENV_PASSWORD)
-    assert opcua.ENV_PKI in builders.WRITABLE_ENV
-    monkeypatch.delenv(builders.ENV_NIXTLA_API_KEY, raising=False)
+    assert (pod_builders.ENV_MQTT_USERNAME, pod_builders.ENV_MQTT_PASSWORD) == (runtime.ENV_MQTT_USERNAME, runtime.ENV_MQTT_PASSWORD)
+    assert (pod_builders.ENV_OPCUA_USERNAME, pod_builders.ENV_OPCUA_PASSWORD) == (opcua.ENV_USERNAME, opcua.ENV_PASSWORD)
+    assert opcua.ENV_PKI in pod_builders.WRITABLE_ENV
+    monkeypatch.delenv(pod_builders.ENV_NIXTLA_API_KEY, raising=False)
     with pytest.raises(errors.ForecastInputError):
         models.TimeGPTModel()
-    monkeypatch.setenv(builders.ENV_NIXTLA_API_KEY, "from-the-secret")
+    monkeypatch.setenv(pod_builders.ENV_NIXTLA_API_KEY, "from-the-secret")
     assert models.TimeGPTModel().client is not None
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from sensorfleet.operator import builders
-from sensorfleet.operator.builders import BrokerCredentials, BuildOptions, Owner
+from sensorfleet.operator import builders, child_meta, job_builders, pod_builders, storage_builders
+from sensorfleet.operator.broker_builders import BrokerCredentials
+from sensorfleet.operator.child_meta import BuildOptions, Owner
 from sensorfleet.spec import SensorFleet
 
 pytestmark = pytest.mark.slow
@@ -32,9 +33,9 @@ def pod_argv_env(container: dict, index: int, job: str, tmp: Path, fleet_file: P
     with the mounts (/data, the fleet file, HOME, the termination-message file) under `tmp`."""
 
     def localize(value: str) -> str:
-        value = value.replace(builders.FLEET_FILE, str(fleet_file)).replace(builders.HOME_DIR, str(tmp / "home"))
-        value = value.replace(builders.TERMINATION_MESSAGE_PATH, str(tmp / f"termination-{index}"))
-        return str(tmp / "data") + value[len(builders.DATA_DIR):] if value == builders.DATA_DIR or value.startswith(builders.DATA_DIR + "/") else value
+        value = value.replace(pod_builders.FLEET_FILE, str(fleet_file)).replace(pod_builders.HOME_DIR, str(tmp / "home"))
+        value = value.replace(job_builders.TERMINATION_MESSAGE_PATH, str(tmp / f"termination-{index}"))
+        return str(tmp / "data") + value[len(storage_builders.DATA_DIR):] if value == storage_builders.DATA_DIR or value.startswith(storage_builders.DATA_DIR + "/") else value
 
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "TMPDIR")}
     env["HOME"] = str(tmp / "home")
@@ -61,7 +62,7 @@ def test_two_shard_pods_write_one_merged_report(tmp_path: Path) -> None:
     seeded = subprocess.run([str(BIN / "sensorfleet"), "generate", str(fleet_file), "--days", "1.99", "--start", start.isoformat(),
                              "--data", str(tmp_path / "data"), "--quiet"], capture_output=True, text=True, timeout=300)
     assert seeded.returncode == 0, seeded.stderr[-2000:]
-    container = children[("CronJob", builders.forecast_name(FLEET))]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    container = children[("CronJob", child_meta.forecast_name(FLEET))]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     reports = tmp_path / "data" / "_reports"
     for index in (1, 0):  # pod 1 finishes first, pod 0 last
         argv, env = pod_argv_env(container, index, f"{FLEET}-forecast-29000000", tmp_path, fleet_file)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import devcluster
-from sensorfleet.operator import builders
+from sensorfleet.operator import child_meta
 from tests.operator.conftest import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -33,12 +33,12 @@ def test_parallelism_makes_the_forecast_an_indexed_job_of_shards(deployed: dict[
     cluster.kubectl("apply", "-f", "-", input=json.dumps({
         "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "sf-shards-claim"},
         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "hostPath": {"path": "/tmp/sf-shards-claim"},
-                 "persistentVolumeReclaimPolicy": "Retain", "claimRef": {"namespace": NS, "name": builders.data_claim_name(FLEET)}}}))
+                 "persistentVolumeReclaimPolicy": "Retain", "claimRef": {"namespace": NS, "name": child_meta.data_claim_name(FLEET)}}}))
     fleet = {"apiVersion": "sensorfleet.io/v1alpha1", "kind": "SensorFleet", "metadata": {"name": FLEET, "namespace": NS},
              "spec": {"storage": {"size": "1Gi", "claimRetention": {"whenDeleted": "Delete"}}, "protocols": {"coap": {"enabled": False}, "opcua": {"enabled": False}},
                       "forecasting": {"parallelism": SHARDS}}}
     cluster.kubectl("apply", "-f", "-", input=json.dumps(fleet))
-    name = builders.forecast_name(FLEET)
+    name = child_meta.forecast_name(FLEET)
     try:
         cron = wait_for("the forecast CronJob", lambda: next((c for c in kjson(cluster, "get", "cronjobs", "-n", NS)["items"] if c["metadata"]["name"] == name), None), 90)
         template = cron["spec"]["jobTemplate"]["spec"]

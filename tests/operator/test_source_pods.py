@@ -3,8 +3,9 @@ collector Deployment running `sensorfleet collect <protocol> --source <name>`; n
 
 from __future__ import annotations
 
-from sensorfleet.operator import builders
-from sensorfleet.operator.builders import BrokerCredentials, BuildOptions, Owner
+from sensorfleet.operator import builders, child_meta
+from sensorfleet.operator.broker_builders import BrokerCredentials
+from sensorfleet.operator.child_meta import BuildOptions, Owner
 from sensorfleet.spec import SensorFleet
 
 OWNER = Owner("plant", "factory", "0000-uid")
@@ -45,7 +46,7 @@ def test_source_credentials_come_from_secret_keys_never_literals():
 
 def test_editing_one_source_restarts_only_its_collector():
     def hashes(f: SensorFleet) -> dict[str, str]:
-        return {n: d["spec"]["template"]["metadata"]["annotations"][builders.HASH_ANNOTATION] for n, d in deployments(f).items()}
+        return {n: d["spec"]["template"]["metadata"]["annotations"][child_meta.HASH_ANNOTATION] for n, d in deployments(f).items()}
 
     before = hashes(fleet({"mqtt": {"devices": 5}}))
     edited = {**SOURCES, "opcua": [{**SOURCES["opcua"][0], "publishingInterval": 2.0}]}

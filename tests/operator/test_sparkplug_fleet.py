@@ -7,7 +7,8 @@ from __future__ import annotations
 import yaml
 
 from sensorfleet.operator import builders
-from sensorfleet.operator.builders import BrokerCredentials, BuildOptions, Owner
+from sensorfleet.operator.broker_builders import BrokerCredentials
+from sensorfleet.operator.child_meta import BuildOptions, Owner
 from sensorfleet.spec import SensorFleet
 
 OWNER = Owner("plant", "factory", "0000-uid")

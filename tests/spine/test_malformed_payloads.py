@@ -220,13 +220,13 @@ def test_a_collector_whose_writer_thread_dies_exits_non_zero_and_fails_liveness(
 
 
 def test_collector_and_simulator_pods_are_restarted_when_healthz_fails():
-    from sensorfleet.operator import builders
-    from sensorfleet.operator.builders import BuildOptions, Owner
+    from sensorfleet.operator import workload_builders
+    from sensorfleet.operator.child_meta import BuildOptions, Owner
     from sensorfleet.spec import SensorFleet
 
     fleet = SensorFleet.model_validate({"metadata": {"name": "plant", "namespace": "factory"}, "spec": {}})
     owner = Owner("plant", "factory", "0000-uid")
-    for deployment in (builders.build_collector_deployment(fleet, owner, BuildOptions(), "mqtt", 0), builders.build_simulator_deployment(fleet, owner, BuildOptions(), "mqtt", 0)):
+    for deployment in (workload_builders.build_collector_deployment(fleet, owner, BuildOptions(), "mqtt", 0), workload_builders.build_simulator_deployment(fleet, owner, BuildOptions(), "mqtt", 0)):
         container = deployment["spec"]["template"]["spec"]["containers"][0]
         assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}, deployment["metadata"]["name"]
 

@@ -8,17 +8,17 @@ import json
 
 import pytest
 
-from sensorfleet.operator import builders
+from sensorfleet.operator import broker_builders, builders, child_meta, storage_builders
 from sensorfleet.spec import FleetSpecError, parse_fleet
 
-OWNER = builders.Owner("plant", "factory", "uid-1")
-CREDS = builders.BrokerCredentials("sensorfleet", "pw")
+OWNER = child_meta.Owner("plant", "factory", "uid-1")
+CREDS = broker_builders.BrokerCredentials("sensorfleet", "pw")
 
 
 def children(storage: dict) -> dict[tuple[str, str], dict]:
     fleet = builders.fleet_from_body({"metadata": {"name": "plant", "namespace": "factory"},
                                       "spec": {"storage": storage, "protocols": {"coap": {"enabled": True}}}})
-    return {(c["kind"], c["metadata"]["name"]): c for c in builders.build_children(fleet, OWNER, builders.BuildOptions(), CREDS)}
+    return {(c["kind"], c["metadata"]["name"]): c for c in builders.build_children(fleet, OWNER, child_meta.BuildOptions(), CREDS)}
 
 
 def pod_templates(kids: dict) -> dict[str, dict]:
@@ -40,9 +40,9 @@ def test_readwriteonce_users_are_pinned_to_one_node_and_readwritemany_users_are_
     users = {n: t for n, t in rwo.items() if mounts_claim(t)}
     assert set(users) == {"plant-mqtt-collector-0", "plant-coap-collector-0", "plant-forecast", "plant-compact"}
     for name, template in users.items():
-        assert template["metadata"]["labels"][builders.DATA_CLAIM_LABEL] == "plant-data", name
+        assert template["metadata"]["labels"][child_meta.DATA_CLAIM_LABEL] == "plant-data", name
         term = template["spec"]["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
-        assert term == {"labelSelector": {"matchLabels": {builders.DATA_CLAIM_LABEL: "plant-data"}}, "topologyKey": "kubernetes.io/hostname"}
+        assert term == {"labelSelector": {"matchLabels": {child_meta.DATA_CLAIM_LABEL: "plant-data"}}, "topologyKey": "kubernetes.io/hostname"}
     assert not any("affinity" in t["spec"] for n, t in rwo.items() if n not in users)
     rwx = children({"accessModes": ["ReadWriteMany"]})
     assert rwx[("PersistentVolumeClaim", "plant-data")]["spec"]["accessModes"] == ["ReadWriteMany"]
@@ -52,9 +52,9 @@ def test_readwriteonce_users_are_pinned_to_one_node_and_readwritemany_users_are_
 def test_the_claim_is_kept_by_default_and_owned_only_on_request() -> None:
     kept = children({})[("PersistentVolumeClaim", "plant-data")]
     assert "ownerReferences" not in kept["metadata"]
-    assert kept["metadata"]["labels"][builders.CLAIM_RETENTION_LABEL] == "Retain"
+    assert kept["metadata"]["labels"][child_meta.CLAIM_RETENTION_LABEL] == "Retain"
     owned = children({"claimRetention": {"whenDeleted": "Delete"}})[("PersistentVolumeClaim", "plant-data")]
-    assert owned["metadata"]["ownerReferences"] == [builders.owner_reference(OWNER)]
+    assert owned["metadata"]["ownerReferences"] == [child_meta.owner_reference(OWNER)]
 
 
 def test_s3_storage_reaches_every_reader_and_writer_as_env_with_keys_from_the_secret() -> None:
@@ -82,7 +82,7 @@ def test_compaction_cronjob_runs_compact_with_the_retention() -> None:
     job = children({"retentionDays": 30, "compactionSchedule": "5 * * * *"})[("CronJob", "plant-compact")]
     assert job["spec"]["schedule"] == "5 * * * *" and job["spec"]["concurrencyPolicy"] == "Forbid"
     container = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
-    assert container["args"] == ["compact", "--data", builders.DATA_DIR, "--retention-days", "30"]
+    assert container["args"] == ["compact", "--data", storage_builders.DATA_DIR, "--retention-days", "30"]
 
 
 @pytest.mark.parametrize("storage, field", [
