@@ -2,6 +2,9 @@
 
     load fleet -> credentials -> check ownership -> apply children -> prune -> status (+ Events)
 
+(the credentials, apply and prune steps are apply_children.py's; what is remembered of a fleet
+between passes is fleet_state.py's).
+
 A pass that failed is retried with exponential backoff (1 s, 2 s, 4 s ... at most the resync
 period), without waiting for an event. An object of a child's name that this fleet did not create
 is never adopted: the pass fails with a Warning Event naming it, and retries until it is gone.
@@ -22,19 +25,17 @@ thread-safe).
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dt
 import logging
-import secrets
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
-from sensorfleet.operator import broker_builders, builders, child_meta, storage_builders
-from sensorfleet.operator.broker_builders import BrokerCredentials
+from sensorfleet.operator import builders, child_meta, storage_builders
+from sensorfleet.operator.apply_children import ChildApplier
 from sensorfleet.operator.child_meta import BuildOptions
+from sensorfleet.operator.fleet_state import STATUS_KINDS, FleetState, Key, controller_uid, resource_version
 from sensorfleet.operator.kube import ApiError, KubeClient, NotLeading
 from sensorfleet.operator.metrics import OperatorMetrics
 from sensorfleet.operator.status import Failure, compute_status, newest_finished_job, ready_condition
@@ -43,31 +44,12 @@ from sensorfleet.spec import API_GROUP, API_VERSION, KIND, SensorFleet
 log = logging.getLogger("sensorfleet.operator")
 
 STATUS, FULL = 1, 2
-Key = tuple[str, str]  # (namespace, fleet name)
-
-# Kinds the operator may have created for a fleet and lists when pruning.
-# Never the data claim: switching to storage.url (or any edit) must not delete a dataset; a claim
-# the fleet owns (claimRetention.whenDeleted: Delete) goes only with the fleet, by garbage collection.
-PRUNED_KINDS = ("Deployment", "Service", "ConfigMap", "CronJob", "NetworkPolicy")
-# Kinds whose state the status is computed from (kept from the watch, see Reconciler.observed).
-STATUS_KINDS = ("Deployment", "Job")
 # The Job controller's label on a Job's pods (Kubernetes >= 1.27).
 JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
 
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@dataclass
-class FleetState:
-    body: dict[str, Any]
-    reconciled_generation: int | None = None
-    applied: dict[tuple[str, str], tuple[str, int | None]] = field(default_factory=dict)  # (kind, name) -> (rv, generation)
-    desired: set[tuple[str, str]] = field(default_factory=set)  # (kind, name) of the last apply
-    refused: set[tuple[str, str]] = field(default_factory=set)  # (kind, name) left alone: not ours
-    failures: list[Failure] = field(default_factory=list)  # of the last FULL pass, until the next one
-    forecast_pods: tuple[str, list[dict[str, Any]]] | None = None  # (job uid, its pods) of the newest finished forecast
 
 
 class Reconciler:
@@ -85,7 +67,6 @@ class Reconciler:
         self._active: set[Key] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()  # Events posted from sync callbacks
-        self._apply_limit = asyncio.Semaphore(apply_concurrency * workers)
         self.last_status: dict[Key, dict[str, Any]] = {}
         # What the watch (and our applies) last showed of each fleet's Deployments and Jobs:
         # key -> (kind, name) -> body. Status is computed from it without a request.
@@ -95,6 +76,7 @@ class Reconciler:
         self.backoff_seconds = backoff_seconds
         self._retries: dict[Key, int] = {}
         self._retry_timers: dict[Key, asyncio.TimerHandle] = {}
+        self.applier = ChildApplier(client, options, metrics, self.owners, apply_concurrency * workers, self._observe)
 
     # --- queue -----------------------------------------------------------------------------
 
@@ -221,7 +203,7 @@ class Reconciler:
         if event == "DELETED":
             self.owners.pop(ident, None)
         else:
-            self.owners[ident] = _controller_uid(meta)
+            self.owners[ident] = controller_uid(meta)
         if kind in STATUS_KINDS and fleet:
             self._observe(key, body, gone=event == "DELETED")
         state = self.fleets.get(key)
@@ -264,7 +246,7 @@ class Reconciler:
         children = self.observed.setdefault(key, {})
         known = children.get(child)
         if known is not None and known.get("metadata", {}).get("uid") == meta.get("uid") and \
-                _rv(known) > _rv(body):
+                resource_version(known) > resource_version(body):
             return
         children[child] = body
 
@@ -285,9 +267,9 @@ class Reconciler:
             failures.append(Failure("InvalidSpec", "; ".join(
                 f"spec.{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in error.errors())[:800]))
         if fleet is not None and work == FULL:
-            failures += await self._apply_all(fleet, state)
+            failures += await self.applier.apply_all(fleet, state)
             if not failures and state.reconciled_generation != body["metadata"].get("generation"):
-                failures += await self._prune(fleet, state)
+                failures += await self.applier.prune(fleet, state)
             state.failures = list(failures)
         # A STATUS pass shows what the last FULL pass failed at (it must not clear Degraded), but
         # counts only its own failures.
@@ -309,154 +291,6 @@ class Reconciler:
             self.metrics.errors.labels(failure.reason).inc()
         self.metrics.reconciles.labels(kind, result).inc()
         self.metrics.duration.labels(kind).observe(time.perf_counter() - started)
-
-    async def _credentials(self, fleet: SensorFleet, state: FleetState) -> BrokerCredentials | Failure | None:
-        """Existing broker credentials are kept for ever; new ones are generated once. A Secret of
-        that name that the fleet did not create is neither read nor adopted."""
-        if not broker_builders.uses_broker(fleet):
-            return None
-        name = child_meta.broker_secret_name(fleet.name)
-        ident = (fleet.metadata.namespace, "Secret", name)
-        secret = await self.client.get("Secret", fleet.metadata.namespace, name)
-        if secret is None:
-            # Secrets are not watched, so no DELETED event clears what an earlier GET cached: a
-            # fleet deleted and recreated under the same name would find its predecessor's uid here
-            # and refuse the Secret it is about to create as NotOwned, for ever (issue 12).
-            self.owners.pop(ident, None)
-        else:
-            owner = _controller_uid(secret["metadata"])
-            self.owners[ident] = owner
-            if owner != state.body["metadata"]["uid"]:
-                return self._refuse(state, "Secret", name, owner)
-        data = (secret or {}).get("data") or {}
-        if data.get("username") and data.get("password"):
-            return BrokerCredentials(base64.b64decode(data["username"]).decode(), base64.b64decode(data["password"]).decode())
-        return BrokerCredentials(broker_builders.BROKER_USERNAME, secrets.token_urlsafe(24))
-
-    async def _apply_all(self, fleet: SensorFleet, state: FleetState) -> list[Failure]:
-        """Apply every child concurrently, in one round: the children that do not depend on the
-        broker credentials (found by building with two different ones) go out while the
-        credentials are read; the Secret and the broker Deployment follow. Nothing needs an
-        order: a pod whose ConfigMap or Secret is not there yet waits for it."""
-        owner = builders.owner_from_body(state.body)
-        key = (fleet.metadata.namespace, fleet.name)
-
-        async def apply(manifest: dict[str, Any]) -> Failure | None:
-            name, kind = manifest["metadata"]["name"], manifest["kind"]
-            async with self._apply_limit:
-                try:
-                    if (refusal := await self._check_owned(state, kind, name)) is not None:
-                        return refusal
-                    live = await self.client.apply(manifest)
-                except ApiError as error:
-                    return Failure("ApplyFailed", f"{kind} {name}: {error.reason or error.status}: "
-                                   f"{(error.body or {}).get('message', '') if isinstance(error.body, dict) else error.body}")
-                except (OSError, asyncio.TimeoutError) as error:
-                    return Failure("ApplyFailed", f"{kind} {name}: {error}")
-            meta = live.get("metadata", {})
-            before = state.applied.get((kind, name))
-            state.applied[(kind, name)] = (meta.get("resourceVersion", ""), meta.get("generation"))
-            if kind in STATUS_KINDS:
-                self._observe(key, live)  # newer than the cache until the watch catches up
-            self.metrics.applies.labels(kind, str(before is None or before[0] != meta.get("resourceVersion")).lower()).inc()
-            return None
-
-        if broker_builders.uses_broker(fleet):
-            probe = builders.build_children(fleet, owner, self.options, BrokerCredentials("a", "a"))
-            other = builders.build_children(fleet, owner, self.options, BrokerCredentials("b", "b"))
-            independent = [c for c, o in zip(probe, other) if c == o]
-        else:
-            independent = builders.build_children(fleet, owner, self.options, None)
-        reading = asyncio.ensure_future(self._credentials(fleet, state))
-        first = asyncio.ensure_future(asyncio.gather(*(apply(c) for c in independent)))
-        try:
-            credentials = await reading
-        except (ApiError, OSError, asyncio.TimeoutError) as error:
-            await first
-            return [Failure("CredentialsFailed", str(error))]
-        except BaseException:
-            first.cancel()
-            await asyncio.gather(first, return_exceptions=True)
-            raise
-        failures = [f for f in await first if f]
-        if isinstance(credentials, Failure):
-            return [*failures, credentials]
-        children = builders.build_children(fleet, owner, self.options, credentials)
-        keys = {(c["kind"], c["metadata"]["name"]) for c in independent}
-        dependent = [c for c in children if (c["kind"], c["metadata"]["name"]) not in keys]
-        failures += [f for f in await asyncio.gather(*(apply(c) for c in dependent)) if f]
-        state.desired = {(c["kind"], c["metadata"]["name"]) for c in children}
-        return failures
-
-    async def _check_owned(self, state: FleetState, kind: str, name: str) -> Failure | None:
-        """None when (kind, name) is absent or controlled by this fleet; else a refusal. Children
-        this process applied, or the watch showed, are known without a request."""
-        namespace, uid = state.body["metadata"]["namespace"], state.body["metadata"]["uid"]
-        if (kind, name) in state.applied:
-            return None
-        fleet_name = state.body["metadata"]["name"]
-        if kind == "PersistentVolumeClaim" and name == child_meta.data_claim_name(fleet_name):
-            # A retained claim has no owner: this fleet's, or an earlier fleet's of the same name
-            # (its dataset), when it carries the fleet's label.
-            live = await self.client.get(kind, namespace, name)
-            if live is None:
-                return None
-            owner = _controller_uid(live["metadata"])
-            if owner in (None, uid) and (live["metadata"].get("labels") or {}).get(child_meta.FLEET_LABEL) == fleet_name:
-                return None
-            return self._refuse(state, kind, name, owner)
-        ident = (namespace, kind, name)
-        if ident in self.owners:
-            owner = self.owners[ident]
-        else:
-            live = await self.client.get(kind, namespace, name)
-            if live is None:
-                return None
-            owner = _controller_uid(live["metadata"])
-        if owner == uid:
-            state.refused.discard((kind, name))
-            return None
-        return self._refuse(state, kind, name, owner)
-
-    def _refuse(self, state: FleetState, kind: str, name: str, owner: str | None) -> Failure:
-        meta = state.body["metadata"]
-        message = (f"{kind} {meta['namespace']}/{name} already exists and was not created by {KIND} "
-                   f"{meta['name']} ({'owned by ' + owner if owner else 'no controller'}): left alone; "
-                   f"delete or rename it and the fleet creates its own")
-        if (kind, name) not in state.refused:  # the Warning Event comes with the Degraded condition
-            state.refused.add((kind, name))
-            log.warning("%s", message)
-        return Failure("NotOwned", message)
-
-    async def _prune(self, fleet: SensorFleet, state: FleetState) -> list[Failure]:
-        """Delete children the spec no longer asks for (fewer replicas, a protocol switched off)."""
-        desired = state.desired
-        namespace, uid = fleet.metadata.namespace, state.body["metadata"]["uid"]
-        failures: list[Failure] = []
-        stale: list[tuple[str, str, str]] = []
-        try:
-            listed = await asyncio.gather(*(self.client.list(k, namespace, child_meta.child_selector(fleet.name)) for k in PRUNED_KINDS))
-        except ApiError as error:
-            return [Failure("PruneFailed", str(error))]
-        for kind, items in zip(PRUNED_KINDS, listed):
-            for item in items:
-                meta = item["metadata"]
-                owned = any(ref.get("uid") == uid for ref in meta.get("ownerReferences", []))
-                if owned and (kind, meta["name"]) not in desired:
-                    stale.append((kind, meta["name"], meta["uid"]))
-        # Secrets and PodMonitors are not listed (no list/watch permission on Secrets): by name.
-        for kind, name in (("Secret", child_meta.broker_secret_name(fleet.name)), ("PodMonitor", fleet.name)):
-            if (kind, name) not in desired and state.applied.pop((kind, name), None) is not None:
-                stale.append((kind, name, ""))
-        for kind, name, child_uid in stale:
-            try:
-                if await self.client.delete(kind, namespace, name, uid=child_uid or None):
-                    self.metrics.deletes.labels(kind).inc()
-                    log.info("pruned %s %s/%s", kind, namespace, name)
-                state.applied.pop((kind, name), None)
-            except ApiError as error:
-                failures.append(Failure("PruneFailed", f"{kind} {name}: {error}"))
-        return failures
 
     async def _update_status(self, key: Key, state: FleetState, fleet: SensorFleet | None, failures: list[Failure]) -> None:
         body = state.body
@@ -562,14 +396,3 @@ class Reconciler:
     def ready_fleets(self) -> int:
         return sum(1 for s in self.last_status.values() if ready_condition(s) == "True")
 
-
-def _controller_uid(meta: dict[str, Any]) -> str | None:
-    return next((ref.get("uid") for ref in meta.get("ownerReferences") or [] if ref.get("controller")), None)
-
-
-def _rv(body: dict[str, Any]) -> int:
-    """resourceVersion as a number (etcd's revision); -1 when absent or not numeric."""
-    try:
-        return int(body.get("metadata", {}).get("resourceVersion", ""))
-    except ValueError:
-        return -1
