@@ -155,7 +155,8 @@ def run(
     summary: Annotated[Optional[Path], typer.Option(help="Write the final per-protocol summary (published, stored, lost, late, duplicate, malformed by reason, offline) to this JSON file.")] = None,
 ) -> None:
     """Run a whole fleet on this machine: broker, simulators and collectors as local processes."""
-    from sensorfleet.runner import FleetRunError, run_fleet
+    from sensorfleet.run_plan import FleetRunError
+    from sensorfleet.runner import run_fleet
 
     parsed = _load(fleet)
     try:
