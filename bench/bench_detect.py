@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from sensorfleet.detection import detectors, run as detect_run
-    from sensorfleet.forecasting.prepare import read_readings
+    from sensorfleet.forecasting.load import read_readings
 
     load_start = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="bench-detect-") as tmp:

@@ -94,7 +94,8 @@ def reference_ets(data: Path, sample: int, seed: int) -> dict:
     """statsmodels ExponentialSmoothing on `sample` series: seconds per series and MASE vs SeasonalNaive."""
     from statsmodels.tsa.holtwinters import ExponentialSmoothing
 
-    from sensorfleet.forecasting.prepare import prepare, read_readings
+    from sensorfleet.forecasting.load import read_readings
+    from sensorfleet.forecasting.prepare import prepare
 
     panel = prepare(read_readings(str(data), DAYS), "1min", HORIZON, 3).panel
     origin = panel.n_steps - HORIZON

@@ -43,7 +43,8 @@ def main() -> None:
     from statsforecast.models import MSTL, AutoARIMA, AutoETS, AutoTheta, SeasonalNaive
 
     from sensorfleet.forecasting.models import HarmonicRegression, filled_for_fitting, long_frame
-    from sensorfleet.forecasting.prepare import finish_prepare, read_readings, resample
+    from sensorfleet.forecasting.load import read_readings
+    from sensorfleet.forecasting.prepare import finish_prepare, resample
 
     load_start = [round(x, 2) for x in os.getloadavg()]
     devices = int(np.ceil(args.series / 3))

@@ -8,7 +8,7 @@
    Measured on `--hours` generated hours of small files (the count scales linearly to a day).
 3. Forecast read time of a 7-day window before and after compaction: `--readings` readings spread
    over 7 days as the collectors write them (one file per flush), read with the forecast's own
-   reader (`forecasting.prepare.read_readings`), then compacted and read again.
+   reader (`forecasting.load.read_readings`), then compacted and read again.
 
 The issue asks for >= 100 M readings in step 3; on a shared 2-core machine the default is
 `--readings 5_000_000`; the figures say what was measured. Run:
@@ -114,7 +114,7 @@ def main() -> None:
         small_files = sum(1 for f in dataset_files(root) if "part-" in f)
         out["write_week_seconds"] = round(time.perf_counter() - t0, 1)
         files_per_hour_before = small_files / small_hours
-        from sensorfleet.forecasting.prepare import read_readings
+        from sensorfleet.forecasting.load import read_readings
 
         def timed_read() -> tuple[float, int]:
             t = time.perf_counter()

@@ -27,3 +27,7 @@ class NoReadings(ForecastInputError):
     """The dataset (or its window) holds no reading at all. An error for a user who named the wrong
     place; with `--wait-for-data` (a fleet's CronJob, whose collectors may not have written yet) it
     is a young dataset of 0 steps."""
+
+
+class EmptySelection(ForecastInputError):
+    """The dataset has readings but `keep` (a shard, a device list) selects none of them."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from sensorfleet.forecasting.merge import merge_shards
 from sensorfleet.forecasting.pipeline import ForecastOptions, ForecastRun, Progress, options_dict, run_forecast
-from sensorfleet.forecasting.prepare import EmptySelection
+from sensorfleet.forecasting.errors import EmptySelection
 from sensorfleet.forecasting.shards import MANIFEST, SHARDS_DIR, complete_shards, parse_shard, shard_dir, write_manifest
 
 

@@ -26,7 +26,8 @@ from sensorfleet.forecasting import anomalies, animation, evaluate, plots
 from sensorfleet.forecasting.errors import ForecastInputError
 from sensorfleet.forecasting.models import BASELINE
 from sensorfleet.forecasting.pipeline import ForecastRun, Progress, build_metrics, choose_plot_rows, device_events_summary, write_outputs
-from sensorfleet.forecasting.prepare import CleaningReport, Panel, finish_prepare, read_selected, resample
+from sensorfleet.forecasting.load import read_selected
+from sensorfleet.forecasting.prepare import CleaningReport, Panel, finish_prepare, resample
 from sensorfleet.forecasting.shards import MANIFEST, SHARDS_DIR, series_filter
 
 # Options that differ between the shards of one run, or between a shard and the merged run.

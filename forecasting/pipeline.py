@@ -31,7 +31,9 @@ from sensorfleet.events import read_events
 from sensorfleet.forecasting import anomalies, animation, evaluate, plots, report
 from sensorfleet.forecasting.errors import ForecastInputError, NoReadings, NotEnoughData
 from sensorfleet.forecasting.models import BASELINE, MODEL_CHOICES, TIMEGPT_KEY_MISSING, ForecastBlock, SeasonalNaiveBaseline, make_model
-from sensorfleet.forecasting.prepare import TRUTH_NAMES, EmptySelection, Panel, finish_prepare, min_steps, need_detail, parse_frequency, read_selected, resample, season_length
+from sensorfleet.forecasting.errors import EmptySelection
+from sensorfleet.forecasting.load import read_selected
+from sensorfleet.forecasting.prepare import TRUTH_NAMES, Panel, finish_prepare, min_steps, need_detail, parse_frequency, resample, season_length
 from sensorfleet.forecasting.shards import parse_shard, shard_filter, write_manifest
 from sensorfleet.spec import SensorFleet
 

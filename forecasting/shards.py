@@ -65,7 +65,7 @@ def series_of_rows(readings: pd.DataFrame) -> tuple[list[str], np.ndarray]:
 
 def shard_filter(shard: str) -> Callable[[pd.DataFrame], np.ndarray]:
     """`keep(readings) -> mask` of the rows whose series falls in shard `i/N` (for
-    `prepare.read_selected`, which applies it to each part as it is read)."""
+    `load.read_selected`, which applies it to each part as it is read)."""
     index, count = parse_shard(shard)
 
     def keep(readings: pd.DataFrame) -> np.ndarray:

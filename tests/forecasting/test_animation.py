@@ -13,7 +13,8 @@ import pytest
 from PIL import Image, ImageSequence
 
 from sensorfleet.forecasting.animation import write_animation
-from sensorfleet.forecasting.prepare import finish_prepare, read_readings, resample
+from sensorfleet.forecasting.load import read_readings
+from sensorfleet.forecasting.prepare import finish_prepare, resample
 
 
 def test_the_forecast_job_writes_an_animated_gif_shown_in_the_report(forecast_out: Path) -> None:

@@ -13,7 +13,8 @@ from sensorfleet.collectors.base import CollectorSink
 from sensorfleet.collectors.foreign import third_party_reading
 from sensorfleet.compaction import compact
 from sensorfleet.dataset import FILE_SCHEMA, dataset_files, read_dataset
-from sensorfleet.forecasting.prepare import prepare, read_readings
+from sensorfleet.forecasting.load import read_readings
+from sensorfleet.forecasting.prepare import prepare
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.reading import Reading
 

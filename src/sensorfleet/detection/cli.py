@@ -39,7 +39,7 @@ def detect(
             readings = read_csv(csv)
         else:
             from sensorfleet.forecasting.errors import ForecastInputError
-            from sensorfleet.forecasting.prepare import read_readings
+            from sensorfleet.forecasting.load import read_readings
 
             try:
                 readings = read_readings(data, window_days, protocol)
