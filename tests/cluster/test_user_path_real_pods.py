@@ -272,7 +272,7 @@ def _patch_and_wait(cluster: devcluster.Cluster, namespace: str, patch: dict[str
 
 
 def _running_pods(cluster: devcluster.Cluster, namespace: str, component: str) -> list[dict[str, Any]]:
-    selector = f"{builders.FLEET_LABEL}={FLEET},{builders.COMPONENT}={component}"
+    selector = f"{child_meta.FLEET_LABEL}={FLEET},{child_meta.COMPONENT}={component}"
     return [p for p in cluster.kubectl_json("get", "pods", "-n", namespace, "-l", selector)["items"]
             if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
 
@@ -355,7 +355,7 @@ def test_interval_devices_and_replicas_edit_then_scale_down_leaves_no_gap_and_no
     _patch_and_wait(cluster, fleets, {"spec": {"protocols": {"mqtt": {"collectorReplicas": 1}}}})
     (collector,) = _running_pods(cluster, fleets, "mqtt-collector")
     name = collector["metadata"]["name"]
-    retired = f"left in the session of removed replica {builders.collector_name(FLEET, 'mqtt', 1)}"
+    retired = f"left in the session of removed replica {child_meta.collector_name(FLEET, 'mqtt', 1)}"
     devcluster.wait_for(lambda: retired in cluster.kubectl("logs", "-n", fleets, name).stdout, timeout=300, interval=5,
                         what="replica 1's session drained and deleted")
     frame = _wait_in_space(cluster, fleets, since - timedelta(minutes=5), {"mqtt": (EDITED_EPOCH, 0.5, 60, 400)})
