@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import operator
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -17,10 +18,10 @@ from datetime import datetime, timezone
 import pandas as pd
 
 from sensorfleet.collectors.backpressure import StorageWriter
-from sensorfleet.dataset import DatasetWriter, ReadingBatch, read_dataset
+from sensorfleet.dataset import DatasetWriter, ReadingBatch, columns_table, read_dataset
 from sensorfleet.internals import histogram_observe_many
 from sensorfleet.metrics import FleetMetrics
-from sensorfleet.reading import DecodedPayload, Reading, readings_from_documents
+from sensorfleet.reading import DecodedPayload, Reading, ReadingColumns, readings_from_documents
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,40 @@ class SequenceTracker:
         if state is None or state.last < last_seq:
             self._series[(device, sensor)] = _SeriesState(last_seq, resumed=True, holes=set(holes))
 
+    def advance_if_consecutive(self, devices: list[str], sensors: list[str], seqs: list[int]) -> bool:
+        """`observe` for a whole message when it has nothing to count: if every series' seqs go
+        on one by one from where it left off (or start a new series), record them and return
+        True, the state `observe` would leave; otherwise change nothing and return False."""
+        series = self._series
+        keys = list(zip(devices, sensors))
+        states = list(map(series.get, keys))
+        if all(states) and len(set(keys)) == len(keys):
+            # The usual gateway message: known series, one reading each. map() runs in C.
+            if list(map(operator.sub, seqs, map(_LAST, states))).count(1) != len(keys):
+                return False
+            for state, seq in zip(states, seqs):
+                state.last = seq
+                state.resumed = False
+            return True
+        ahead: dict[tuple[str, str], int] = {}
+        for key, seq in zip(keys, seqs):
+            previous = ahead.get(key)
+            if previous is None:
+                state = series.get(key)
+                if state is not None and seq != state.last + 1:
+                    return False
+            elif seq != previous + 1:
+                return False
+            ahead[key] = seq
+        for key, seq in ahead.items():
+            state = series.get(key)
+            if state is None:
+                series[key] = _SeriesState(seq)
+            else:
+                state.last = seq
+                state.resumed = False
+        return True
+
     def observe(self, device: str, sensor: str, seq: int) -> SeqVerdict:
         key = (device, sensor)
         state = self._series.get(key)
@@ -111,6 +146,9 @@ class SequenceTracker:
             state.offline_arrived.add(seq)  # grows only with what arrives
             return SeqVerdict(True, offline=-1)
         return SeqVerdict(False)
+
+
+_LAST = operator.attrgetter("last")
 
 
 # Slack of the (ts, seq) consistency check, in ticks: microsecond timestamps at a 1 ms interval.
@@ -306,6 +344,29 @@ class CollectorSink:
     def accept_documents(self, documents: Iterable[object], received_at: datetime | None = None) -> int:
         """Validate already-decoded wire documents and accept the valid ones."""
         return self.accept_decoded(readings_from_documents(list(documents)), received_at)
+
+    def accept_columns(self, columns: ReadingColumns, received_at: datetime) -> bool:
+        """Accept a whole decoded message at once when `accept` would take each of its readings
+        with nothing to count: all of this fleet and protocol, every series continuing where it
+        left off, room for all. Otherwise take nothing and return False: the caller gives the
+        message to `accept_decoded`, which counts each reading's verdict exactly."""
+        n = len(columns)
+        if columns.fleet.count(self.fleet) != n or columns.protocol.count(self.protocol) != n:
+            return False
+        table = columns_table(columns, received_at)
+        if table is None:
+            return False
+        with self._lock:
+            if not self.redelivered and self.buffered() + n > self.buffer_limit:
+                return False  # `accept` stores what fits and counts the rest lost
+            if not self.tracker.advance_if_consecutive(columns.device, columns.sensor, columns.seq):
+                return False
+            self.metrics.received.inc(n)
+            self.totals["received"] += n
+            if not len(self._batch):
+                self._batch_started = time.monotonic()
+            self._batch.add_table(table)
+            return True
 
     def accept(self, reading: Reading, received_at: datetime) -> bool:
         if reading.fleet != self.fleet or reading.protocol != self.protocol:

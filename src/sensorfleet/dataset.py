@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from sensorfleet.reading import Reading
+from sensorfleet.reading import Reading, ReadingColumns
 
 FILE_SCHEMA = pa.schema(
     [
@@ -50,6 +50,7 @@ FILE_SCHEMA = pa.schema(
         pa.field("received_at", pa.timestamp("us", tz="UTC")),
     ]
 )
+_TS = FILE_SCHEMA.field("ts").type
 PARTITIONING = pads.partitioning(pa.schema([("protocol", pa.string()), ("date", pa.string()), ("hour", pa.string())]), flavor="hive")
 DATASET_SCHEMA = FILE_SCHEMA.append(pa.field("protocol", pa.string())).append(pa.field("date", pa.string())).append(pa.field("hour", pa.string()))
 COLUMNS = ["fleet", "protocol", "device", "sensor", "value", "unit", "ts", "seq", "quality", "anomaly", "received_at"]
@@ -134,6 +135,22 @@ class ReadingBatch:
         rows = [pa.table(self.columns, schema=FILE_SCHEMA)] if self.columns["seq"] or not self.tables else []
         tables = self.tables + rows
         return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+
+def columns_table(columns: ReadingColumns, received_at: datetime) -> pa.Table | None:
+    """One decoded message's readings as an Arrow table in FILE_SCHEMA, one array per field (the
+    columnar intake); None if a timestamp is no real time (e.g. February 30)."""
+    string = pa.string()
+    try:
+        ts = pc.cast(pa.array(columns.ts, string), _TS)
+    except pa.ArrowInvalid:
+        return None
+    return pa.Table.from_arrays([
+        pa.array(columns.fleet, string), pa.array(columns.device, string), pa.array(columns.sensor, string),
+        pa.array(columns.value, pa.float64()), pa.array(columns.unit, string), ts,
+        pa.array(columns.seq, pa.int64()), pa.array(columns.quality, string), pa.array(columns.anomaly, string),
+        pa.repeat(pa.scalar(received_at, _TS), len(columns)),
+    ], schema=FILE_SCHEMA)
 
 
 class DatasetWriter:

@@ -120,7 +120,45 @@ class DecodedPayload:
         return len(self.readings) + len(self.rejected)
 
 
+class _FullWireReading(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    """WireReading with every field present and no other: what the simulator sends. A document
+    that decodes into this decodes into WireReading with the same values, once `ts` is checked
+    (`_canonical_times`). gc=False: it holds no containers, so it takes no part in a cycle."""
+
+    fleet: _Name
+    protocol: _Name
+    device: _Name
+    sensor: _Name
+    unit: _Name
+    ts: str  # parsed by Arrow, 6x cheaper than a datetime each
+    seq: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+    value: float | None
+    quality: Literal[QUALITIES]  # type: ignore[valid-type]
+    anomaly: Literal[ANOMALIES] | None  # type: ignore[valid-type]
+
+
+@dataclass(slots=True)
+class ReadingColumns:
+    """The readings of one payload, column by column (`decode_json_columns`): a gateway message
+    of hundreds of readings costs a few list comprehensions instead of one Reading each."""
+
+    fleet: list[str]
+    protocol: list[str]
+    device: list[str]
+    sensor: list[str]
+    value: list[float | None]
+    unit: list[str]
+    ts: list[str]  # `format_ts`'s form, YYYY-MM-DDTHH:MM:SS.ffffffZ: Arrow parses and checks it
+    seq: list[int]
+    quality: list[str]
+    anomaly: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+
 _payload_decoder = msgspec.json.Decoder(WireReading | list[WireReading])
+_columns_decoder = msgspec.json.Decoder(list[_FullWireReading])
 _document_decoder = msgspec.json.Decoder(WireReading)
 _array_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _KEY_PATTERNS = tuple(f'"{name}"'.encode() for name in WIRE_FIELDS)
@@ -151,6 +189,59 @@ def decode_json_payload(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYT
     for index, doc in enumerate(documents):
         _add(out, doc, index if isinstance(decoded, list) else None)
     return out
+
+
+def decode_json_columns(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> ReadingColumns | None:
+    """A JSON array of complete, valid wire documents as columns; None when anything in it asks
+    for a closer look (a refused document, a missing, unknown or repeated field, an empty or
+    oversized payload), and then `decode_json_payload` gives each document its verdict. Where
+    this returns columns, `decode_json_payload` returns the same readings in the same order."""
+    if len(payload) > max_bytes or payload[:1] != b"[":
+        return None
+    try:
+        documents = _columns_decoder.decode(payload)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+        return None
+    n = len(documents)
+    anomaly = [d.anomaly for d in documents]
+    # A repeated field: every document has its 10 names (20 quotes) and 7 string values, 8 with an
+    # anomaly (2 quotes each); any further name, or a quote escaped inside a string, adds quotes.
+    # One pass over the bytes instead of one per field name (_may_repeat_a_key).
+    if not n or payload.count(b'"') != 34 * n + 2 * (n - anomaly.count(None)):
+        return None
+    value = [d.value for d in documents]
+    quality = [d.quality for d in documents]
+    if value.count(None):
+        if any(v is None and q == "good" for v, q in zip(value, quality)):
+            return None  # bad_value
+        finite = [v for v in value if v is not None]
+    else:
+        finite = value
+    # An infinite value (1e999 decodes to inf) makes the sum non-finite; so does an overflow of
+    # finite ones, which only sends the payload down the exact path.
+    if not math.isfinite(sum(finite)):
+        return None
+    ts = [d.ts for d in documents]
+    if not _canonical_times(ts):
+        return None
+    return ReadingColumns(
+        [d.fleet for d in documents], [d.protocol for d in documents], [d.device for d in documents], [d.sensor for d in documents],
+        value, [d.unit for d in documents], ts, [d.seq for d in documents], quality, anomaly,
+    )
+
+
+def _canonical_times(ts: list[str]) -> bool:
+    """Every timestamp in `format_ts`'s form (or something Arrow's cast refuses). Of these,
+    Arrow's ISO 8601 cast accepts exactly the real times msgspec's RFC 3339 parser accepts
+    (no Feb 30, no 24:00, no leap second: tests/spine/test_library_guards.py), at the same
+    instant; but for year 0, refused here. Any other form takes the exact path."""
+    if set(map(len, ts)) != {27} or min(ts) < "0001":
+        return False
+    joined, n = "".join(ts), len(ts)
+    return all(joined[at::27] == char * n for at, char in _TS_SEPARATORS)
+
+
+_TS_SEPARATORS = ((4, "-"), (7, "-"), (10, "T"), (13, ":"), (16, ":"), (19, "."), (26, "Z"))
 
 
 def readings_from_documents(documents: Any) -> DecodedPayload:
