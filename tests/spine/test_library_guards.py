@@ -5,18 +5,22 @@ library the way the hot path does and fails, naming the internal, when a release
 from __future__ import annotations
 
 import copy
+from datetime import datetime
+from typing import Annotated
 
 import aiocoap
 from aiocoap import resource
 import msgspec
 import paho.mqtt.client as mqtt
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from aiocoap.numbers.types import CON, NON
 from asyncua import Server, ua
 from asyncua.server.monitored_item_service import MonitoredItemValues
 
 from sensorfleet import internals
-from sensorfleet.reading import WireReading
+from sensorfleet.reading import WireReading, _canonical_times
 from sensorfleet.runtime import free_port
 from sensorfleet.simulators.opcua import SharedDataValue
 
@@ -117,3 +121,30 @@ def test_prometheus_histograms_take_a_whole_array_of_observations_as_observe_wou
         return {(s.name.removeprefix(name), tuple(s.labels.items())): s.value for m in registry.collect() if m.name == name for s in m.samples if not s.name.endswith("_created")}
 
     assert samples("many") == samples("one") and samples("many")[("_count", ())] == len(amounts)
+
+
+@pytest.mark.parametrize("text", [
+    "2026-12-02T19:22:19.123456Z", "2024-02-29T00:00:00.000000Z", "0001-01-01T00:00:00.000000Z", "9999-12-31T23:59:59.999999Z",
+    "2026-02-30T00:00:00.000000Z", "2023-02-29T00:00:00.000000Z", "1900-02-29T00:00:00.000000Z", "2026-04-31T00:00:00.000000Z",
+    "2026-13-01T00:00:00.000000Z", "2026-00-01T00:00:00.000000Z", "2026-01-00T00:00:00.000000Z", "2026-01-01T24:00:00.000000Z",
+    "2026-01-01T23:60:00.000000Z", "2026-01-01T23:59:60.000000Z", "2026-0a-01T00:00:00.000000Z", "2026-01-01T00:00:00.00000aZ",
+    "2026-12-02t19:22:19.123456Z", "2026-12-02 19:22:19.123456Z", "2026-12-02T19:22:19.123456z",
+])
+def test_arrow_parses_a_timestamp_of_format_ts_exactly_where_msgspec_does(text):
+    """The columnar intake (reading.decode_json_columns, dataset.columns_table) lets Arrow's cast
+    parse and check `ts`: it must take what msgspec's RFC 3339 parser takes, to the same instant,
+    or refuse it (the message then goes reading by reading). Year 0 is the one Arrow takes and
+    msgspec refuses: reading._canonical_times refuses it first."""
+    try:
+        ours = msgspec.json.decode(f'"{text}"'.encode(), type=Annotated[datetime, msgspec.Meta(tz=True)])
+    except msgspec.ValidationError:
+        ours = None
+    try:
+        arrows = pc.cast(pa.array([text]), pa.timestamp("us", tz="UTC"))[0].as_py()
+    except pa.ArrowInvalid:
+        arrows = None
+    assert arrows is None or arrows == ours, f"Arrow took {text!r} as {arrows}, msgspec as {ours}"
+    canonical = _canonical_times([text])
+    assert not (canonical and ours is None and arrows is not None)
+    if text.startswith("0000"):
+        assert not canonical
