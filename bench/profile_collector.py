@@ -2,8 +2,9 @@
 driven through the collector's own writer-thread step (`MqttCollector.handle`) into real Parquet
 files, timed per reading. Complements bench_mqtt.py (which measures the whole pipeline).
 
-Run: `python bench/profile_collector.py [--mode perDevice|gateway] [--profile]`; `--profile` prints
-the cProfile functions that take the most time.
+Run: `python bench/profile_collector.py [--mode perDevice|gateway] [--profile] [--per-reading]`;
+`--profile` prints the cProfile functions that take the most time; `--per-reading` switches the
+columnar intake of large messages off (every message reading by reading, as before it existed).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def payloads(fleet, mode: str, devices: int, ticks: int) -> list[tuple[str, byte
     return out
 
 
-def run(mode: str, devices: int, ticks: int, profile: bool) -> dict:
+def run(mode: str, devices: int, ticks: int, profile: bool, per_reading: bool = False) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="sf-profile-collector-"))
     doc = yaml.safe_load(EXAMPLE.read_text())
     doc["spec"]["protocols"]["mqtt"].update(devices=devices, interval=0.25, messageMode=mode)
@@ -51,6 +52,8 @@ def run(mode: str, devices: int, ticks: int, profile: bool) -> dict:
     readings = sum(n for _, _, n in messages)
     collector = MqttCollector(CollectorOptions(fleet, str(workdir / "data")), BrokerAddress("127.0.0.1", 1), FleetMetrics(fleet.name, "mqtt", "collector"))
     collector.subscriber = None  # acks go to paho's client, which is not connected: dropped
+    if per_reading:
+        collector.columnar_min_bytes = 1 << 62
     now = datetime.now(timezone.utc)
     items = [(payload, topic, i + 1, 1, 0, now) for i, (topic, payload, _) in enumerate(messages)]
     profiler = cProfile.Profile() if profile else None
@@ -68,7 +71,7 @@ def run(mode: str, devices: int, ticks: int, profile: bool) -> dict:
     assert collector.sink.totals["stored"] == readings, collector.sink.totals
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
-    return {"mode": mode, "messages": len(items), "readings": readings, "us_per_reading": round(cpu / readings * 1e6, 2), "us_per_message": round(cpu / len(items) * 1e6, 1), "readings_per_cpu_s": round(readings / cpu), "messages_per_cpu_s": round(len(items) / cpu), "wall_s": round(elapsed, 2)}
+    return {"mode": mode, "per_reading": per_reading, "columnar_messages": collector.columnar_messages, "messages": len(items), "readings": readings, "us_per_reading": round(cpu / readings * 1e6, 2), "us_per_message": round(cpu / len(items) * 1e6, 1), "readings_per_cpu_s": round(readings / cpu), "messages_per_cpu_s": round(len(items) / cpu), "wall_s": round(elapsed, 2)}
 
 
 def main() -> None:
@@ -77,9 +80,10 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=2000)
     parser.add_argument("--ticks", type=int, default=20)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--per-reading", action="store_true", help="no columnar intake: every message reading by reading")
     args = parser.parse_args()
     for mode in (["perDevice", "gateway"] if args.mode == "both" else [args.mode]):
-        print(run(mode, args.devices, args.ticks, args.profile))
+        print(run(mode, args.devices, args.ticks, args.profile, args.per_reading))
 
 
 if __name__ == "__main__":
