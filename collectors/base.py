@@ -13,8 +13,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from sensorfleet.collectors.backpressure import StorageWriter
@@ -153,6 +155,8 @@ _LAST = operator.attrgetter("last")
 
 # Slack of the (ts, seq) consistency check, in ticks: microsecond timestamps at a 1 ms interval.
 _SEQUENCE_SPACE_TOLERANCE = 0.01
+_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,15 @@ class SequenceSpace:
         """`holds` for one reading."""
         offset = (ts - self.epoch).total_seconds() / self.interval - seq
         return -_SEQUENCE_SPACE_TOLERANCE < offset < 1 + _SEQUENCE_SPACE_TOLERANCE
+
+    def holds_all(self, ts: Any, seq: list[int]) -> bool:
+        """`holds_one` for every reading of a message (an Arrow array of UTC timestamps), with
+        the same float arithmetic; False also where it might round otherwise (beyond 2**53 us)."""
+        micros = ts.cast("int64").to_numpy() - (self.epoch - _UNIX_EPOCH) // _MICROSECOND
+        if len(micros) and np.abs(micros).max() >= 2**53:
+            return False
+        offset = micros / 1e6 / self.interval - np.asarray(seq, dtype=np.float64)
+        return bool(((offset > -_SEQUENCE_SPACE_TOLERANCE) & (offset < 1 + _SEQUENCE_SPACE_TOLERANCE)).all())
 
 
 def _holes_below_last(df: pd.DataFrame) -> dict[tuple[str, str], list[int]]:
@@ -359,6 +372,8 @@ class CollectorSink:
         with self._lock:
             if not self.redelivered and self.buffered() + n > self.buffer_limit:
                 return False  # `accept` stores what fits and counts the rest lost
+            if self.space is not None and not self.space.holds_all(table["ts"], columns.seq):
+                return False  # readings of another spec, during a rollout (`_accept_other_space`)
             if not self.tracker.advance_if_consecutive(columns.device, columns.sensor, columns.seq):
                 return False
             self.metrics.received.inc(n)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +20,14 @@ from sensorfleet.collectors.base import SequenceSpace
 from sensorfleet.collectors.mqtt import MqttCollector
 from sensorfleet.dataset import read_dataset
 from sensorfleet.metrics import FleetMetrics
+from sensorfleet.reading import format_ts, parse_ts
 from sensorfleet.runtime import BrokerAddress, CollectorOptions
 from sensorfleet.signals import SignalModel
 from sensorfleet.simulators.mqtt import PayloadEncoder
 from sensorfleet.spec import load_fleet
 
 DEVICES = 250
-COUNTED = ("received", "lost", "late", "duplicates", "offline", "malformed")
+COUNTED = ("received", "lost", "late", "duplicates", "offline", "malformed", "other_space")
 
 
 class Gateway:
@@ -163,13 +165,17 @@ def test_after_a_restart_columnar_and_per_reading_intake_count_the_same_offline_
         second = collector(fleet, data, columnar)
         assert second.sink.resume_from_dataset(space=SequenceSpace.of(fleet.spec, "mqtt")) == DEVICES * 3
         # Devices 0-9 go on at tick 2 (whole), the others come back at tick 9: offline 7 each;
+        # tick 3 of devices 0-9 a day late is of another spec's sequence space (another epoch);
         # then devices 0-9 skip tick 3: lost, no longer offline (they went on after the restart).
-        feed(second, [*gateway.tick(2, list(range(10))), *gateway.tick(9, list(range(10, DEVICES))), *gateway.tick(1), *gateway.tick(4, list(range(10)))])
+        (other_epoch,) = gateway.tick(3, list(range(10)))
+        other_epoch = edited(other_epoch, lambda d: [doc.update(ts=format_ts(parse_ts(doc["ts"]) + timedelta(days=1))) for doc in d])
+        feed(second, [*gateway.tick(2, list(range(10))), *gateway.tick(9, list(range(10, DEVICES))), *gateway.tick(1), other_epoch, *gateway.tick(4, list(range(10)))])
         results.append((outcome(second, data), second.columnar_messages))
     ((totals, reasons, samples, rows), taken), ((totals_ref, reasons_ref, samples_ref, rows_ref), _) = results
     assert totals == totals_ref and reasons == reasons_ref and samples == samples_ref
     pd.testing.assert_frame_equal(rows, rows_ref)
     assert totals["offline"] == (DEVICES - 10) * 3 * 7 and totals["duplicates"] == DEVICES * 3 and totals["lost"] == 30, totals
+    assert totals["other_space"] == 30, totals
     assert taken == 1  # tick 2 of devices 0-9: one message of 30 readings
 
 
