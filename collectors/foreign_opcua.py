@@ -97,7 +97,7 @@ class ForeignOpcuaCollector:
         if self.source.security == "Basic256Sha256":
             from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 
-            from sensorfleet.collectors.opcua import ensure_client_certificate
+            from sensorfleet.collectors.opcua_pki import ensure_client_certificate
 
             client.application_uri = f"urn:sensorfleet:{self.fleet}:source-{self.source.name}"
             cert, key = await ensure_client_certificate(client.application_uri, self.fleet, f"source-{self.source.name}")

@@ -21,12 +21,10 @@ import json
 import logging
 import math
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -36,6 +34,7 @@ from asyncua.common.subscription import Subscription
 
 from sensorfleet.collectors.base import CollectorSink, SequenceSpace, drain_into_sink
 from sensorfleet.collectors.opcua_events import ControlEventSink, subscribe_control_events
+from sensorfleet.collectors.opcua_pki import ensure_client_certificate
 from sensorfleet.metrics import FleetMetrics
 from sensorfleet.reading import Reading
 from sensorfleet.runtime import CollectorOptions, stop_event_on_signals
@@ -48,7 +47,6 @@ FOLDER = "SensorFleet"  # the simulator's folder under Objects (docs/protocols.m
 SEQ_VARIABLE = "Seq"
 ENV_USERNAME = "SENSORFLEET_OPCUA_USERNAME"
 ENV_PASSWORD = "SENSORFLEET_OPCUA_PASSWORD"
-ENV_PKI = "SENSORFLEET_OPCUA_PKI"
 MONITORED_ITEMS_PER_REQUEST = 1000  # thousands in one request stall the server past timeouts
 NODES_PER_BROWSE = 500
 REQUEST_TIMEOUT = 30.0
@@ -299,22 +297,6 @@ async def _quietly_disconnect(client: Client) -> None:
             client.disconnect_socket()
         except Exception:  # noqa: BLE001
             pass
-
-
-async def ensure_client_certificate(app_uri: str, fleet: str, name: str = "collector") -> tuple[Path, Path]:
-    """The collector's own self-signed application certificate for Basic256Sha256 (made once, by
-    asyncua's cert_gen), per fleet and per `name` (each client its own application URI)."""
-    from cryptography.x509.oid import ExtendedKeyUsageOID
-
-    from asyncua.crypto.cert_gen import setup_self_signed_certificate
-
-    base = os.environ.get(ENV_PKI) or os.path.join(os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "sensorfleet", "opcua-pki")
-    directory = Path(base) / fleet
-    directory.mkdir(parents=True, exist_ok=True)
-    cert, key = directory / f"{name}-cert.der", directory / f"{name}-key.pem"
-    await setup_self_signed_certificate(key, cert, app_uri, socket.gethostname(), [ExtendedKeyUsageOID.CLIENT_AUTH],
-                                        {"commonName": "SensorFleet collector", "organizationName": "SensorFleet"})
-    return cert, key
 
 
 def handle_item(sink: CollectorSink, target: TargetCollector, item: tuple) -> None:

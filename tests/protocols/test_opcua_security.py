@@ -9,7 +9,7 @@ import pytest
 from asyncua import Client, ua
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 
-from sensorfleet.collectors.opcua import ensure_client_certificate
+from sensorfleet.collectors.opcua_pki import ensure_client_certificate
 
 
 async def test_signed_encrypted_session_with_username_collects_and_wrong_password_is_refused(write_fleet, procs, h, tmp_path, tcp_port, monkeypatch):
