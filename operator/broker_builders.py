@@ -80,7 +80,9 @@ def broker_max_connections(fleet: SensorFleet) -> int:
 def broker_resources(fleet: SensorFleet) -> tuple[dict[str, dict[str, str]], str]:
     """The broker's requests/limits and its data volume's size limit, from the sessions it may hold
     (each up to broker_queue_bytes, held in memory and in the persistence file): scaling the
-    collectors resizes (and so restarts) the broker; its persistent sessions survive that."""
+    collectors resizes (and so restarts) the broker. Known defect (seen on a real node): the new
+    pod starts with an empty data emptyDir, so every session and what it queued is gone; see
+    docs/reliability.md."""
     queued_mib = collector_count(fleet, "mqtt") * broker_queue_bytes(fleet) / (1 << 20)
     queued_mib += max(0, broker_max_connections(fleet)) * BROKER_MIB_PER_CONNECTION
     floor = RESOURCES["broker"]

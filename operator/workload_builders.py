@@ -92,7 +92,10 @@ def build_simulator_deployment(fleet: SensorFleet, owner: Owner, options: BuildO
         ports = [_server_port(fleet, protocol), *ports]
     container = app_container("simulator", simulator_args(fleet, protocol, replica), "simulator", options, env, ports, fleet,
                               with_data=False, protocol=protocol)
-    template_hash = spec_hash(spec_sections(fleet, *sections), fleet.spec.protocols.model_dump(mode="json", by_alias=True)[protocol])
+    # Not collectorReplicas: the simulators never read it, and a restart leaves a gap in every
+    # series (the ticks of the restart are never produced).
+    protocol_spec = {k: v for k, v in fleet.spec.protocols.model_dump(mode="json", by_alias=True)[protocol].items() if k != "collectorReplicas"}
+    template_hash = spec_hash(spec_sections(fleet, *sections), protocol_spec)
     return single_pod_deployment(
         simulator_name(fleet.name, protocol, replica), owner, f"{protocol}-simulator",
         {PROTOCOL_LABEL: protocol, REPLICA_LABEL: str(replica)},

@@ -55,6 +55,11 @@ def test_seed_or_epoch_edit_restarts_every_simulator_and_collector(edit: dict[st
     assert restarted(fleet(), fleet(**edit)) == APP_PODS
 
 
+def test_scaling_the_collectors_restarts_no_simulator() -> None:
+    # A simulator restart is a gap in every series it serves; the simulators never read collectorReplicas.
+    assert not {name for name in restarted(fleet(), fleet(protocols={"mqtt": {"collectorReplicas": 3}})) if "simulator" in name}
+
+
 @pytest.mark.parametrize("field", ["interval", "devices"])
 def test_interval_or_devices_edit_restarts_that_protocols_simulators_and_collectors(field: str) -> None:
     value = {"interval": 2.5, "devices": 77}[field]
