@@ -90,6 +90,7 @@ class SparkplugCollector(MqttCollector):
     # --- writer thread --------------------------------------------------------------------------
     def handle(self, item: tuple) -> None:
         payload, topic, mid, qos, connection, received_at = item
+        self._intake_out += len(payload)  # as MqttCollector.handle: else the intake's byte bound stalls the network thread
         self._expire_parked()
         if not topic.startswith(f"{NAMESPACE}/STATE/") and self._read(topic, payload, mid, qos, connection, received_at):
             return  # held back, not acknowledged until read
